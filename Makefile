@@ -1,0 +1,41 @@
+# Quick start: `make demo` then `make test`. Every target builds .venv first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# Small models on 2 cores: one BLAS/OpenMP thread per process avoids oversubscription (DATA-SOURCES §5).
+export OMP_NUM_THREADS ?= 1
+export MKL_NUM_THREADS ?= 1
+export OPENBLAS_NUM_THREADS ?= 1
+
+.PHONY: install demo test lint bench data clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: the CPU wheel on local disk. Unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ggda demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+# Full Fashion-MNIST (60k + 10k) from Debian's dataset-fashion-mnist package.
+data:
+	apt-get update -q && apt-get install -y -q dataset-fashion-mnist
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

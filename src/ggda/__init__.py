@@ -1,0 +1,14 @@
+"""ggda: Generalized Group Data Attribution.
+
+Pipeline: data -> models/training -> gradients -> groups -> methods -> gold -> evaluate -> report.
+Every attribution method is written once, for groups of training points; per-point attribution is
+the special case of singleton groups.
+"""
+
+from ggda.data.dataset import Dataset
+from ggda.errors import GGDAError
+from ggda.groups.grouping import Grouping
+from ggda.task import AttributionTask
+
+__all__ = ["AttributionTask", "Dataset", "GGDAError", "Grouping"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The ``ggda`` command line (Typer)."""

@@ -1,0 +1,264 @@
+"""``ggda`` command line: train → attribute (further commands join as their modules land).
+
+Every user error is a :class:`~ggda.errors.GGDAError`, printed as one line (``error: ...``) with
+exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from ggda.errors import GGDAError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="ggda: group data attribution. Start with `ggda train`, then `ggda attribute`.",
+)
+
+
+def _threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@app.command("datasets")
+def datasets_cmd() -> None:
+    """List the bundled data sets."""
+    from ggda.data.bundled import BUNDLED_DATASETS
+
+    for name in BUNDLED_DATASETS:
+        typer.echo(name)
+
+
+@app.command("train")
+def train_cmd(
+    data: str = typer.Option(..., help="Bundled data set name or a .csv/.parquet/.npz file."),
+    out: Path = typer.Option(..., help="Run directory to write (model, checkpoints, run.json)."),
+    model: str = typer.Option("mlp-s", help="logreg, mlp-s, mlp-m or cnn."),
+    label: str = typer.Option(None, help="Label column (CSV/Parquet)."),
+    categorical: str = typer.Option("", help="Comma-separated columns to one-hot encode."),
+    group_column: str = typer.Option(None, help="Column of user-given groups (kept out of the features)."),
+    regression: bool = typer.Option(False, help="Regression targets (MSE) instead of classes."),
+    epochs: int = typer.Option(20),
+    batch_size: int = typer.Option(64),
+    lr: float = typer.Option(0.05),
+    optimizer: str = typer.Option("sgd", help="sgd or adam."),
+    momentum: float = typer.Option(0.9),
+    weight_decay: float = typer.Option(0.0),
+    checkpoint_every: int = typer.Option(0, help="Epochs between checkpoints (0: about 5)."),
+    test_fraction: float = typer.Option(0.2),
+    noise: float = typer.Option(0.0, help="Fraction of training labels to flip."),
+    max_train: int = typer.Option(None, help="Subsample the training split to this many points."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    threads: int = typer.Option(None, help="torch threads (default: torch's)."),
+) -> None:
+    """Train a model on a data set and write a run directory."""
+    _threads(threads)
+    from ggda.models.checkpoint import save_model
+    from ggda.models.training import TrainConfig, accuracy, resolve_device, train_model
+    from ggda.models.zoo import ModelSpec, build_model
+    from ggda.runs import DataSpec, prepare_data, write_run_config
+
+    resolve_device(device)
+    spec = DataSpec(
+        source=data,
+        label=label,
+        categorical=[c for c in categorical.split(",") if c],
+        group_column=group_column,
+        kind="regression" if regression else "classification",
+        test_fraction=test_fraction,
+        split_seed=seed,
+        noise=noise,
+        noise_seed=seed,
+        max_train=max_train,
+    )
+    train, test, _ = prepare_data(spec)
+    typer.echo(f"data  {train.describe()}; test n={len(test)}")
+    mspec = ModelSpec(model, train.n_features, train.n_outputs, train.input_shape)
+    net = build_model(mspec, seed=seed)
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    t0 = time.perf_counter()
+    result = train_model(net, train, config, device=device, checkpoint_dir=out / "checkpoints", progress=True)
+    seconds = time.perf_counter() - t0
+    save_model(out / "model.pt", net, epoch=epochs)
+    split = {"train_ids": train.ids, "test_ids": test.ids}
+    if train.noisy is not None:
+        split["noisy"] = train.noisy
+    np.savez(out / "split.npz", **split)
+    metrics = {"train_seconds": seconds, "final_train_loss": result.losses[-1]}
+    if train.kind == "classification":
+        metrics["train_accuracy"] = accuracy(net, train, device)
+        metrics["test_accuracy"] = accuracy(net, test, device)
+    write_run_config(
+        out, {"data": spec.to_dict(), "model": mspec.to_dict(), "train": config.to_dict(), "metrics": metrics}
+    )
+    typer.echo(f"model {model}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    typer.echo(f"wrote {out}/ (model.pt, {len(result.checkpoints)} checkpoints, run.json)")
+
+
+def resolve_grouping(spec: str, run) -> object:
+    """``singleton``, ``column`` (the data's group column), or a .npy/.csv/.parquet file of group ids."""
+    from ggda.groups.grouping import Grouping
+
+    n = len(run.train)
+    if spec == "singleton":
+        return Grouping.singleton(n)
+    if spec == "column":
+        if run.train.group_column is None:
+            raise GGDAError(
+                "This run's data has no group column; train with --group-column NAME or pass a file."
+            )
+        return Grouping.from_ids(run.train.group_column)
+    path = Path(spec)
+    if path.exists():
+        g = Grouping.load(path)
+        g.check_matches(n, "the run's training set")
+        return g
+    from ggda.groups import build_grouping_from_spec
+
+    return build_grouping_from_spec(spec, run)
+
+
+@app.command("attribute")
+def attribute_cmd(
+    run: Path = typer.Option(..., help="Run directory from `ggda train`."),
+    method: str = typer.Option("grad-dot", help="Attribution method (see `ggda methods`)."),
+    grouping: str = typer.Option(
+        "singleton", help="singleton, column, or a .npy/.csv/.parquet file of group ids."
+    ),
+    prop: str = typer.Option("test-loss", "--property", help="test-loss, mean-test-loss or margin."),
+    targets: int = typer.Option(50, help="Number of test points used as targets (first N)."),
+    aggregate: str = typer.Option("sum", help="Group score: sum or mean over members."),
+    no_lr: bool = typer.Option(False, help="TracIn: drop the learning-rate weights (GGDA's variant)."),
+    top_k: int = typer.Option(10, help="Rows per target in the top-k table."),
+    out: Path = typer.Option(None, help="Output directory (default RUN/attributions/METHOD-GROUPING)."),
+    device: str = typer.Option("cpu"),
+    threads: int = typer.Option(None),
+) -> None:
+    """Attribute test behaviour to training groups; writes scores.npy and a top-k table."""
+    _threads(threads)
+    from ggda.methods import make_method
+    from ggda.properties import make_property
+    from ggda.runs import load_run
+    from ggda.task import AttributionTask
+
+    r = load_run(run)
+    grp = resolve_grouping(grouping, r)
+    task = AttributionTask(r.model, loss=r.kind, device=device)
+    options: dict = {"aggregate": aggregate}
+    if method == "tracin":
+        options.update(checkpoints=r.checkpoints, use_lr=not no_lr)
+    attributor = make_method(method, task, **options)
+    n_targets = min(targets, len(r.test))
+    property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])
+    t0 = time.perf_counter()
+    attributor.cache(r.train, grp)
+    scores = attributor.attribute(property_fn)
+    seconds = time.perf_counter() - t0
+    label = Path(grouping).stem if Path(grouping).exists() else grouping.replace(":", "-")
+    out = out or run / "attributions" / f"{method}-{label}"
+    write_scores(out, scores, grp, r, method, prop, seconds, top_k)
+    typer.echo(
+        f"{method} on {grp.n_groups} groups x {scores.shape[0]} targets in {seconds:.2f}s -> {out}/scores.npy"
+    )
+
+
+def write_scores(
+    out: Path, scores: np.ndarray, grouping, run, method: str, prop: str, seconds: float, top_k: int = 10
+) -> None:
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "scores.npy", scores)
+    np.save(out / "groups.npy", grouping.labels)
+    rows = []
+    sizes = grouping.sizes
+    for t in range(scores.shape[0]):
+        order = np.argsort(-scores[t])[:top_k]
+        for rank, g in enumerate(order, 1):
+            members = grouping.members(int(g)) if sizes[g] <= 5 else None
+            per_example = prop != "mean-test-loss"
+            rows.append(
+                {
+                    "target": t,
+                    "target_id": int(run.test.ids[t]) if per_example else -1,
+                    "rank": rank,
+                    "group": int(g),
+                    "score": float(scores[t, g]),
+                    "size": int(sizes[g]),
+                    "train_ids": ""
+                    if members is None
+                    else " ".join(str(int(run.train.ids[m])) for m in members),
+                }
+            )
+    pd.DataFrame(rows).to_csv(out / "top_k.csv", index=False)
+    (out / "meta.json").write_text(
+        json.dumps(
+            {
+                "method": method,
+                "property": prop,
+                "seconds": seconds,
+                "grouping": grouping.summary(),
+                "shape": list(scores.shape),
+            },
+            indent=2,
+        )
+    )
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the attribution methods."""
+    from ggda.methods import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        typer.echo(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+
+
+@app.command("demo")
+def demo_cmd(out: Path = typer.Option(Path("runs/demo")), threads: int = typer.Option(None)) -> None:
+    """Train on digits, attribute with every method (per-point and grouped), write a report."""
+    _threads(threads)
+    from ggda.report.demo import run_demo
+
+    index = run_demo(out)
+    typer.echo(f"report: {index}")
+
+
+def main() -> None:
+    """Console entry point: one-line errors for user mistakes."""
+    try:
+        app(standalone_mode=False)
+    except GGDAError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as exc:  # usage errors from typer's (vendored) click
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

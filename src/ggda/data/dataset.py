@@ -1,0 +1,167 @@
+"""The data set abstraction every other module consumes.
+
+A :class:`Dataset` is features ``X`` (n × d, float32, flattened), targets ``y`` and *stable integer
+ids*. Ids survive subsetting, splitting and shuffling, so an attribution score, a grouping or a
+left-out set always refers to the same training point, whatever order the arrays are in.
+Validation happens once, here, so downstream code can trust the arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+
+from ggda.errors import GGDAError
+
+TaskKind = Literal["classification", "regression"]
+
+
+@dataclass
+class Dataset:
+    """Features, targets and stable ids of a set of examples.
+
+    Attributes:
+        X: (n, d) float32 features. Images are stored flattened; ``input_shape`` restores them.
+        y: (n,) int64 class labels 0..C-1 (classification) or float32 targets (regression).
+        ids: (n,) int64 stable ids, unique within the data set.
+        name: a short name used in reports and file names.
+        kind: ``"classification"`` or ``"regression"``.
+        n_classes: number of classes C (classification) or ``None``.
+        input_shape: per-example shape before flattening, e.g. (1, 8, 8), for CNNs.
+        feature_names: optional column names of ``X``.
+        noisy: optional (n,) bool mask of labels flipped by :func:`ggda.data.flip_labels`.
+        group_column: optional (n,) user-given group ids (e.g. the data source of each row).
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray | None = None
+    name: str = "data"
+    kind: TaskKind = "classification"
+    n_classes: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    feature_names: list[str] | None = None
+    noisy: np.ndarray | None = None
+    group_column: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        X = np.asarray(self.X)
+        if X.ndim == 1:
+            X = X[:, None]
+        if X.ndim > 2:
+            if self.input_shape is None:
+                self.input_shape = tuple(X.shape[1:])
+            X = X.reshape(len(X), -1)
+        if not np.issubdtype(X.dtype, np.number):
+            raise GGDAError(
+                f"Features of '{self.name}' are not numeric (dtype {X.dtype}); one-hot encode "
+                "categorical columns (load_file(..., categorical=[...]) does it) before building a Dataset."
+            )
+        self.X = np.ascontiguousarray(X, dtype=np.float32)
+        y = np.asarray(self.y)
+        if y.ndim != 1:
+            y = y.reshape(len(y), -1)
+            if y.shape[1] != 1:
+                raise GGDAError(f"Targets of '{self.name}' have shape {y.shape}; pass a 1-D label vector.")
+            y = y[:, 0]
+        if len(y) != len(self.X):
+            raise GGDAError(f"X has {len(self.X)} rows but y has {len(y)}; pass one label per row of X.")
+        if not np.isfinite(self.X).all():
+            bad = int((~np.isfinite(self.X)).any(axis=1).sum())
+            raise GGDAError(
+                f"{bad} rows of '{self.name}' contain NaN or inf features; drop or impute them "
+                "(e.g. pandas .dropna() or .fillna()) before loading."
+            )
+        if self.kind == "classification":
+            if y.dtype.kind == "f":
+                if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+                    raise GGDAError(
+                        f"Labels of '{self.name}' are not integers; classification needs labels 0..C-1 "
+                        "(map them with np.unique(y, return_inverse=True)) or use kind='regression'."
+                    )
+            elif y.dtype.kind not in "iub":
+                raise GGDAError(
+                    f"Labels of '{self.name}' have dtype {y.dtype}; encode them as integers 0..C-1 "
+                    "(np.unique(y, return_inverse=True)[1])."
+                )
+            y = y.astype(np.int64)
+            if len(y) and y.min() < 0:
+                raise GGDAError(
+                    f"Labels of '{self.name}' contain negative values; use labels 0..C-1 "
+                    "(np.unique(y, return_inverse=True)[1])."
+                )
+            if self.n_classes is None:
+                self.n_classes = int(y.max()) + 1 if len(y) else 0
+            elif len(y) and y.max() >= self.n_classes:
+                raise GGDAError(
+                    f"Label {int(y.max())} of '{self.name}' is out of range for n_classes={self.n_classes}; "
+                    "use labels 0..C-1."
+                )
+        else:
+            y = y.astype(np.float32)
+            if not np.isfinite(y).all():
+                raise GGDAError(f"Targets of '{self.name}' contain NaN or inf; drop those rows first.")
+            self.n_classes = None
+        self.y = y
+        if self.ids is None:
+            self.ids = np.arange(len(y), dtype=np.int64)
+        self.ids = np.asarray(self.ids, dtype=np.int64)
+        if len(self.ids) != len(y):
+            raise GGDAError(f"ids has {len(self.ids)} entries for {len(y)} rows; pass one id per row.")
+        if len(np.unique(self.ids)) != len(self.ids):
+            raise GGDAError(f"ids of '{self.name}' are not unique; pass one distinct integer id per row.")
+        if self.noisy is not None:
+            self.noisy = np.asarray(self.noisy, dtype=bool)
+        if self.group_column is not None:
+            self.group_column = np.asarray(self.group_column)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X.shape[1])
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the model's output layer: C logits, or 1 for regression."""
+        return int(self.n_classes) if self.kind == "classification" else 1
+
+    def subset(self, index: np.ndarray | list[int], name: str | None = None) -> Dataset:
+        """Rows ``index`` (positions, not ids) as a new data set that keeps their ids."""
+        index = np.asarray(index)
+        return replace(
+            self,
+            X=self.X[index],
+            y=self.y[index],
+            ids=self.ids[index],
+            name=name or self.name,
+            noisy=None if self.noisy is None else self.noisy[index],
+            group_column=None if self.group_column is None else self.group_column[index],
+            meta=dict(self.meta),
+        )
+
+    def positions_of(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """Positions of the given ids in this data set; a clear error for ids it does not hold."""
+        ids = np.asarray(ids, dtype=np.int64)
+        order = np.argsort(self.ids)
+        found = np.searchsorted(self.ids, ids, sorter=order)
+        found = np.clip(found, 0, len(order) - 1)
+        pos = order[found]
+        missing = self.ids[pos] != ids
+        if missing.any():
+            raise GGDAError(
+                f"{int(missing.sum())} ids (e.g. {int(ids[missing][0])}) are not in '{self.name}'; "
+                "pass ids of this data set's rows."
+            )
+        return pos
+
+    def describe(self) -> str:
+        base = f"{self.name}: n={len(self)}, d={self.n_features}, {self.kind}"
+        if self.kind == "classification":
+            counts = np.bincount(self.y, minlength=self.n_classes)
+            base += f", C={self.n_classes}, class sizes {counts.min()}..{counts.max()}"
+        return base

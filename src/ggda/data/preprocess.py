@@ -1,0 +1,96 @@
+"""Seeded splitting, standardisation and label-noise injection.
+
+Standardisation statistics are fitted on the *training* split only and applied to both splits,
+so the test set never leaks into the features the model or a grouping sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ggda.data.dataset import Dataset
+from ggda.errors import GGDAError
+
+
+def train_test_split(
+    data: Dataset, test_fraction: float = 0.2, seed: int = 0, stratify: bool = True
+) -> tuple[Dataset, Dataset]:
+    """Seeded split into (train, test); stratified by class for classification."""
+    if not 0.0 < test_fraction < 1.0:
+        raise GGDAError(f"test_fraction={test_fraction} must lie strictly between 0 and 1, e.g. 0.2.")
+    rng = np.random.default_rng(seed)
+    n = len(data)
+    if stratify and data.kind == "classification":
+        test_idx = []
+        for c in range(int(data.n_classes or 0)):
+            members = np.flatnonzero(data.y == c)
+            rng.shuffle(members)
+            test_idx.append(members[: int(round(test_fraction * len(members)))])
+        test = np.sort(np.concatenate(test_idx)) if test_idx else np.array([], dtype=int)
+    else:
+        perm = rng.permutation(n)
+        test = np.sort(perm[: int(round(test_fraction * n))])
+    mask = np.zeros(n, dtype=bool)
+    mask[test] = True
+    if mask.all() or not mask.any():
+        raise GGDAError(f"Split of {n} rows left one side empty; use more data or a test_fraction near 0.2.")
+    return (
+        data.subset(np.flatnonzero(~mask), name=data.name),
+        data.subset(np.flatnonzero(mask), name=f"{data.name}-test"),
+    )
+
+
+@dataclass
+class Standardizer:
+    """Per-feature z-scoring fitted on training data (constant features are left centred)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, data: Dataset) -> Standardizer:
+        mean = data.X.mean(axis=0)
+        std = data.X.std(axis=0)
+        std = np.where(std < 1e-8, 1.0, std)
+        return cls(mean.astype(np.float32), std.astype(np.float32))
+
+    def transform(self, data: Dataset) -> Dataset:
+        if data.n_features != len(self.mean):
+            raise GGDAError(
+                f"Standardizer was fitted on {len(self.mean)} features but '{data.name}' has "
+                f"{data.n_features}; fit it on data with the same columns."
+            )
+        return replace(data, X=(data.X - self.mean) / self.scale, meta=dict(data.meta))
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Standardizer:
+        return cls(np.asarray(d["mean"], np.float32), np.asarray(d["scale"], np.float32))
+
+
+def flip_labels(data: Dataset, fraction: float, seed: int = 0) -> Dataset:
+    """Flip ``fraction`` of the labels to a different, uniformly chosen class.
+
+    Returns a copy whose ``noisy`` mask records exactly which rows were flipped, so noisy-label
+    detection can be scored against the truth.
+    """
+    if data.kind != "classification":
+        raise GGDAError("Label noise needs a classification data set; regression targets have no classes.")
+    if not 0.0 <= fraction <= 1.0:
+        raise GGDAError(f"fraction={fraction} must be in [0, 1], e.g. 0.1 for 10% flipped labels.")
+    C = int(data.n_classes or 0)
+    if C < 2:
+        raise GGDAError("Label noise needs at least two classes.")
+    rng = np.random.default_rng(seed)
+    n_flip = int(round(fraction * len(data)))
+    rows = rng.choice(len(data), size=n_flip, replace=False)
+    y = data.y.copy()
+    shift = rng.integers(1, C, size=n_flip)  # never 0, so the new label always differs
+    y[rows] = (y[rows] + shift) % C
+    noisy = np.zeros(len(data), dtype=bool) if data.noisy is None else data.noisy.copy()
+    noisy[rows] = True
+    return replace(data, y=y, noisy=noisy, meta=dict(data.meta))

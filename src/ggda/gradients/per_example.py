@@ -1,0 +1,52 @@
+"""Per-example gradients with ``torch.func`` (``vmap(grad(...))``), in chunks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.func import grad, vmap
+
+from ggda.task import AttributionTask, Params
+
+ExampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _one_example_grad(task: AttributionTask, fn: ExampleFn):
+    def value(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return fn(task.forward(params, x[None]), y[None])[0]
+
+    return vmap(grad(value), in_dims=(None, 0, 0))
+
+
+def iter_per_example_gradients(
+    task: AttributionTask,
+    X: np.ndarray,
+    y: np.ndarray,
+    fn: ExampleFn | None = None,
+    params: Params | None = None,
+    chunk_size: int = 256,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield ``(rows, G)`` with G the (rows, p) flat gradients of ``fn`` (default: the training loss)."""
+    fn = fn or task.loss_fn
+    params = task.params() if params is None else params
+    per_grad = _one_example_grad(task, fn)
+    Xt, yt = task.to_tensor(X, y)
+    for start in range(0, len(Xt), chunk_size):
+        rows = slice(start, min(start + chunk_size, len(Xt)))
+        grads = per_grad(params, Xt[rows], yt[rows])
+        yield rows, task.flatten(grads, batch_dims=1)
+
+
+def per_example_gradients(
+    task: AttributionTask,
+    X: np.ndarray,
+    y: np.ndarray,
+    fn: ExampleFn | None = None,
+    params: Params | None = None,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """(n, p) per-example gradients (materialised; use the iterator for large n·p)."""
+    parts = [G for _, G in iter_per_example_gradients(task, X, y, fn, params, chunk_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, task.n_params)

@@ -1,0 +1,143 @@
+"""The :class:`Grouping` object: which group each training point belongs to.
+
+Every method is written for groups; per-point attribution uses :meth:`Grouping.singleton`.
+Validation lives here so no method ever sees an empty group or an out-of-range id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ggda.errors import GGDAError
+
+
+@dataclass
+class Grouping:
+    """Group id per training point (positions in the training set), ids 0..K-1, none empty.
+
+    Attributes:
+        labels: (n,) int64 group id of each training point.
+        method: how it was made (``singleton``, ``random``, ``kmeans``, ``given``, ...).
+        seconds: time spent building it (GGDA's reviewers asked for it in the runtimes).
+        meta: free-form record (e.g. re-seeded empty clusters).
+    """
+
+    labels: np.ndarray
+    method: str = "given"
+    seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        labels = np.asarray(self.labels)
+        if labels.ndim != 1:
+            raise GGDAError(f"A grouping is one id per training point (1-D); got shape {labels.shape}.")
+        if labels.dtype.kind == "f":
+            if not np.all(labels == np.round(labels)):
+                raise GGDAError("Group ids must be integers 0..K-1; got non-integer values.")
+        elif labels.dtype.kind not in "iu":
+            raise GGDAError(f"Group ids must be integers 0..K-1; got dtype {labels.dtype}.")
+        labels = labels.astype(np.int64)
+        if len(labels) == 0:
+            raise GGDAError("The grouping is empty; pass one group id per training point.")
+        if labels.min() < 0:
+            raise GGDAError("Group ids must be integers 0..K-1; found negative ids.")
+        counts = np.bincount(labels)
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):
+            raise GGDAError(
+                f"Group ids must be 0..K-1 with no empty group; ids {empty[:5].tolist()} have no members "
+                "(relabel with np.unique(ids, return_inverse=True)[1])."
+            )
+        self.labels = labels
+
+    # -- constructors -------------------------------------------------------------------------
+    @classmethod
+    def singleton(cls, n: int) -> Grouping:
+        """Each point its own group: per-point attribution."""
+        return cls(np.arange(n, dtype=np.int64), method="singleton")
+
+    @classmethod
+    def from_ids(cls, ids: np.ndarray, method: str = "given") -> Grouping:
+        """Any hashable ids per point (strings, sparse ints) relabelled to 0..K-1 in sorted order."""
+        uniq, labels = np.unique(np.asarray(ids), return_inverse=True)
+        g = cls(labels.astype(np.int64), method=method)
+        g.meta["names"] = [str(u) for u in uniq]
+        return g
+
+    # -- views --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.labels.max()) + 1
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.n_groups)
+
+    @property
+    def is_singleton(self) -> bool:
+        return self.n_groups == len(self.labels)
+
+    def members(self, group: int) -> np.ndarray:
+        return np.flatnonzero(self.labels == group)
+
+    def member_lists(self) -> list[np.ndarray]:
+        """Positions of every group's members, in one pass (sorted by group, then position)."""
+        order = np.argsort(self.labels, kind="stable")
+        return np.split(order, np.cumsum(self.sizes)[:-1])
+
+    def check_matches(self, n: int, what: str = "the training set") -> None:
+        if len(self.labels) != n:
+            raise GGDAError(
+                f"The grouping has {len(self.labels)} entries but {what} has {n} points; "
+                "pass one group id per training point."
+            )
+
+    def expand(self, group_scores: np.ndarray, per_point: bool = True) -> np.ndarray:
+        """Per-point scores from group scores: score / |group| (NOTES convention) or the raw score."""
+        group_scores = np.asarray(group_scores)
+        out = group_scores[..., self.labels]
+        return out / self.sizes[self.labels] if per_point else out
+
+    def summary(self) -> dict:
+        s = self.sizes
+        return {
+            "method": self.method,
+            "K": self.n_groups,
+            "n": len(self),
+            "min_size": int(s.min()),
+            "median_size": float(np.median(s)),
+            "max_size": int(s.max()),
+            "seconds": self.seconds,
+        }
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".parquet":
+            import pandas as pd
+
+            pd.DataFrame({"position": np.arange(len(self)), "group": self.labels}).to_parquet(path)
+        else:
+            np.save(path, self.labels)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, column: str = "group") -> Grouping:
+        path = Path(path)
+        if not path.exists():
+            raise GGDAError(f"Grouping file {path} does not exist; check the path.")
+        if path.suffix == ".npy":
+            return cls(np.load(path), method="given")
+        import pandas as pd
+
+        frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+        if column not in frame.columns:
+            raise GGDAError(f"Column '{column}' is not in {path}; choose one of {list(frame.columns)}.")
+        return cls.from_ids(frame[column].to_numpy(), method="given")

@@ -1,0 +1,171 @@
+"""A deterministic training loop that records checkpoints (TracInCP needs them).
+
+Determinism: the initialisation seed and the shuffling seed are fixed, shuffling uses its own
+``torch.Generator``, and CPU kernels are deterministic for these layers, so training twice with
+the same seed yields bit-identical parameters on CPU.
+
+``sample_weight`` lets evaluation and further-training code remove (weight 0) or re-weight
+points while keeping every other point's batches exactly as in the reference run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ggda.data.dataset import Dataset
+from ggda.errors import GGDAError
+from ggda.models.checkpoint import Checkpoint, save_model
+from ggda.models.losses import PerExampleLoss, loss_for
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a training run."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 0  # epochs between saved checkpoints; 0 = about 5 checkpoints per run
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise GGDAError(f"Unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}.")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise GGDAError("epochs and batch_size must be >= 1 and lr > 0.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # mean training loss per epoch
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``; a clear error when CUDA is asked for but absent."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise GGDAError(f"Unknown device '{device}'; use cpu, cuda, cuda:N or auto.") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GGDAError(f"Device '{device}' requested but CUDA is not available here; use --device cpu.")
+    if dev.type not in ("cpu", "cuda"):
+        raise GGDAError(f"Unsupported device '{device}'; use cpu, cuda, cuda:N or auto.")
+    return dev
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's mini-batches of positions: a seeded permutation cut into chunks."""
+    perm = torch.randperm(n, generator=generator)
+    return list(perm.split(batch_size))
+
+
+def train_model(
+    model: nn.Module,
+    data: Dataset,
+    config: TrainConfig,
+    loss_fn: PerExampleLoss | None = None,
+    device: str | torch.device | None = "cpu",
+    checkpoint_dir: str | Path | None = None,
+    sample_weight: np.ndarray | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``model`` in place on ``data`` and return it with its checkpoints.
+
+    The objective per batch is ``sum_i w_i * loss_i / |batch|`` (w = 1 by default), so a point
+    with weight 0 is removed without shifting anyone else's batch.
+    """
+    dev = resolve_device(device)
+    loss_fn = loss_fn or loss_for(data.kind)
+    model.to(dev)
+    dtype = next(model.parameters()).dtype
+    X = torch.as_tensor(data.X, dtype=dtype, device=dev)
+    y = torch.as_tensor(data.y, device=dev)
+    w = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=dtype, device=dev)
+    if w is not None and len(w) != len(data):
+        raise GGDAError(f"sample_weight has {len(w)} entries for {len(data)} points; pass one per point.")
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = make_optimizer(model, config)
+    every = config.checkpoint_every or max(1, math.ceil(config.epochs / 5))
+    result = TrainResult(model=model)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    step = 0
+    epochs = tqdm(range(1, config.epochs + 1), desc="train", disable=not progress, leave=False)
+    for epoch in epochs:
+        model.train()
+        total, seen = 0.0, 0
+        for batch in epoch_batches(len(data), config.batch_size, generator):
+            batch = batch.to(dev)
+            losses = loss_fn(model(X[batch]), y[batch])
+            loss = (losses * w[batch]).sum() / len(batch) if w is not None else losses.mean()
+            if not torch.isfinite(loss):
+                raise GGDAError(
+                    f"Training loss became {loss.item()} at epoch {epoch}, step {step}; lower the learning "
+                    f"rate (now {config.lr}) or standardise the features."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            total += float(losses.detach().sum())
+            seen += len(batch)
+        result.losses.append(total / max(seen, 1))
+        if ckpt_dir is not None and (epoch % every == 0 or epoch == config.epochs):
+            path = save_model(
+                ckpt_dir / f"epoch_{epoch:04d}.pt",
+                model,
+                epoch=epoch,
+                step=step,
+                lr=float(optimizer.param_groups[0]["lr"]),
+            )
+            result.checkpoints.append(Checkpoint(path, epoch, step, float(optimizer.param_groups[0]["lr"])))
+        epochs.set_postfix(loss=f"{result.losses[-1]:.4f}")
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, X: np.ndarray, device: str | torch.device = "cpu", batch_size: int = 4096
+) -> np.ndarray:
+    """Model outputs for ``X`` in chunks (eval mode)."""
+    dev = resolve_device(device)
+    model.eval().to(dev)
+    dtype = next(model.parameters()).dtype
+    outs = [
+        model(torch.as_tensor(X[i : i + batch_size], dtype=dtype, device=dev)).cpu()
+        for i in range(0, len(X), batch_size)
+    ]
+    return torch.cat(outs).numpy() if outs else np.zeros((0,))
+
+
+def accuracy(model: nn.Module, data: Dataset, device: str | torch.device = "cpu") -> float:
+    out = predict(model, data.X, device)
+    return float((out.argmax(1) == data.y).mean())
