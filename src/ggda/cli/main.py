@@ -244,6 +244,24 @@ def demo_cmd(out: Path = typer.Option(Path("runs/demo")), threads: int = typer.O
     typer.echo(f"report: {index}")
 
 
+def _load_command_modules() -> None:
+    """Import every ``ggda.cli.cmd_*`` module: each registers its commands on ``app``.
+
+    New pipeline stages add a ``cmd_<stage>.py`` file instead of editing this one.
+    """
+    import importlib
+    import pkgutil
+
+    import ggda.cli as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        if info.name.startswith("cmd_"):
+            importlib.import_module(f"ggda.cli.{info.name}")
+
+
+_load_command_modules()
+
+
 def main() -> None:
     """Console entry point: one-line errors for user mistakes."""
     try:
