@@ -115,6 +115,30 @@ def train_cmd(
     typer.echo(f"wrote {out}/ (model.pt, {len(result.checkpoints)} checkpoints, run.json)")
 
 
+def parse_options(pairs: list[str]) -> dict:
+    """``["damping=0.01", "solver=cg", "use_lr=false"]`` -> typed dict (int, float, bool, None or str)."""
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise GGDAError(f"Option '{pair}' is not KEY=VALUE; write e.g. --opt damping=0.01.")
+        value: object = raw
+        low = raw.lower()
+        if low in ("true", "false"):
+            value = low == "true"
+        elif low in ("none", "null"):
+            value = None
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    pass
+        out[key.replace("-", "_")] = value
+    return out
+
+
 def resolve_grouping(spec: str, run) -> object:
     """``singleton``, ``column`` (the data's group column), or a .npy/.csv/.parquet file of group ids."""
     from ggda.groups.grouping import Grouping
@@ -149,6 +173,7 @@ def attribute_cmd(
     targets: int = typer.Option(50, help="Number of test points used as targets (first N)."),
     aggregate: str = typer.Option("sum", help="Group score: sum or mean over members."),
     no_lr: bool = typer.Option(False, help="TracIn: drop the learning-rate weights (GGDA's variant)."),
+    opt: list[str] = typer.Option([], "--opt", help="Method option KEY=VALUE (repeatable), e.g. --opt damping=0.01."),
     top_k: int = typer.Option(10, help="Rows per target in the top-k table."),
     out: Path = typer.Option(None, help="Output directory (default RUN/attributions/METHOD-GROUPING)."),
     device: str = typer.Option("cpu"),
@@ -165,8 +190,11 @@ def attribute_cmd(
     grp = resolve_grouping(grouping, r)
     task = AttributionTask(r.model, loss=r.kind, device=device)
     options: dict = {"aggregate": aggregate}
+    if method in ("tracin", "trak"):
+        options.update(checkpoints=r.checkpoints)
     if method == "tracin":
-        options.update(checkpoints=r.checkpoints, use_lr=not no_lr)
+        options["use_lr"] = not no_lr
+    options.update(parse_options(opt))
     attributor = make_method(method, task, **options)
     n_targets = min(targets, len(r.test))
     property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])
