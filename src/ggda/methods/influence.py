@@ -1,0 +1,372 @@
+"""Influence functions, group-native: score_j = ∇f(θ)ᵀ (H + λI)⁻¹ g_{S_j} / n.
+
+Definitions (NOTES A3, B4):
+
+- H is the **mean** training-loss Hessian (1/n) Σ_i ∇²ℓ(z_i; θ) (``hessian="exact"``, default) or
+  its Gauss–Newton approximation (1/n) Σ_i J_iᵀ ∇²_z ℓ_i J_i (``hessian="gn"``, PSD for convex
+  losses), plus ``weight_decay``·I when training used an L2 term (wd/2)‖θ‖².
+- g_{S_j} = Σ_{i∈S_j} ∇ℓ(z_i; θ), one batched backward per group.
+- The 1/n makes the score a first-order estimate of f(θ_{−S_j}) − f(θ) when the training objective
+  is (1/n) Σ_i ℓ_i (+ (wd/2)‖θ‖²): removing S shifts the optimum by ≈ H⁻¹ g_S / n. **Positive =
+  helpful** (removing the group raises the cost f); this is −(Koh & Liang's I_up,loss)/n and the
+  same scale and sign as torch-influence, which FiMODA uses.
+- Damping λ defaults to ``damping_scale`` × λ₀ with λ₀ = mean_i ‖∇ℓ_i‖² / p, the mean squared
+  per-example gradient entry (Grosse et al. 2023; FiMODA). λ₀ is also the mean eigenvalue of the
+  empirical Fisher, so λ is expressed relative to the typical curvature; ``damping=`` overrides.
+
+Group speedup: (H + λI)⁻¹ ∇f is computed **once per property** (``precondition``) and reused for
+all K groups; only the group-gradient stage scales with K.
+
+Solvers (one registered method each, all taking the options above as keyword arguments, i.e.
+``--opt key=value`` on the CLI):
+
+- ``if-explicit``: dense H, factorised once (reference; refuses above ``max_params``).
+- ``if-cg``: conjugate gradient with HVPs (``tol``, ``max_iter``).
+- ``if-lissa``: LiSSA (``scale``, ``depth``, ``repeat``, ``batch_size``) with a divergence check.
+- ``if-arnoldi``: Arnoldi low-rank inverse (``rank``, ``iterations``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from abc import abstractmethod
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ggda.errors import GGDAError
+from ggda.gradients.per_example import iter_per_example_gradients
+from ggda.linalg.arnoldi import LowRankEigen, arnoldi, ihvp_arnoldi
+from ggda.linalg.cg import ihvp_cg
+from ggda.linalg.dense import DenseInverse, dense_from_matvec, factorize
+from ggda.linalg.hvp import gnhvp, hvp
+from ggda.linalg.lissa import ihvp_lissa
+from ggda.methods.base import InnerProductAttributor, register
+from ggda.task import AttributionTask
+
+HESSIANS = ("exact", "gn")
+DEFAULT_DAMPING_SCALE = 0.1
+
+
+class TrainingCurvature:
+    """The operator V ↦ (mean training-loss Hessian or Gauss–Newton) V + wd·V over a data set.
+
+    Products are accumulated over data chunks of ``chunk_size`` rows and vector blocks of
+    ``vector_block`` so memory stays bounded for any n and any number of right-hand sides.
+
+    Args:
+        task: the attribution task (model, loss, attributed parameters, device, dtype).
+        X, y: the training data (all n rows define the mean).
+        kind: ``"exact"`` Hessian or ``"gn"`` Gauss–Newton.
+        weight_decay: wd of an L2 term (wd/2)‖θ‖² in the training objective.
+        chunk_size: data rows per HVP pass.
+        vector_block: right-hand sides vectorised together.
+    """
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        X: np.ndarray,
+        y: np.ndarray,
+        kind: str = "exact",
+        weight_decay: float = 0.0,
+        chunk_size: int = 512,
+        vector_block: int = 32,
+    ) -> None:
+        if kind not in HESSIANS:
+            raise GGDAError(f"Unknown hessian '{kind}'; choose exact or gn (e.g. --opt hessian=gn).")
+        if chunk_size < 1 or vector_block < 1:
+            raise GGDAError("chunk_size and vector_block must be >= 1.")
+        self.task, self.kind, self.weight_decay = task, kind, float(weight_decay)
+        self.chunk_size, self.vector_block = int(chunk_size), int(vector_block)
+        self.Xt, self.yt = task.to_tensor(X, y)
+        self.n = len(self.Xt)
+        params = task.params()
+        self.theta = task.flatten(params)
+        self.p = self.theta.numel()
+        self._shapes = [(name, p.shape, p.numel()) for name, p in params.items()]
+
+    def _unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, start = {}, 0
+        for name, shape, size in self._shapes:
+            out[name] = theta[start : start + size].reshape(shape)
+            start += size
+        return out
+
+    def _rows_product(self, V: torch.Tensor, Xc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+        """Σ over the rows of the (summed-loss) Hessian or GN times V (T, p)."""
+        task = self.task
+
+        def model_fn(theta: torch.Tensor) -> torch.Tensor:
+            return task.forward(self._unflatten(theta), Xc)
+
+        if self.kind == "gn":
+            return gnhvp(model_fn, lambda z: task.loss_fn(z, yc).sum(), self.theta, V)
+        return hvp(lambda theta: task.loss_fn(model_fn(theta), yc).sum(), self.theta, V)
+
+    def product(self, V: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """(mean over ``rows`` (default all) of the per-example curvature) V + wd V, V (T, p)."""
+        single = V.ndim == 1
+        V = V[None] if single else V
+        Xs, ys = (self.Xt, self.yt) if rows is None else (self.Xt[rows], self.yt[rows])
+        m = len(Xs)
+        out = torch.zeros_like(V)
+        for vs in range(0, len(V), self.vector_block):
+            block = V[vs : vs + self.vector_block]
+            acc = torch.zeros_like(block)
+            for start in range(0, m, self.chunk_size):
+                acc += self._rows_product(
+                    block, Xs[start : start + self.chunk_size], ys[start : start + self.chunk_size]
+                )
+            out[vs : vs + self.vector_block] = acc / m
+        if self.weight_decay:
+            out += self.weight_decay * V
+        return out[0] if single else out
+
+    def matvec(self, V: torch.Tensor) -> torch.Tensor:
+        """Full-data product (deterministic)."""
+        return self.product(V)
+
+    def sampler(self, batch_size: int | None, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A stochastic operator: each call uses a fresh uniformly drawn mini-batch (LiSSA)."""
+        if batch_size is None or batch_size >= self.n:
+            return self.matvec
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+
+        def sample(V: torch.Tensor) -> torch.Tensor:
+            rows = torch.randperm(self.n, generator=gen)[:batch_size].to(self.Xt.device)
+            return self.product(V, rows)
+
+        return sample
+
+    def dense(self, block_size: int = 256) -> torch.Tensor:
+        """The (p, p) matrix (small models only)."""
+        return dense_from_matvec(self.matvec, self.p, self.theta.dtype, self.theta.device, block_size)
+
+    def top_eigenvalue(self, iterations: int = 30, seed: int = 0) -> float:
+        """|largest| eigenvalue by power iteration (used to choose LiSSA's scale)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        v = torch.randn(self.p, generator=gen, dtype=self.theta.dtype).to(self.theta.device)
+        v /= v.norm()
+        mu = 0.0
+        for _ in range(iterations):
+            w = self.matvec(v)
+            mu = float(w.norm())
+            if mu == 0.0 or not math.isfinite(mu):
+                break
+            v = w / mu
+        return mu
+
+
+def base_damping(
+    task: AttributionTask, X: np.ndarray, y: np.ndarray, samples: int | None = 1000, seed: int = 0
+) -> float:
+    """λ₀ = mean_i ‖∇ℓ(z_i)‖² / p over (a seeded subsample of ``samples``) training points."""
+    n = len(X)
+    idx = np.arange(n)
+    if samples is not None and samples < n:
+        idx = np.sort(np.random.default_rng(seed).choice(n, size=int(samples), replace=False))
+    total = 0.0
+    for _, G in iter_per_example_gradients(task, X[idx], y[idx]):
+        total += float((G.double() ** 2).sum())
+    return total / (len(idx) * task.n_params)
+
+
+class InfluenceFunction(InnerProductAttributor):
+    """Shared machinery of the IF family: curvature operator, damping, 1/n scaling.
+
+    Args:
+        task: the attribution task.
+        damping: λ; overrides ``damping_scale``.
+        damping_scale: λ = damping_scale × λ₀ when ``damping`` is not given (default 0.1: λ₀ is the
+            mean eigenvalue of the empirical Fisher, and 0.1 × the mean eigenvalue is the
+            EK-FAC/Kronfluence default; FiMODA's figures use 100).
+        hessian: ``"exact"`` (default) or ``"gn"`` (Gauss–Newton).
+        weight_decay: the L2 coefficient of training, added to H as wd·I.
+        chunk_size: data rows per Hessian pass.
+        damping_samples: training points used to estimate λ₀ (seeded subsample; all if None).
+        seed: seed of every random choice (λ₀ subsample, LiSSA batches, Arnoldi start).
+        **options: ``aggregate``, ``max_batch``, ``memory_mb`` of :class:`InnerProductAttributor`.
+    """
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        damping: float | None = None,
+        damping_scale: float = DEFAULT_DAMPING_SCALE,
+        hessian: str = "exact",
+        weight_decay: float = 0.0,
+        chunk_size: int = 512,
+        damping_samples: int | None = 1000,
+        seed: int = 0,
+        **options,
+    ) -> None:
+        super().__init__(task, **options)
+        if hessian not in HESSIANS:
+            raise GGDAError(f"Unknown hessian '{hessian}'; choose exact or gn (e.g. --opt hessian=gn).")
+        if damping is not None and damping < 0:
+            raise GGDAError(f"damping must be >= 0 (got {damping}); e.g. --opt damping=1e-3.")
+        if damping_scale < 0 or weight_decay < 0:
+            raise GGDAError("damping_scale and weight_decay must be >= 0.")
+        self.damping, self.damping_scale = damping, float(damping_scale)
+        self.hessian, self.weight_decay = hessian, float(weight_decay)
+        self.chunk_size, self.damping_samples, self.seed = int(chunk_size), damping_samples, int(seed)
+        self.info: dict = {}
+
+    # -- training side ------------------------------------------------------------------------
+    def _cache(self) -> None:
+        super()._cache()  # group gradients
+        self.n = len(self.train)
+        self.curvature = TrainingCurvature(
+            self.task, self.train.X, self.train.y, self.hessian, self.weight_decay, self.chunk_size
+        )
+        self.lambda_ = self._resolve_damping()
+        self._fit()
+
+    def _resolve_damping(self) -> float:
+        if self.damping is not None:
+            self.info.update(damping=float(self.damping))
+            return float(self.damping)
+        lam0 = base_damping(self.task, self.train.X, self.train.y, self.damping_samples, self.seed)
+        self.info.update(lambda0=lam0, damping=self.damping_scale * lam0)
+        return self.damping_scale * lam0
+
+    def _fit(self) -> None:  # noqa: B027  (optional hook)
+        """Solver-specific training-side work (factorisations, eigenpairs)."""
+
+    # -- property side ------------------------------------------------------------------------
+    def precondition(self, target_grads: torch.Tensor) -> torch.Tensor:
+        """(H + λI)⁻¹ ∇f / n, once per property, shared by every group."""
+        return self._solve(target_grads) / self.n
+
+    @abstractmethod
+    def _solve(self, B: torch.Tensor) -> torch.Tensor:
+        """(H + λI)⁻¹ B for B (T, p)."""
+
+
+@register("if-explicit")
+class ExplicitIF(InfluenceFunction):
+    """Dense Hessian, factorised once (Cholesky, LU if indefinite): the exact damped inverse.
+
+    Args:
+        max_params: refuse models with more attributed parameters (default 10,000: a float32
+            p × p matrix is 400 MB and its factorisation O(p³)); use ``if-cg`` above it.
+        block_size: basis vectors per HVP block while building H.
+    """
+
+    def __init__(
+        self, task: AttributionTask, max_params: int = 10_000, block_size: int = 256, **options
+    ) -> None:
+        super().__init__(task, **options)
+        if task.n_params > max_params:
+            raise GGDAError(
+                f"if-explicit forms the dense {task.n_params:,}x{task.n_params:,} Hessian, above max_params={max_params:,}; "
+                "use --method if-cg (or if-arnoldi, ekfac), or raise --opt max_params=... if memory allows."
+            )
+        self.max_params, self.block_size = int(max_params), int(block_size)
+
+    def _fit(self) -> None:
+        self.H = self.curvature.dense(self.block_size)
+        self._inverse: DenseInverse = factorize(self.H, self.lambda_)
+        self.info.update(positive_definite=self._inverse.positive_definite)
+        if not self._inverse.positive_definite:
+            warnings.warn(
+                f"H + λI (λ={self.lambda_:.3g}) is indefinite: the model is not at a minimum at this damping; "
+                "raise damping_scale or use hessian=gn.",
+                stacklevel=2,
+            )
+
+    def _solve(self, B: torch.Tensor) -> torch.Tensor:
+        return self._inverse.solve(B)
+
+
+@register("if-cg")
+class ConjugateGradientIF(InfluenceFunction):
+    """Conjugate gradient on (H + λI) x = ∇f with exact HVPs over the whole training set.
+
+    Args:
+        tol: relative residual at which a target's solve stops (default 1e-5).
+        max_iter: iteration cap (default 200); a warning is issued if it is reached.
+    """
+
+    def __init__(self, task: AttributionTask, tol: float = 1e-5, max_iter: int = 200, **options) -> None:
+        super().__init__(task, **options)
+        self.tol, self.max_iter = float(tol), int(max_iter)
+
+    def _solve(self, B: torch.Tensor) -> torch.Tensor:
+        result = ihvp_cg(self.curvature.matvec, B, self.lambda_, self.tol, self.max_iter)
+        self.info.update(cg_iterations=result.iterations, cg_max_residual=float(result.residual.max()))
+        if not result.converged:
+            warnings.warn(
+                f"CG stopped at max_iter={self.max_iter} with relative residual {float(result.residual.max()):.2e} "
+                f"> tol={self.tol:g}; raise --opt max_iter=... or the damping.",
+                stacklevel=2,
+            )
+        return result.x
+
+
+@register("if-lissa")
+class LiSSAIF(InfluenceFunction):
+    """LiSSA: stochastic Neumann series with mini-batch HVPs.
+
+    Args:
+        scale: s, must exceed the largest eigenvalue of (mini-batch) H + λI. Default ``None``:
+            2 × (|λ_max| of the full-data H from 30 power iterations) + λ.
+        depth: recursion steps per repetition (default 1000).
+        repeat: independent repetitions averaged (default 1).
+        batch_size: training points per HVP (default 128; ``None`` = full batch, deterministic).
+    """
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        scale: float | None = None,
+        depth: int = 1000,
+        repeat: int = 1,
+        batch_size: int | None = 128,
+        **options,
+    ) -> None:
+        super().__init__(task, **options)
+        self.scale, self.depth, self.repeat, self.batch_size = scale, int(depth), int(repeat), batch_size
+
+    def _fit(self) -> None:
+        if self.scale is None:
+            self.scale_ = 2.0 * self.curvature.top_eigenvalue(seed=self.seed) + self.lambda_
+        else:
+            self.scale_ = float(self.scale)
+        self.info.update(scale=self.scale_)
+
+    def _solve(self, B: torch.Tensor) -> torch.Tensor:
+        op = self.curvature.sampler(self.batch_size, self.seed)
+        return ihvp_lissa(op, B, self.lambda_, self.scale_, self.depth, self.repeat)
+
+
+@register("if-arnoldi")
+class ArnoldiIF(InfluenceFunction):
+    """Arnoldi low-rank inverse (Schioppa et al. 2022) on the top-``rank`` eigendirections of H.
+
+    Args:
+        rank: eigenpairs kept (default 50).
+        iterations: Arnoldi steps, i.e. HVPs (default 200); both are capped at p.
+    """
+
+    def __init__(self, task: AttributionTask, rank: int = 50, iterations: int = 200, **options) -> None:
+        super().__init__(task, **options)
+        self.rank, self.iterations = int(rank), int(iterations)
+
+    def _fit(self) -> None:
+        self.eigen: LowRankEigen = arnoldi(
+            self.curvature.matvec,
+            self.curvature.p,
+            self.iterations,
+            self.rank,
+            dtype=self.task.dtype,
+            device=self.task.device,
+            seed=self.seed,
+        )
+        self.info.update(rank=self.eigen.rank, top_eigenvalue=float(self.eigen.values.abs().max()))
+
+    def _solve(self, B: torch.Tensor) -> torch.Tensor:
+        return ihvp_arnoldi(self.eigen, B, self.lambda_)
