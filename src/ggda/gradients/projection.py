@@ -1,0 +1,261 @@
+"""Random projections of gradients (TRAK's P, Johnson–Lindenstrauss sketches), blockwise.
+
+Why: TRAK-style methods need k-dimensional features ``Pᵀ g`` of p-dimensional gradients, with
+p up to millions. Neither the p × k matrix P nor an n × p gradient matrix may ever be held at
+once (DATA-SOURCES §3: a 10k × 100k fp32 gradient matrix is 4 GB and was OOM-killed). So:
+
+* P is defined **row-block by row-block**: rows ``[b·B, (b+1)·B)`` are drawn from their own
+  generator seeded from ``(seed, stream, b)``. Any block can be (re)generated on its own, in any
+  order, and is always the same numbers — so projecting in one go, chunk by chunk, or from the
+  materialised matrix gives the same result (up to float summation order).
+* Gradients are projected **chunk by chunk** as they stream out of
+  :func:`ggda.gradients.iter_group_gradients`; only (rows × k) outputs are kept.
+* When P is small (``p·k`` under ``cache_mb``) its blocks are kept after first use, otherwise they
+  are regenerated at every call (compute for memory).
+
+Entries are i.i.d. N(0, 1/k) (Gaussian) or ±1/√k (Rademacher), so E[P Pᵀ] = I and inner products
+are preserved *in expectation*: E[(Pᵀa)ᵀ(Pᵀb)] = aᵀb, with relative error O(1/√k) (JL).
+
+:class:`LayerwiseProjector` is the block-diagonal variant: every layer gets its own projection
+(its share of the k dimensions), so features keep per-layer structure and no dense block mixes
+layers — the layer-wise sketch used by TRAK's chunked projector and LoGra-style methods. A layer
+smaller than its share is kept exactly (identity), and the unused dimensions go to the others.
+
+Determinism: the same (kind, p, k, seed, stream, block_rows, device type, dtype) always gives the
+same P. Blocks are generated on the projector's device (fast on CUDA); CPU and CUDA generators
+produce different — equally valid — matrices.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ggda.errors import GGDAError
+
+PROJECTIONS = ("gaussian", "rademacher", "identity")
+DEFAULT_BLOCK_ROWS = 2048
+
+
+class Projector(ABC):
+    """A linear map R^p → R^k applied to row vectors: ``project(G (m, p)) -> (m, k)``."""
+
+    p: int
+    k: int
+
+    @abstractmethod
+    def project(self, G: torch.Tensor) -> torch.Tensor:
+        """(m, k) = G Pᵀ-rows, i.e. each row g ↦ Pᵀg."""
+
+    def matrix(self) -> torch.Tensor:
+        """The dense (p, k) matrix P (for tests and small p only)."""
+        eye = torch.eye(self.p, dtype=self.dtype, device=self.device)
+        return self.project(eye)
+
+    def _check(self, G: torch.Tensor) -> None:
+        if G.ndim != 2 or G.shape[1] != self.p:
+            raise GGDAError(
+                f"The projector maps {self.p}-dimensional rows but got shape {tuple(G.shape)}; "
+                "project gradients of the same task (same layers) it was built for."
+            )
+
+
+class IdentityProjector(Projector):
+    """P = I (k = p): exact features, for small models and closed-form checks."""
+
+    def __init__(self, p: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.p = self.k = int(p)
+        self.device, self.dtype = torch.device(device), dtype
+
+    def project(self, G: torch.Tensor) -> torch.Tensor:
+        self._check(G)
+        return G
+
+
+def block_seed(seed: int, stream: int, block: int) -> int:
+    """A 64-bit generator seed for one block, statistically independent across (seed, stream, block)."""
+    words = np.random.SeedSequence([int(seed) % 2**32, int(stream), int(block)]).generate_state(2, np.uint32)
+    return (int(words[0]) << 32) | int(words[1])
+
+
+class RandomProjector(Projector):
+    """Dense Gaussian or Rademacher P (p × k), generated and applied in row blocks.
+
+    Args:
+        p, k: input and output dimensions.
+        kind: ``"gaussian"`` (N(0, 1/k) entries) or ``"rademacher"`` (±1/√k).
+        seed: the matrix's seed (ensembles give every model its own).
+        stream: sub-stream id, so several projectors with one seed stay independent (layers).
+        block_rows: rows of P per generated block; part of P's definition.
+        cache_mb: keep the generated blocks when the whole P is at most this size.
+    """
+
+    def __init__(
+        self,
+        p: int,
+        k: int,
+        kind: str = "gaussian",
+        seed: int = 0,
+        stream: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        block_rows: int = DEFAULT_BLOCK_ROWS,
+        cache_mb: float = 128.0,
+    ) -> None:
+        if kind not in ("gaussian", "rademacher"):
+            raise GGDAError(f"Unknown random projection '{kind}'; choose gaussian or rademacher.")
+        if p < 1 or k < 1 or block_rows < 1:
+            raise GGDAError(f"Projection sizes must be positive (p={p}, k={k}, block_rows={block_rows}).")
+        self.p, self.k, self.kind = int(p), int(k), kind
+        self.seed, self.stream = int(seed), int(stream)
+        self.device, self.dtype = torch.device(device), dtype
+        self.block_rows = int(block_rows)
+        self.n_blocks = math.ceil(self.p / self.block_rows)
+        nbytes = self.p * self.k * torch.finfo(dtype).bits / 8
+        self._cache: dict[int, torch.Tensor] | None = {} if nbytes <= cache_mb * 2**20 else None
+
+    def block(self, b: int) -> torch.Tensor:
+        """Rows ``[b·block_rows, (b+1)·block_rows)`` of P, always the same numbers."""
+        if self._cache is not None and b in self._cache:
+            return self._cache[b]
+        rows = min(self.block_rows, self.p - b * self.block_rows)
+        gen = torch.Generator(device=self.device).manual_seed(block_seed(self.seed, self.stream, b))
+        scale = 1.0 / math.sqrt(self.k)
+        if self.kind == "gaussian":
+            P = torch.randn(rows, self.k, generator=gen, device=self.device, dtype=self.dtype).mul_(scale)
+        else:
+            bits = torch.randint(0, 2, (rows, self.k), generator=gen, device=self.device)
+            P = (bits.to(self.dtype) * 2 - 1).mul_(scale)
+        if self._cache is not None:
+            self._cache[b] = P
+        return P
+
+    def project(self, G: torch.Tensor) -> torch.Tensor:
+        self._check(G)
+        G = G.to(self.dtype)
+        out = torch.zeros(G.shape[0], self.k, dtype=self.dtype, device=G.device)
+        for b in range(self.n_blocks):
+            start = b * self.block_rows
+            P = self.block(b)
+            out.addmm_(G[:, start : start + P.shape[0]], P.to(G.device))
+        return out
+
+    def matrix(self) -> torch.Tensor:
+        return torch.cat([self.block(b) for b in range(self.n_blocks)])
+
+
+def allocate_dims(sizes: Sequence[int], k: int) -> list[int]:
+    """Split k output dimensions over layers of the given sizes: equal shares, water-filled.
+
+    A layer no larger than its share keeps all its coordinates (it is projected exactly); what it
+    leaves unused is shared among the remaining layers. Every layer gets at least one dimension.
+    """
+    sizes = [int(s) for s in sizes]
+    if k < len(sizes):
+        raise GGDAError(
+            f"A per-layer projection needs proj_dim >= the number of layers ({len(sizes)}); got {k}."
+        )
+    dims = [0] * len(sizes)
+    open_ = list(range(len(sizes)))
+    budget = k
+    while open_:
+        share = budget // len(open_)
+        small = [i for i in open_ if sizes[i] <= share]
+        if not small:
+            extra = budget - share * len(open_)
+            for rank, i in enumerate(sorted(open_, key=lambda i: -sizes[i])):
+                dims[i] = share + (1 if rank < extra else 0)
+            break
+        for i in small:
+            dims[i] = sizes[i]
+            budget -= sizes[i]
+            open_.remove(i)
+    return dims
+
+
+class LayerwiseProjector(Projector):
+    """Block-diagonal projection: each layer's slice of the gradient has its own P_l.
+
+    Features are the concatenation ``[P_1ᵀ g_1, …, P_Lᵀ g_L]``; their inner product is
+    Σ_l ⟨P_lᵀa_l, P_lᵀb_l⟩, still unbiased for aᵀb.
+    """
+
+    def __init__(
+        self,
+        slices: Sequence[slice],
+        k: int,
+        kind: str = "gaussian",
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        block_rows: int = DEFAULT_BLOCK_ROWS,
+        cache_mb: float = 128.0,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        self.slices = list(slices)
+        self.names = list(names) if names is not None else [str(i) for i in range(len(self.slices))]
+        sizes = [s.stop - s.start for s in self.slices]
+        self.p = sum(sizes)
+        self.device, self.dtype = torch.device(device), dtype
+        self.dims = allocate_dims(sizes, k)
+        self.k = sum(self.dims)
+        self.parts: list[Projector] = []
+        for layer, (size, dim) in enumerate(zip(sizes, self.dims, strict=True)):
+            if dim >= size:
+                self.parts.append(IdentityProjector(size, device, dtype))
+            else:
+                share_mb = cache_mb * size * dim / max(1, self.p * self.k)
+                self.parts.append(
+                    RandomProjector(size, dim, kind, seed, layer + 1, device, dtype, block_rows, share_mb)
+                )
+
+    def project(self, G: torch.Tensor) -> torch.Tensor:
+        self._check(G)
+        return torch.cat([part.project(G[:, s]) for part, s in zip(self.parts, self.slices, strict=True)], 1)
+
+
+def module_slices(task) -> tuple[list[str], list[slice]]:
+    """Group a task's flat parameter slices by module (``0.weight`` + ``0.bias`` → layer ``0``)."""
+    names: list[str] = []
+    slices: list[slice] = []
+    for name, s in task.layer_slices().items():
+        module = name.rsplit(".", 1)[0] if "." in name else name
+        if names and names[-1] == module and slices[-1].stop == s.start:
+            slices[-1] = slice(slices[-1].start, s.stop)
+        else:
+            names.append(module)
+            slices.append(s)
+    return names, slices
+
+
+def make_projector(
+    kind: str,
+    p: int,
+    k: int | None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    layer_slices: Sequence[slice] | None = None,
+    layer_names: Sequence[str] | None = None,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    cache_mb: float = 128.0,
+) -> Projector:
+    """Build a projector by name; ``layer_slices`` makes a per-layer (block-diagonal) one."""
+    if kind not in PROJECTIONS:
+        raise GGDAError(f"Unknown projection '{kind}'; choose one of {', '.join(PROJECTIONS)}.")
+    if kind == "identity":
+        return IdentityProjector(p, device, dtype)
+    if k is None or k < 1:
+        raise GGDAError(f"A {kind} projection needs proj_dim >= 1; got {k}.")
+    if layer_slices is not None:
+        total = sum(s.stop - s.start for s in layer_slices)
+        if total != p:
+            raise GGDAError(f"Layer slices cover {total} coordinates but the gradients have {p}.")
+        return LayerwiseProjector(
+            layer_slices, k, kind, seed, device, dtype, block_rows, cache_mb, names=layer_names
+        )
+    return RandomProjector(p, k, kind, seed, 0, device, dtype, block_rows, cache_mb)

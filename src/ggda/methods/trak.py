@@ -1,0 +1,362 @@
+"""TRAK (Park et al., 2023), group-native (GGDA, NOTES A3).
+
+For each model θ_m of an ensemble (the final model, checkpoints, or independently trained models)
+and a random projection P_m (its own seed):
+
+* **group features** φ_j = P_mᵀ ∇_θ Σ_{i∈S_j} out(z_i; θ_m) — one batched backward per group of the
+  summed *model output* out: the correct-class margin ``z_y − logsumexp_{c≠y} z_c`` for
+  classification, the prediction for regression. Rows form Φ_m (K × k);
+* **kernel** ΦᵀΦ + λI (GGDA's F̂^batched). λ > 0 is what makes TRAK well-posed when K < k (the
+  kernel is then singular) or the features are nearly collinear; default λ = ``ridge_rel`` ×
+  tr(ΦᵀΦ)/k, i.e. relative to the mean eigenvalue, or an absolute ``ridge``;
+* **residual weights** q_j aggregated from q_i = 1 − p_i(correct) (classification) or the signed
+  residual y_i − f_i (regression) over the group's members (``residual="sum"`` by default, or
+  ``"mean"``/``"none"``);
+* **target features** ψ(z) (see *Target side* below);
+* **score** τ_j(z) = ψ(z)ᵀ (ΦᵀΦ + λI)⁻¹ φ_j q_j, averaged over the ensemble.
+
+Sign: positive = helpful. Why it is on that scale: cross-entropy is exactly ℓ_i = softplus(−m_i),
+so ∇ℓ_i = −(1 − p_i) ∇m_i = −q_i ∇m_i, and for MSE ∇ℓ_i = −(y_i − f_i) ∇f_i. Hence
+φ_i q_i = −Pᵀ∇ℓ_i, and τ is the projected Gauss–Newton one-step estimate
+∇f_costᵀ (H + λI)⁻¹ ∇ℓ_i of how much the target cost rises when the point is removed.
+
+Target side (option ``target``):
+
+* ``"output"`` — ψ(z) = Pᵀ∇out(z) at the property's target examples (TRAK as published:
+  attributes the target's margin). Used by ``"auto"`` for :class:`~ggda.properties.ExampleLoss` and
+  :class:`~ggda.properties.Margin` on classifiers. For ExampleLoss it differs from the exact
+  chain-rule target only by the positive per-target factor (1 − p_z), so rankings per target are
+  the same. For :class:`~ggda.properties.MeanLoss` it averages the targets' output features.
+* ``"property"`` — ψ = −Pᵀ∇f, the property's own (cost-oriented) gradient, negated. Used by
+  ``"auto"`` for MeanLoss, :class:`~ggda.properties.CallableProperty` and every regression task
+  (where the prediction is not a cost and TRAK's raw output would need FiMODA's sign flip; the
+  property gradient needs none).
+
+Groups: for singletons everything reduces to per-point TRAK. For a group, φ_j sums member output
+gradients and q_j sums member residuals, as in GGDA; the kernel is built from group features, so it
+grows ~|S| when members' gradients align (K-Means / Grad-K-Means groups), and then the "sum" residual
+makes the group score ≈ the sum of member scores (the library's convention), "mean" ≈ their mean.
+TRAK is *not* linear in the group; the group score is this definition, not a sum of point scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ggda.errors import GGDAError
+from ggda.gradients.group import iter_group_gradients
+from ggda.gradients.per_example import iter_per_example_gradients
+from ggda.gradients.projection import PROJECTIONS, Projector, make_projector, module_slices
+from ggda.methods.base import Attributor, register
+from ggda.models.checkpoint import Checkpoint
+from ggda.models.losses import cross_entropy, squared_error
+from ggda.properties import ExampleLoss, ExampleProperty, Margin, MeanLoss, Property
+from ggda.task import AttributionTask, Params
+
+OUTPUTS = ("auto", "margin", "prediction")
+TARGETS = ("auto", "output", "property")
+RESIDUALS = ("sum", "mean", "none")
+ENSEMBLES = ("final", "checkpoints", "models")
+AVERAGES = ("scores", "trak")
+
+
+def margin_output(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Correct-class margin z_y − logsumexp_{c≠y} z_c = log(p/(1−p)), per example (vmap-safe)."""
+    if outputs.ndim != 2 or outputs.shape[-1] < 2:
+        raise GGDAError("TRAK's margin needs a classifier with >= 2 logits; use output=prediction.")
+    y = y.long()
+    correct = outputs.gather(-1, y[:, None])[:, 0]
+    others = outputs.scatter(-1, y[:, None], float("-inf"))
+    return correct - torch.logsumexp(others, dim=-1)
+
+
+def prediction_output(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The scalar prediction f(x) of a single-output regressor, per example."""
+    if outputs.numel() != y.numel():
+        raise GGDAError(
+            f"TRAK's prediction output needs one output per example; got outputs {tuple(outputs.shape)}. "
+            "Use output=margin for classifiers."
+        )
+    return outputs.reshape(y.shape)
+
+
+@dataclass
+class _Member:
+    """Training-side state of one ensemble member."""
+
+    task: AttributionTask
+    projector: Projector
+    features: torch.Tensor  # Φ (K, k), task dtype
+    chol: torch.Tensor  # Cholesky factor of ΦᵀΦ + λI, float64
+    ridge: float  # λ actually used
+    residual: np.ndarray  # q (K,), float64
+
+
+@register("trak")
+class TRAK(Attributor):
+    """TRAK: projected output-gradient features, ridge kernel, residual weights, ensembles; group-native.
+
+    Args:
+        proj_dim: projection dimension k (TRAK uses 1,000–20,000; default 2048).
+        projection: ``gaussian``, ``rademacher`` or ``identity`` (exact features, k = p; small models).
+        seed: projection seed of the first ensemble member; member m uses ``seed + m``.
+        per_layer: block-diagonal projection, ``proj_dim`` split over the model's layers.
+        ridge: absolute λ added to ΦᵀΦ; default None → ``ridge_rel`` × tr(ΦᵀΦ)/k.
+        ridge_rel: relative λ (fraction of the kernel's mean eigenvalue) used when ``ridge`` is None.
+        residual: aggregate q over a group: ``sum`` (GGDA), ``mean``, or ``none`` (q = 1).
+        target: ``auto``, ``output`` or ``property`` — what ψ(z) is (module docstring).
+        output: model output function: ``auto`` (margin for cross-entropy, prediction for MSE),
+            ``margin`` or ``prediction``.
+        models: ensemble of independently trained models (modules, state dicts or model files).
+        checkpoints: checkpoints (Checkpoint objects, files or state dicts), e.g. ``run.checkpoints``.
+        ensemble: ``final`` (the task's model only; default unless ``models`` is given),
+            ``checkpoints`` or ``models``.
+        n_checkpoints: with ``ensemble=checkpoints``, use only the last N.
+        average: ``scores`` (mean of member scores) or ``trak`` (TRAK paper: mean of the
+            un-weighted scores times the mean residual weights).
+        block_rows, cache_mb: projection block size and the size under which P is kept in memory.
+        max_dim: refuse kernels larger than this (k × k float64).
+    """
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        proj_dim: int = 2048,
+        projection: str = "gaussian",
+        seed: int = 0,
+        per_layer: bool = False,
+        ridge: float | None = None,
+        ridge_rel: float = 1e-3,
+        residual: str = "sum",
+        target: str = "auto",
+        output: str = "auto",
+        models: Sequence | None = None,
+        checkpoints: Sequence | None = None,
+        ensemble: str | None = None,
+        n_checkpoints: int | None = None,
+        average: str = "scores",
+        block_rows: int = 2048,
+        cache_mb: float = 128.0,
+        max_dim: int = 8192,
+        aggregate: str = "sum",
+        max_batch: int = 2048,
+        memory_mb: float = 1024.0,
+    ) -> None:
+        super().__init__(task, aggregate=aggregate, max_batch=max_batch, memory_mb=memory_mb)
+        for name, value, allowed in (
+            ("projection", projection, PROJECTIONS),
+            ("residual", residual, RESIDUALS),
+            ("target", target, TARGETS),
+            ("output", output, OUTPUTS),
+            ("average", average, AVERAGES),
+        ):
+            if value not in allowed:
+                raise GGDAError(f"Unknown TRAK {name} '{value}'; choose one of {', '.join(allowed)}.")
+        if (ridge is not None and ridge < 0) or ridge_rel < 0:
+            raise GGDAError("TRAK's ridge must be >= 0 (pass e.g. --opt ridge=1e-3).")
+        self.proj_dim, self.projection, self.seed, self.per_layer = proj_dim, projection, int(seed), per_layer
+        self.ridge, self.ridge_rel = ridge, float(ridge_rel)
+        self.residual_mode, self.target, self.average = residual, target, average
+        self.block_rows, self.cache_mb, self.max_dim = int(block_rows), float(cache_mb), int(max_dim)
+        self.output = self._resolve_output(output)
+        self.output_fn = margin_output if self.output == "margin" else prediction_output
+        self.ensemble = self._resolve_ensemble(ensemble, models, checkpoints, n_checkpoints)
+        self.members: list[_Member] = []
+
+    # -- configuration ------------------------------------------------------------------------
+    def _resolve_output(self, output: str) -> str:
+        if output != "auto":
+            return output
+        if self.task.loss_fn is cross_entropy:
+            return "margin"
+        if self.task.loss_fn is squared_error:
+            return "prediction"
+        raise GGDAError(
+            "TRAK cannot infer the model output from a custom loss; pass output=margin (classifier) "
+            "or output=prediction (single-output regressor)."
+        )
+
+    def _resolve_ensemble(self, ensemble, models, checkpoints, n_checkpoints) -> list:
+        ensemble = ensemble or ("models" if models else "final")
+        if ensemble not in ENSEMBLES:
+            raise GGDAError(f"Unknown TRAK ensemble '{ensemble}'; choose one of {', '.join(ENSEMBLES)}.")
+        self.ensemble_mode = ensemble
+        if ensemble == "final":
+            return [None]
+        if ensemble == "models":
+            if not models:
+                raise GGDAError("ensemble=models needs models=[...] (trained modules or model files).")
+            return list(models)
+        if not checkpoints:
+            raise GGDAError(
+                "ensemble=checkpoints needs checkpoints; train with checkpoints (`ggda train`) or pass them."
+            )
+        chosen = list(checkpoints)
+        if n_checkpoints is not None:
+            if n_checkpoints < 1:
+                raise GGDAError(f"n_checkpoints must be >= 1; got {n_checkpoints}.")
+            chosen = chosen[-int(n_checkpoints) :]
+        return chosen
+
+    def _member_task(self, source) -> AttributionTask:
+        if source is None:
+            return self.task
+        if isinstance(source, AttributionTask):
+            return source
+        if isinstance(source, nn.Module):
+            return AttributionTask(source, self.task.loss_fn, self.task.layers, self.task.device)
+        if isinstance(source, Checkpoint):
+            return self.task.at(source.path)
+        if isinstance(source, tuple) and len(source) == 2:  # TracIn-style (state, lr)
+            source = source[0]
+        if isinstance(source, (str, Path, dict)):
+            return self.task.at(source)
+        raise GGDAError(
+            f"TRAK ensemble members must be modules, checkpoints, model files or state dicts; got {type(source)}."
+        )
+
+    def _projector(self, task: AttributionTask, m: int) -> Projector:
+        p = task.n_params
+        k = p if self.projection == "identity" else int(self.proj_dim)
+        if k > self.max_dim:
+            fix = (
+                "use a random projection with proj_dim"
+                if self.projection == "identity"
+                else "lower proj_dim to"
+            )
+            raise GGDAError(
+                f"TRAK's kernel would be {k} x {k} (over max_dim={self.max_dim}); {fix} <= {self.max_dim} "
+                "or raise max_dim."
+            )
+        names, slices = module_slices(task) if self.per_layer else (None, None)
+        return make_projector(
+            self.projection,
+            p,
+            k,
+            seed=self.seed + m,
+            device=task.device,
+            dtype=task.dtype,
+            layer_slices=slices,
+            layer_names=names,
+            block_rows=self.block_rows,
+            cache_mb=self.cache_mb,
+        )
+
+    def _chunk_rows(self, p: int, dtype: torch.dtype) -> int:
+        return max(1, int(min(256.0, self.memory_mb) * 2**20 // (p * torch.finfo(dtype).bits // 8)))
+
+    # -- training side ------------------------------------------------------------------------
+    def point_residuals(self, task: AttributionTask, params: Params | None = None) -> np.ndarray:
+        """(n,) per-point q_i: 1 − p_i(correct) = sigmoid(−margin_i), or the residual y_i − f_i."""
+        params = task.params() if params is None else params
+        X, y = task.to_tensor(self.train.X, self.train.y)
+        out = np.zeros(len(X), dtype=np.float64)
+        with torch.no_grad():
+            for start in range(0, len(X), self.max_batch):
+                rows = slice(start, start + self.max_batch)
+                value = self.output_fn(task.forward(params, X[rows]), y[rows]).double()
+                q = torch.sigmoid(-value) if self.output == "margin" else y[rows].double() - value
+                out[rows] = q.cpu().numpy()
+        return out
+
+    def _group_residuals(self, q: np.ndarray) -> np.ndarray:
+        K = self.grouping.n_groups
+        if self.residual_mode == "none":
+            return np.ones(K)
+        summed = np.bincount(self.grouping.labels, weights=q, minlength=K)
+        return summed / self.grouping.sizes if self.residual_mode == "mean" else summed
+
+    def _cache(self) -> None:
+        self.members = []
+        for m, source in enumerate(self.ensemble):
+            task = self._member_task(source)
+            projector = self._projector(task, m)
+            params = task.params()
+            K = self.grouping.n_groups
+            features = torch.zeros(K, projector.k, dtype=task.dtype, device=task.device)
+            for gids, G in iter_group_gradients(
+                task,
+                self.train.X,
+                self.train.y,
+                self.grouping,
+                fn=self.output_fn,
+                params=params,
+                max_batch=self.max_batch,
+                memory_mb=min(256.0, self.memory_mb),
+            ):
+                features[torch.as_tensor(gids, device=task.device)] = projector.project(G)
+            kernel = torch.zeros(projector.k, projector.k, dtype=torch.float64, device=task.device)
+            step = self._chunk_rows(projector.k, torch.float64)
+            for start in range(0, K, step):
+                F = features[start : start + step].double()
+                kernel.addmm_(F.T, F)
+            ridge = (
+                self.ridge if self.ridge is not None else self.ridge_rel * float(kernel.trace()) / projector.k
+            )
+            kernel.diagonal().add_(ridge)
+            chol, info = torch.linalg.cholesky_ex(kernel)
+            if int(info) != 0:
+                raise GGDAError(
+                    f"TRAK's kernel is singular (ridge {ridge:.3g}); pass a larger --opt ridge=... or ridge_rel=..."
+                )
+            residual = self._group_residuals(self.point_residuals(task, params))
+            self.members.append(_Member(task, projector, features, chol, float(ridge), residual))
+
+    # -- target side --------------------------------------------------------------------------
+    def target_mode(self, prop: Property) -> str:
+        """``output`` or ``property``: how ψ(z) is formed for this property (module docstring)."""
+        if self.target != "auto":
+            return self.target
+        if self.output == "margin" and isinstance(prop, (ExampleLoss, Margin)):
+            return "output"
+        return "property"
+
+    def target_features(self, member: _Member, prop: Property) -> torch.Tensor:
+        """(T, k) ψ in float64: projected target gradients, oriented so positive = helpful."""
+        task, proj = member.task, member.projector
+        if self.target_mode(prop) == "output":
+            if isinstance(prop, MeanLoss):
+                X, y, mean = prop.inner.X, prop.inner.y, True
+            elif isinstance(prop, ExampleProperty):
+                X, y, mean = prop.X, prop.y, False
+            else:
+                raise GGDAError(
+                    "target=output needs target examples (test-loss, margin or mean-test-loss); "
+                    "use target=property for this property."
+                )
+            chunk = self._chunk_rows(task.n_params, task.dtype)
+            parts = [
+                proj.project(G).double()
+                for _, G in iter_per_example_gradients(task, X, y, fn=self.output_fn, chunk_size=chunk)
+            ]
+            psi = torch.cat(parts)
+            return psi.mean(0, keepdim=True) if mean else psi
+        grads = prop.gradients(task)
+        chunk = self._chunk_rows(task.n_params, grads.dtype)
+        return -torch.cat([proj.project(grads[s : s + chunk]).double() for s in range(0, len(grads), chunk)])
+
+    def unweighted_scores(self, member: _Member, prop: Property) -> torch.Tensor:
+        """(T, K) ψᵀ(ΦᵀΦ + λI)⁻¹φ_j, before the residual weights."""
+        psi = self.target_features(member, prop)
+        W = torch.cholesky_solve(psi.T.contiguous(), member.chol)  # (k, T)
+        K = member.features.shape[0]
+        out = torch.zeros(psi.shape[0], K, dtype=torch.float64, device=psi.device)
+        step = self._chunk_rows(member.projector.k, torch.float64)
+        for start in range(0, K, step):
+            out[:, start : start + step] = (member.features[start : start + step].double() @ W).T
+        return out
+
+    def _attribute(self, prop: Property) -> np.ndarray:
+        if not self.members:
+            raise GGDAError("TRAK has no cached features; call cache(train, grouping) first.")
+        U = [self.unweighted_scores(m, prop).cpu().numpy() for m in self.members]
+        Q = [m.residual for m in self.members]
+        if self.average == "trak":
+            return np.mean(U, axis=0) * np.mean(Q, axis=0)[None, :]
+        return np.mean([u * q[None, :] for u, q in zip(U, Q, strict=True)], axis=0)
