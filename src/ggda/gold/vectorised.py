@@ -1,0 +1,80 @@
+"""Vectorised path: R further-training runs as one stacked model (``torch.func``).
+
+Parameters are stacked along a leading run dimension; ``vmap(grad(objective))`` gives every run's
+gradient in one call. In ``mask`` and ``weight`` mode all runs read the *same* mini-batch, so the
+inputs are passed unbatched (``in_dims=None``) and the first layer of every run is one matrix
+product against the shared batch; only the per-run sample weights differ. In ``sampler`` mode each
+run gets its own (R, B) batch. Optimiser updates are the functional equivalents of torch.optim
+(:mod:`ggda.gold.optim`).
+
+Why: a small model's sequential step is dominated by per-operator overhead; stacking turns R small
+matrix products into a few large ones (see ``python -m ggda.gold.benchmark`` for measured figures).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.func import grad, vmap
+
+from ggda.gold.objective import diverged, objective
+from ggda.gold.optim import StackedOptimizer
+from ggda.gold.problem import GoldProblem
+from ggda.gold.removal import extra_terms, plan
+
+
+def stack_params(problem: GoldProblem, R: int) -> dict[str, torch.Tensor]:
+    """R copies of θ^f's attributed parameters, stacked (each run starts from the final model)."""
+    return {k: v.detach().unsqueeze(0).repeat(R, *([1] * v.ndim)).clone() for k, v in problem.task.params().items()}
+
+
+def train_vectorised(
+    problem: GoldProblem, seed: int, runs: list[np.ndarray | None], labels: list[str]
+) -> np.ndarray:
+    """(n_records, T, R): f after every recorded step of R runs trained together."""
+    task, config = problem.task, problem.config
+    dev, R = task.device, len(runs)
+    params = stack_params(problem, R)
+    optimizer = StackedOptimizer(config, params)
+    extra = extra_terms(runs, config, problem.n, task.dtype)
+
+    def loss_and_obj(p, X, y, w, d, Xe=None, ye=None, coef=None):
+        obj = objective(task, p, X, y, w, d, Xe, ye, coef)
+        return obj, obj.detach()
+
+    def values(p):
+        return problem.prop.values(task, p)
+
+    evaluate = vmap(values)
+    grad_fns: dict[bool, object] = {}
+    extra_args: tuple = ()
+    extra_dims: tuple = ()
+    if extra is not None:
+        eidx = extra[0].to(dev)
+        extra_args = (problem.X[eidx], problem.y[eidx], extra[1].to(dev))
+        extra_dims = (0, 0, 0)
+    bad = torch.zeros(R, dtype=torch.bool, device=dev)
+    last_obj = torch.zeros(R, dtype=task.dtype, device=dev)
+    records = []
+    for step in plan(problem.n, runs, config, seed, task.dtype):
+        shared = step.shared
+        if shared not in grad_fns:
+            xd = None if shared else 0
+            grad_fns[shared] = vmap(grad(loss_and_obj, has_aux=True), in_dims=(0, xd, xd, 0, 0, *extra_dims))
+        idx = step.idx.to(dev)
+        grads, obj = grad_fns[shared](
+            params, problem.X[idx], problem.y[idx], step.weight.to(dev), step.divisor.to(dev), *extra_args
+        )
+        active = None if step.active is None else step.active.to(dev)
+        finite = torch.isfinite(obj) if active is None else torch.isfinite(obj) | ~active
+        bad |= ~finite
+        last_obj = torch.where(finite, last_obj, obj)
+        optimizer.step(params, grads, active)
+        if step.record:
+            vals = evaluate(params)  # (R, T)
+            bad |= ~torch.isfinite(vals).all(dim=1)
+            if bool(bad.any()):
+                r = int(torch.nonzero(bad)[0])
+                raise diverged(labels[r], seed, step.epoch, float(last_obj[r]), config.lr)
+            records.append(vals.to(torch.float64).cpu())
+    return torch.stack(records).permute(0, 2, 1).numpy()
