@@ -1,4 +1,9 @@
-"""Per-example gradients with ``torch.func`` (``vmap(grad(...))``), in chunks."""
+"""Per-example gradients, in chunks.
+
+Linear/Conv2d models take the layer-factor path (:mod:`ggda.gradients.fast_factors`: one
+forward/backward per chunk, then outer products); every other model uses ``torch.func``
+(``vmap(grad(...))``).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
+from ggda.gradients.fast_factors import fast_plan, layer_factors, per_example_from_factors
 from ggda.task import AttributionTask, Params
 
 ExampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -31,8 +37,15 @@ def iter_per_example_gradients(
     """Yield ``(rows, G)`` with G the (rows, p) flat gradients of ``fn`` (default: the training loss)."""
     fn = fn or task.loss_fn
     params = task.params() if params is None else params
-    per_grad = _one_example_grad(task, fn)
     Xt, yt = task.to_tensor(X, y)
+    plan = fast_plan(task, Xt, yt, fn, params)
+    if plan is not None:
+        for start in range(0, len(Xt), chunk_size):
+            rows = slice(start, min(start + chunk_size, len(Xt)))
+            factors = layer_factors(task, plan, Xt[rows], yt[rows], fn, params)
+            yield rows, per_example_from_factors(plan, factors)
+        return
+    per_grad = _one_example_grad(task, fn)
     for start in range(0, len(Xt), chunk_size):
         rows = slice(start, min(start + chunk_size, len(Xt)))
         grads = per_grad(params, Xt[rows], yt[rows])

@@ -1,0 +1,276 @@
+"""Per-layer gradient factors from one forward/backward: the basis of every fast gradient path.
+
+For a layer ``out = W a + b`` applied to example i (at L positions: L = 1 for an MLP's
+``nn.Linear``, L = H'·W' for an ``nn.Conv2d`` through ``F.unfold``) the per-example gradient is
+
+    ∇_W ℓ_i = Σ_l δ_{i,l} a_{i,l}ᵀ,        ∇_b ℓ_i = Σ_l δ_{i,l},
+
+with ``a`` the layer input and ``δ = ∂ℓ_i/∂out`` the output gradient. One forward and *one*
+backward of the summed loss over a batch give every ``a_i`` and ``δ_i`` (the loss is a sum of
+per-example terms, so ``∂(Σ_k ℓ_k)/∂out_i = ∂ℓ_i/∂out_i``). From these factors:
+
+* a group gradient is ``Σ_{i∈S} Σ_l δ_{i,l} a_{i,l}ᵀ`` — one (batched) matrix product per layer
+  instead of a backward per group (:mod:`ggda.gradients.fast_group`);
+* per-example gradients are outer products, without ``vmap`` overhead;
+* inner products of two per-example gradients factorise, ``⟨δ aᵀ, δ' a'ᵀ⟩ = (δᵀδ')(aᵀa')`` for
+  L = 1, so Grad-Dot never materialises n × p gradients (:mod:`ggda.gradients.fast_inner`).
+
+The output gradients are read from zero "probe" tensors added to each layer's output (the
+gradient w.r.t. the probe is δ), so no weight gradient is formed by autograd and in-place
+activations after the layer cannot corrupt the capture.
+
+Supported: ``nn.Linear`` (any leading dims) and ``nn.Conv2d`` (``groups=1``, zero padding),
+called any number of times per forward. Anything else among the attributed parameters (a custom
+module, LayerNorm, embeddings, a subclass with its own ``forward``) makes :func:`plan_layers`
+return ``None`` and the callers use the generic ``torch.func`` path. Before trusting the fast
+path on a task, :func:`verify` compares it with ``vmap(grad)`` on a few examples processed
+*together*, which also catches models whose examples interact within a batch (e.g. batch norm in
+training mode) or forwards that bypass the modules; on a mismatch the generic path is used.
+
+Set ``GGDA_FAST_GRADIENTS=0`` (or use :func:`fast_gradients`) to force the generic path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ggda.task import AttributionTask, Params
+
+ExampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_ENABLED: list[bool] = []  # stack set by fast_gradients(); the environment variable otherwise
+
+
+def fast_enabled() -> bool:
+    """Whether the fast factor paths may be used (``GGDA_FAST_GRADIENTS=0`` turns them off)."""
+    if _ENABLED:
+        return _ENABLED[-1]
+    return os.environ.get("GGDA_FAST_GRADIENTS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def fast_gradients(enabled: bool = True) -> Iterator[None]:
+    """Turn the fast paths on or off inside a ``with`` block (benchmarks compare both)."""
+    _ENABLED.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _ENABLED.pop()
+
+
+@dataclass
+class LayerSpec:
+    """One supported module whose parameters are (partly) attributed."""
+
+    module: nn.Module
+    kind: str  # "linear" | "conv2d"
+    weight: str | None  # task parameter name of the weight, if attributed
+    bias: str | None  # task parameter name of the bias, if attributed
+    d_in: int  # columns of the flattened weight (in_features, or C_in·kh·kw)
+    d_out: int
+
+
+@dataclass
+class LayerPlan:
+    """Which modules to hook, and where their gradients go in the flat parameter vector."""
+
+    layers: list[LayerSpec]
+    slices: dict[str, slice]
+    n_params: int
+
+
+def _supported(module: nn.Module) -> str | None:
+    if type(module) is nn.Linear:  # exact type: a subclass may override forward
+        return "linear"
+    if type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros":
+        if isinstance(module.padding, str) and module.padding != "valid":
+            return None  # "same" padding can be asymmetric; unfold cannot express it
+        return "conv2d"
+    return None
+
+
+def plan_layers(task: AttributionTask) -> LayerPlan | None:
+    """A hook plan when every attributed parameter is a Linear/Conv2d weight or bias, else None."""
+    modules = dict(task.model.named_modules())
+    by_module: dict[str, dict[str, str]] = {}
+    for name in task.param_names:
+        mod_name, _, attr = name.rpartition(".")
+        module = modules.get(mod_name)
+        if module is None or attr not in ("weight", "bias") or _supported(module) is None:
+            return None
+        by_module.setdefault(mod_name, {})[attr] = name
+    layers = []
+    for mod_name, attrs in by_module.items():
+        module = modules[mod_name]
+        kind = _supported(module)
+        d_in = module.weight[0].numel()
+        layers.append(
+            LayerSpec(module, kind, attrs.get("weight"), attrs.get("bias"), d_in, module.weight.shape[0])
+        )
+    slices = task.layer_slices()
+    return LayerPlan(layers, slices, task.n_params)
+
+
+@dataclass
+class Factors:
+    """Per-layer factors of a batch: ``A[l]`` (B, L, d_in) inputs, ``D[l]`` (B, L, d_out) output grads."""
+
+    A: list[torch.Tensor]
+    D: list[torch.Tensor]
+
+
+def _unfold(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    padding = 0 if module.padding == "valid" else module.padding
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    return cols.transpose(1, 2)  # (B, L, C_in·kh·kw)
+
+
+def layer_factors(
+    task: AttributionTask,
+    plan: LayerPlan,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    fn: ExampleFn,
+    params: Params,
+    weights: torch.Tensor | None = None,
+) -> Factors:
+    """One forward + one backward of Σ_i w_i fn(z_i) over the batch; returns the layer factors.
+
+    ``weights`` (B,) scale each example's δ (a 0/1 mask drops padding rows).
+    """
+    inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(plan.layers))}
+    probes: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(plan.layers))}
+    handles = []
+
+    def make_hook(i: int, spec: LayerSpec):
+        def hook(module, args, out):
+            x = args[0].detach()
+            if spec.kind == "conv2d":
+                a = _unfold(module, x)
+            else:
+                a = x.reshape(x.shape[0], -1, x.shape[-1])
+            inputs[i].append(a)
+            probe = torch.zeros_like(out, requires_grad=True)
+            probes[i].append(probe)
+            return out + probe
+
+        return hook
+
+    for i, spec in enumerate(plan.layers):
+        handles.append(spec.module.register_forward_hook(make_hook(i, spec)))
+    try:
+        with torch.enable_grad():
+            values = fn(task.forward(params, X), y)
+            total = values.sum() if weights is None else (values * weights).sum()
+            flat = [p for i in range(len(plan.layers)) for p in probes[i]]
+            grads = torch.autograd.grad(total, flat, allow_unused=True) if flat else ()
+    finally:
+        for h in handles:
+            h.remove()
+    A, D, k = [], [], 0
+    B = X.shape[0]
+    for i, spec in enumerate(plan.layers):
+        a_parts, d_parts = [], []
+        for a, probe in zip(inputs[i], probes[i], strict=True):
+            g = grads[k]
+            k += 1
+            g = torch.zeros_like(probe) if g is None else g.detach()
+            if spec.kind == "conv2d":
+                d = g.reshape(B, g.shape[1], -1).transpose(1, 2)  # (B, L, C_out)
+            else:
+                d = g.reshape(B, -1, g.shape[-1])
+            a_parts.append(a)
+            d_parts.append(d)
+        if not a_parts:  # layer not reached: zero gradient
+            a_parts = [torch.zeros(B, 1, spec.d_in, dtype=X.dtype, device=X.device)]
+            d_parts = [torch.zeros(B, 1, spec.d_out, dtype=X.dtype, device=X.device)]
+        A.append(torch.cat(a_parts, 1) if len(a_parts) > 1 else a_parts[0])
+        D.append(torch.cat(d_parts, 1) if len(d_parts) > 1 else d_parts[0])
+    return Factors(A, D)
+
+
+def per_example_from_factors(
+    plan: LayerPlan, factors: Factors, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, p) flat per-example gradients from factors (outer products, summed over positions)."""
+    B = factors.A[0].shape[0]
+    ref = factors.A[0]
+    if out is None:
+        out = torch.empty(B, plan.n_params, dtype=ref.dtype, device=ref.device)
+    for spec, a, d in zip(plan.layers, factors.A, factors.D, strict=True):
+        if spec.weight is not None:
+            w = out[:, plan.slices[spec.weight]].view(B, spec.d_out, spec.d_in)  # strided, no temporary
+            if a.shape[1] == 1:
+                torch.mul(d[:, 0, :, None], a[:, 0, None, :], out=w)
+            else:
+                torch.bmm(d.transpose(1, 2), a, out=w)
+        if spec.bias is not None:
+            out[:, plan.slices[spec.bias]] = d.sum(1)
+    return out
+
+
+_VERIFIED: dict[tuple, bool] = {}
+
+
+def verify(
+    task: AttributionTask,
+    plan: LayerPlan,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    fn: ExampleFn,
+    params: Params,
+    rows: int = 3,
+) -> bool:
+    """Check the fast factors against ``vmap(grad)`` on a few examples taken *together*.
+
+    A mismatch means the model is not a plain composition of the hooked modules applied per
+    example (batch interactions, a forward that bypasses the modules, ...): warn and report it so
+    the caller uses the generic path.
+    """
+    from torch.func import grad, vmap
+
+    m = min(rows, X.shape[0])
+    if m == 0:
+        return True
+    Xs, ys = X[:m], y[:m]
+    fast = per_example_from_factors(plan, layer_factors(task, plan, Xs, ys, fn, params))
+
+    def value(p, x, t):
+        return fn(task.forward(p, x[None]), t[None])[0]
+
+    ref = task.flatten(vmap(grad(value), in_dims=(None, 0, 0))(params, Xs, ys), batch_dims=1)
+    scale = ref.abs().max().clamp_min(1e-12)
+    ok = bool(torch.allclose(fast, ref, rtol=1e-3, atol=1e-4 * float(scale)))
+    if not ok:
+        key = (type(task.model).__name__, tuple(task.param_names))
+        if key not in _VERIFIED:
+            warnings.warn(
+                f"ggda: fast layer-factor gradients disagree with torch.func for {key[0]}; using the "
+                "generic path (the model may mix examples within a batch or bypass its modules).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        _VERIFIED[key] = False
+    return ok
+
+
+def fast_plan(
+    task: AttributionTask, X: torch.Tensor, y: torch.Tensor, fn: ExampleFn, params: Params
+) -> LayerPlan | None:
+    """The plan to use for this task and function, or None for the generic path."""
+    if not fast_enabled() or X.shape[0] == 0:
+        return None
+    plan = plan_layers(task)
+    if plan is None:
+        return None
+    if not verify(task, plan, X, y, fn, params):
+        return None
+    return plan
