@@ -1,0 +1,175 @@
+"""The Ray backend against a real local Ray cluster started by this module (``ray start --head``).
+
+One cluster serves every test here (module fixture); it is joined by address, exactly as a user
+points ggda at an existing cluster, and stopped by signalling the head process this module
+started (never ``ray stop``, which would stop other people's clusters on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from ggda.errors import GGDAError  # noqa: E402
+from ggda.execution import Job, LocalExecutor, ResultStore, job_key, make_executor  # noqa: E402
+from ggda.execution.ray_backend import RayExecutor  # noqa: E402
+from tests.execution import _jobs, _scale_jobs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Start a 2-CPU head node on 127.0.0.1 and yield its address; SIGTERM it afterwards."""
+    if ray.is_initialized():
+        ray.shutdown()
+    port = _free_port()
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    ray_cli = Path(sys.executable).with_name("ray")
+    with open(log, "w") as fh:
+        head = subprocess.Popen(
+            [str(ray_cli), "start", "--head", "--port", str(port), "--num-cpus", "2", "--node-ip-address",
+             "127.0.0.1", "--include-dashboard", "false", "--disable-usage-stats", "--block"],
+            stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "will now block" not in log.read_text():
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start failed:\n{log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+
+
+@pytest.fixture(scope="module")
+def executor(cluster):
+    ex = RayExecutor(address=cluster, retries=2)
+    ex.connect()
+    yield ex
+    ex.close()
+    assert not ray.is_initialized()  # joined cluster: disconnected, not stopped (head still owns it)
+
+
+def _retraining_jobs(small_digits, n_jobs=4):
+    train, test = small_digits
+    rng = np.random.default_rng(0)
+    config = {"model": "logreg", "epochs": 3, "subset": 200}
+    return [
+        Job(
+            job_key(config, unit=i, seed=i),
+            _scale_jobs.train_subset,
+            {
+                "train": train,
+                "test": test,
+                "keep": np.sort(rng.choice(len(train), 200, replace=False)),
+                "seed": i,
+            },
+            meta={"unit": i},
+        )
+        for i in range(n_jobs)
+    ]
+
+
+def test_ray_matches_local_backend_exactly(executor, small_digits, tmp_path):
+    jobs = _retraining_jobs(small_digits)
+    local, remote = ResultStore(tmp_path / "local"), ResultStore(tmp_path / "ray")
+    LocalExecutor(workers=1, threads_per_worker=1).run(jobs, local)
+    remote.put(jobs[0].key, *local.get(jobs[0].key))  # a finished job: must be skipped
+    assert executor.run(jobs, remote) == len(jobs) - 1
+    for job in jobs:
+        a, b = local.get(job.key)[0], remote.get(job.key)[0]
+        np.testing.assert_array_equal(a["params"], b["params"])  # bit-identical retrainings
+        np.testing.assert_array_equal(a["test_loss"], b["test_loss"])
+        assert int(b["threads"][0]) == 1  # workers capped their torch threads
+    assert remote.get(jobs[1].key)[1]["unit"] == 1 and "seconds" in remote.get(jobs[1].key)[1]
+    assert executor.run(jobs, remote) == 0  # resume: nothing left to do
+
+
+def test_killed_worker_is_survived(executor, tmp_path):
+    store = ResultStore(tmp_path / "s")
+    jobs = [Job(f"j{i}", _jobs.suicide_once, {"path": str(tmp_path / f"m{i}"), "x": i + 1}) for i in range(2)]
+    jobs.append(Job("plain", _jobs.square, {"x": 3}))
+    assert executor.run(jobs, store) == 3
+    assert [int(store.get(k)[0]["y"][0]) for k in ("j0", "j1", "plain")] == [1, 2, 9]
+    assert all((tmp_path / f"m{i}").exists() for i in range(2))  # every job really lost its worker once
+
+
+def test_transient_failure_retried_and_retries_bounded(executor, tmp_path):
+    store = ResultStore(tmp_path / "s")
+    executor.run([Job("flaky", _jobs.flaky, {"path": str(tmp_path / "marker")})], store)
+    assert store.has("flaky")
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+    with pytest.raises(RuntimeError, match="permanent failure"):
+        executor.run([Job("bad", _scale_jobs.always_fails, {"counter_dir": str(attempts)})], store)
+    assert len(list(attempts.iterdir())) == executor.retries + 1 and not store.has("bad")
+    user = tmp_path / "user"
+    user.mkdir()
+    with pytest.raises(GGDAError, match="fix the configuration"):
+        executor.run([Job("user", _scale_jobs.user_error, {"counter_dir": str(user)})], store)
+    assert len(list(user.iterdir())) == 1  # user errors are not retried
+
+
+def test_worker_side_writes(cluster, tmp_path):
+    store = ResultStore(tmp_path / "s")
+    ex = RayExecutor(address=cluster, store_on_worker=True)  # same session: joins, never owns it
+    jobs = [Job(f"k{i}", _jobs.square, {"x": i}) for i in range(5)]
+    assert ex.run(jobs, store) == 5
+    assert [int(store.get(f"k{i}")[0]["y"][0]) for i in range(5)] == [i * i for i in range(5)]
+    assert {int(store.get(f"k{i}")[0]["pid"][0]) for i in range(5)}.isdisjoint({os.getpid()})
+    ex.close()
+    assert ray.is_initialized()  # it did not start this session, so it left it alone
+
+
+def test_bad_arguments():
+    with pytest.raises(GGDAError, match="num_cpus"):
+        RayExecutor(address="auto", num_cpus=2)
+    assert isinstance(make_executor("ray", address="auto"), RayExecutor)
+
+
+@pytest.mark.slow
+def test_private_cluster_started_and_stopped(tmp_path):
+    """address=None starts its own local cluster and close() stops it (run in a fresh process)."""
+    script = f"""
+import numpy as np, ray
+from ggda.execution import Job, ResultStore
+from ggda.execution.ray_backend import RayExecutor
+from tests.execution import _jobs
+with RayExecutor(num_cpus=1) as ex:
+    store = ResultStore({str(tmp_path / "s")!r})
+    assert ex.run([Job(f"k{{i}}", _jobs.square, {{"x": i}}) for i in range(3)], store) == 3
+    assert ray.cluster_resources()["CPU"] == 1
+    print(ex.describe())
+assert not ray.is_initialized()
+print("ok", sorted(int(store.get(k)[0]["y"][0]) for k in store.keys()))
+"""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ok [0, 1, 4]" in out.stdout and "1 concurrent task" in out.stdout
