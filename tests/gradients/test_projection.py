@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import torch
+
+from ggda.errors import GGDAError
+from ggda.gradients.projection import (
+    IdentityProjector,
+    LayerwiseProjector,
+    RandomProjector,
+    allocate_dims,
+    make_projector,
+    module_slices,
+)
+from ggda.task import AttributionTask
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_deterministic_per_seed_and_distinct_across_seeds(kind):
+    a = RandomProjector(300, 16, kind, seed=3, block_rows=64).matrix()
+    b = RandomProjector(300, 16, kind, seed=3, block_rows=64, cache_mb=0).matrix()
+    c = RandomProjector(300, 16, kind, seed=4, block_rows=64).matrix()
+    d = RandomProjector(300, 16, kind, seed=3, stream=1, block_rows=64).matrix()
+    assert a.shape == (300, 16)
+    assert torch.equal(a, b)  # cached or regenerated: same numbers
+    assert not torch.allclose(a, c) and not torch.allclose(a, d)
+    if kind == "rademacher":
+        assert torch.allclose(a.abs(), torch.full_like(a, 16**-0.5))
+    # blocks are independent streams: no repeated block
+    assert not torch.allclose(a[:64], a[64:128])
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_unbiased_inner_products(kind):
+    """E[P Pᵀ] = I: averaged over many seeds, P Pᵀ is the identity (entry std ~ 1/sqrt(k·seeds))."""
+    p, k, seeds = 40, 16, 400
+    acc = torch.zeros(p, p, dtype=torch.float64)
+    for s in range(seeds):
+        P = RandomProjector(p, k, kind, seed=s, dtype=torch.float64).matrix()
+        acc += P @ P.T
+    acc /= seeds
+    assert (acc - torch.eye(p, dtype=torch.float64)).abs().max() < 0.08
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_johnson_lindenstrauss_bound(kind):
+    """Norms and inner products of 20 fixed vectors are preserved within eps = 0.3 at k = 512
+    (JL: k >= 8 ln(n)/eps^2 ≈ 266 suffices), on a fixed seed."""
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(20, 3000, generator=gen, dtype=torch.float64)
+    proj = RandomProjector(3000, 512, kind, seed=1, dtype=torch.float64, block_rows=700)
+    B = proj.project(A)
+    ratio = B.norm(dim=1) ** 2 / A.norm(dim=1) ** 2
+    assert ((ratio - 1).abs() < 0.3).all()
+    norms = A.norm(dim=1)
+    err = (B @ B.T - A @ A.T) / (norms[:, None] * norms[None, :])
+    assert err.abs().max() < 0.3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_projection_equals_materialised_matrix(dtype):
+    gen = torch.Generator().manual_seed(1)
+    G = torch.randn(37, 1000, generator=gen, dtype=dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for cache_mb in (0, 100):
+        proj = RandomProjector(1000, 24, "gaussian", seed=5, dtype=dtype, block_rows=128, cache_mb=cache_mb)
+        P = proj.matrix()
+        full = G @ P
+        assert torch.allclose(proj.project(G), full, rtol=tol, atol=tol)
+        rows = torch.cat([proj.project(G[i : i + 5]) for i in range(0, 37, 5)])
+        assert torch.allclose(rows, full, rtol=tol, atol=tol)
+
+
+def test_layerwise_projection_is_block_diagonal():
+    slices = [slice(0, 500), slice(500, 510), slice(510, 900)]
+    proj = LayerwiseProjector(slices, 40, "rademacher", seed=2, dtype=torch.float64)
+    assert proj.dims == [15, 10, 15]  # the 10-wide layer is kept exactly, its leftover goes to the others
+    P = proj.matrix()
+    assert P.shape == (900, 40)
+    assert torch.count_nonzero(P[0:500, 15:]) == 0 and torch.count_nonzero(P[500:510, :15]) == 0
+    assert torch.equal(P[500:510, 15:25], torch.eye(10, dtype=torch.float64))
+    G = torch.randn(7, 900, dtype=torch.float64)
+    assert torch.allclose(proj.project(G), G @ P, atol=1e-12)
+
+
+def test_allocate_dims():
+    assert allocate_dims([100, 100], 10) == [5, 5]
+    assert allocate_dims([3, 100, 1000], 30) == [3, 13, 14]
+    assert sum(allocate_dims([7, 11, 13], 100)) == 31  # all exact: no more dims than coordinates
+    with pytest.raises(GGDAError):
+        allocate_dims([5, 5, 5], 2)
+
+
+def test_make_projector_and_module_slices(trained_mlp):
+    task = AttributionTask(trained_mlp)
+    names, slices = module_slices(task)
+    assert names == ["0", "2"]
+    assert slices[0] == slice(0, 64 * 128 + 128) and slices[-1].stop == task.n_params
+    p = task.n_params
+    assert isinstance(make_projector("identity", p, None), IdentityProjector)
+    layered = make_projector("gaussian", p, 64, layer_slices=slices, layer_names=names)
+    assert isinstance(layered, LayerwiseProjector) and layered.k == 64
+    with pytest.raises(GGDAError):
+        make_projector("sparse", p, 64)
+    with pytest.raises(GGDAError):
+        make_projector("gaussian", p, 64).project(torch.zeros(3, p + 1))
