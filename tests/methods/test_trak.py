@@ -119,7 +119,8 @@ def test_ensemble_is_mean_of_single_model_scores(setup_mlp, small_digits, tmp_pa
     models = [task.model, other]
     both = TRAK(task, proj_dim=128, models=models).cache(train).attribute(prop)
     singles = [
-        TRAK(task, proj_dim=128, models=[m], seed=i).cache(train).attribute(prop) for i, m in enumerate(models)
+        TRAK(task, proj_dim=128, models=[m], seed=i).cache(train).attribute(prop)
+        for i, m in enumerate(models)
     ]
     assert np.allclose(both, np.mean(singles, axis=0), rtol=1e-5, atol=1e-7)
     # TRAK paper's averaging: mean un-weighted scores times mean residual weights
@@ -234,7 +235,9 @@ def test_trak_correlates_with_leave_group_out_retraining(small_digits, trained_m
             w[grouping.members(j)] = 0
             lgo[:, j] = prop.values(AttributionTask(fit(w)[0])).numpy() - base
         single = TRAK(task).cache(train, grouping).attribute(prop)
-        ens = TRAK(task, checkpoints=checkpoints, ensemble="checkpoints").cache(train, grouping).attribute(prop)
+        ens = (
+            TRAK(task, checkpoints=checkpoints, ensemble="checkpoints").cache(train, grouping).attribute(prop)
+        )
 
     def mean_pearson(s):
         return np.mean([np.corrcoef(s[t], lgo[t])[0, 1] for t in range(len(test))])
