@@ -40,6 +40,21 @@ class StackedOptimizer:
             self.m = {k: torch.zeros_like(v) for k, v in params.items()}
             self.v = {k: torch.zeros_like(v) for k, v in params.items()}
 
+    def fork(self, source: int, count: int) -> None:
+        """Append ``count`` runs whose optimiser state is a copy of run ``source``'s."""
+
+        def grow(state: dict | None) -> None:
+            if state is not None:
+                for k, v in state.items():
+                    state[k] = torch.cat([v, v[source : source + 1].expand(count, *v.shape[1:])])
+
+        self.steps = self.steps + [self.steps[source]] * count
+        if self.kind == "sgd":
+            grow(self.buf)
+        else:
+            grow(self.m)
+            grow(self.v)
+
     @torch.no_grad()
     def step(self, params: Stacked, grads: Stacked, active: torch.Tensor | None = None) -> None:
         """Update ``params`` in place; rows with ``active == False`` are left as they are."""

@@ -145,6 +145,29 @@ def plan(
             yield step
 
 
+def fork_steps(n: int, runs: Sequence[np.ndarray | None], config: GoldConfig, seed: int) -> list[int]:
+    """First global step (1-based) at which each run can differ from the full run of its seed.
+
+    In ``mask`` and ``sampler`` mode a run sees exactly the full run's batches until the first
+    batch of epoch 1 that holds one of its members, so up to that step its parameters *are* the
+    full run's. The vectorised path starts the run there from a copy of the full run (same math,
+    about half of epoch 1's work saved). ``weight`` mode differs from step 1; so does the full run
+    (``None``), which is the source.
+    """
+    if config.removal == "weight":
+        return [1] * len(runs)
+    perm = epoch_permutations(n, GoldConfig(**{**config.to_dict(), "epochs": 1}), seed)[0]
+    position = torch.empty(n, dtype=torch.long)
+    position[perm] = torch.arange(n)
+    out = []
+    for members in runs:
+        if members is None or len(members) == 0:
+            out.append(1)
+        else:
+            out.append(int(position[torch.as_tensor(members)].min()) // config.batch_size + 1)
+    return out
+
+
 def extra_terms(
     runs: Sequence[np.ndarray | None], config: GoldConfig, n: int, dtype
 ) -> tuple[torch.Tensor, torch.Tensor] | None:

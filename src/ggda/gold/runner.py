@@ -120,7 +120,9 @@ class GoldResult:
     meta: dict = field(default_factory=dict)
 
     @staticmethod
-    def assemble(loo: np.ndarray, full: np.ndarray, center: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def assemble(
+        loo: np.ndarray, full: np.ndarray, center: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(gold, eq. 17, eq. 13) from per-seed values (see the module docstring)."""
         raw = (loo - full[..., None]).mean(axis=0)
         centred = (loo - loo.mean(axis=-1, keepdims=True)).mean(axis=0)
@@ -158,7 +160,9 @@ class GoldResult:
     def load(cls, out: str | Path) -> GoldResult:
         out = Path(out)
         if not (out / "gold.npz").exists():
-            raise GGDAError(f"{out} holds no gold standard (gold.npz); compute one with `ggda gold --out {out}`.")
+            raise GGDAError(
+                f"{out} holds no gold standard (gold.npz); compute one with `ggda gold --out {out}`."
+            )
         with np.load(out / "gold.npz") as data:
             arrays = {k: data[k] for k in data.files}
         meta = json.loads((out / "gold.json").read_text()) if (out / "gold.json").exists() else {}

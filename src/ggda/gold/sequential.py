@@ -59,6 +59,8 @@ def train_one(problem: GoldProblem, seed: int, members: np.ndarray | None, label
     return torch.stack(records).numpy()
 
 
-def train_sequential(problem: GoldProblem, seed: int, runs: list[np.ndarray | None], labels: list[str]) -> np.ndarray:
+def train_sequential(
+    problem: GoldProblem, seed: int, runs: list[np.ndarray | None], labels: list[str]
+) -> np.ndarray:
     """(n_records, T, R) for R runs trained one after another."""
     return np.stack([train_one(problem, seed, m, lab) for m, lab in zip(runs, labels)], axis=-1)

@@ -20,23 +20,37 @@ from torch.func import grad, vmap
 from ggda.gold.objective import diverged, objective
 from ggda.gold.optim import StackedOptimizer
 from ggda.gold.problem import GoldProblem
-from ggda.gold.removal import extra_terms, plan
+from ggda.gold.removal import extra_terms, fork_steps, plan
 
 
 def stack_params(problem: GoldProblem, R: int) -> dict[str, torch.Tensor]:
     """R copies of θ^f's attributed parameters, stacked (each run starts from the final model)."""
-    return {k: v.detach().unsqueeze(0).repeat(R, *([1] * v.ndim)).clone() for k, v in problem.task.params().items()}
+    return {
+        k: v.detach().unsqueeze(0).repeat(R, *([1] * v.ndim)).clone()
+        for k, v in problem.task.params().items()
+    }
 
 
 def train_vectorised(
-    problem: GoldProblem, seed: int, runs: list[np.ndarray | None], labels: list[str]
+    problem: GoldProblem, seed: int, runs: list[np.ndarray | None], labels: list[str], fork: bool = True
 ) -> np.ndarray:
-    """(n_records, T, R): f after every recorded step of R runs trained together."""
+    """(n_records, T, R): f after every recorded step of R runs trained together.
+
+    Row 0 of the stack is the seed's full run. With ``fork`` (mask/sampler), a left-out run joins
+    the stack only at its first differing step, as a copy of row 0 (:func:`fork_steps`); until then
+    its recorded values are the full run's.
+    """
     task, config = problem.task, problem.config
-    dev, R = task.device, len(runs)
-    params = stack_params(problem, R)
+    dev = task.device
+    all_runs = [None, *runs]
+    all_labels = ["full", *labels]
+    total = len(all_runs)
+    start = fork_steps(problem.n, all_runs, config, seed) if fork else [1] * total
+    start[0] = 1
+    live = [r for r in range(total) if start[r] <= 1]
+    params = stack_params(problem, len(live))
     optimizer = StackedOptimizer(config, params)
-    extra = extra_terms(runs, config, problem.n, task.dtype)
+    extra = extra_terms(all_runs, config, problem.n, task.dtype)
 
     def loss_and_obj(p, X, y, w, d, Xe=None, ye=None, coef=None):
         obj = objective(task, p, X, y, w, d, Xe, ye, coef)
@@ -47,34 +61,52 @@ def train_vectorised(
 
     evaluate = vmap(values)
     grad_fns: dict[bool, object] = {}
-    extra_args: tuple = ()
+    extra_all: tuple = ()
     extra_dims: tuple = ()
     if extra is not None:
         eidx = extra[0].to(dev)
-        extra_args = (problem.X[eidx], problem.y[eidx], extra[1].to(dev))
+        extra_all = (problem.X[eidx], problem.y[eidx], extra[1].to(dev))
         extra_dims = (0, 0, 0)
-    bad = torch.zeros(R, dtype=torch.bool, device=dev)
-    last_obj = torch.zeros(R, dtype=task.dtype, device=dev)
+    bad = torch.zeros(total, dtype=torch.bool, device=dev)
+    last_obj = torch.zeros(total, dtype=task.dtype, device=dev)
     records = []
-    for step in plan(problem.n, runs, config, seed, task.dtype):
+    rows = torch.as_tensor(live, device=dev)
+    for step in plan(problem.n, all_runs, config, seed, task.dtype):
+        joining = (
+            [r for r in range(total) if start[r] == step.step and r not in live] if step.step > 1 else []
+        )
+        if joining:  # runs that first differ here start from the full run's current state
+            params = {k: torch.cat([v, v[:1].expand(len(joining), *v.shape[1:])]) for k, v in params.items()}
+            optimizer.fork(0, len(joining))
+            live += joining
+            rows = torch.as_tensor(live, device=dev)
+        rows_cpu = rows.cpu()
         shared = step.shared
         if shared not in grad_fns:
             xd = None if shared else 0
             grad_fns[shared] = vmap(grad(loss_and_obj, has_aux=True), in_dims=(0, xd, xd, 0, 0, *extra_dims))
-        idx = step.idx.to(dev)
+        idx = (step.idx if shared else step.idx[rows_cpu]).to(dev)
+        extra_args = tuple(t[rows] for t in extra_all)
         grads, obj = grad_fns[shared](
-            params, problem.X[idx], problem.y[idx], step.weight.to(dev), step.divisor.to(dev), *extra_args
+            params,
+            problem.X[idx],
+            problem.y[idx],
+            step.weight[rows_cpu].to(dev),
+            step.divisor[rows_cpu].to(dev),
+            *extra_args,
         )
-        active = None if step.active is None else step.active.to(dev)
+        active = None if step.active is None else step.active[rows_cpu].to(dev)
         finite = torch.isfinite(obj) if active is None else torch.isfinite(obj) | ~active
-        bad |= ~finite
-        last_obj = torch.where(finite, last_obj, obj)
+        bad[rows] |= ~finite
+        last_obj[rows] = torch.where(finite, last_obj[rows], obj)
         optimizer.step(params, grads, active)
         if step.record:
-            vals = evaluate(params)  # (R, T)
-            bad |= ~torch.isfinite(vals).all(dim=1)
+            vals = evaluate(params)  # (live, T)
+            bad[rows] |= ~torch.isfinite(vals).all(dim=1)
             if bool(bad.any()):
                 r = int(torch.nonzero(bad)[0])
-                raise diverged(labels[r], seed, step.epoch, float(last_obj[r]), config.lr)
-            records.append(vals.to(torch.float64).cpu())
-    return torch.stack(records).permute(0, 2, 1).numpy()
+                raise diverged(all_labels[r], seed, step.epoch, float(last_obj[r]), config.lr)
+            full_vals = vals[:1].expand(total, -1).clone()  # not-yet-joined runs equal the full run
+            full_vals[rows] = vals
+            records.append(full_vals.to(torch.float64).cpu())
+    return torch.stack(records)[:, 1:].permute(0, 2, 1).numpy()

@@ -1,0 +1,297 @@
+"""``ggda gold`` (further-training gold standard) and ``ggda compare`` (methods vs the gold)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from ggda.cli.main import _threads, app, parse_options, resolve_grouping
+from ggda.errors import GGDAError
+
+
+def _int_list(text: str, what: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as exc:
+        raise GGDAError(f"{what} must be comma-separated integers, e.g. 3,17,42; got '{text}'.") from exc
+
+
+def _load_theta(run, checkpoint: Path | None):
+    """θ^f: the run's final model, or another checkpoint of the same architecture."""
+    if checkpoint is None:
+        return run.model
+    import copy
+
+    from ggda.models.checkpoint import load_into, load_state
+
+    model = copy.deepcopy(run.model)
+    load_into(model, load_state(checkpoint)["state_dict"], source=str(checkpoint))
+    return model
+
+
+@app.command("gold")
+def gold_cmd(
+    run: Path = typer.Option(..., help="Run directory from `ggda train` (θ^f = its final model)."),
+    units: str = typer.Option(
+        "points", help="points, or a grouping (column, random:K, or a .npy/.csv/.parquet file of group ids)."
+    ),
+    n_units: int = typer.Option(50, help="Size of the left-out set I (seeded random choice)."),
+    unit_ids: str = typer.Option("", help="Explicit left-out ids (positions or group ids), comma-separated."),
+    unit_seed: int = typer.Option(0, help="Seed of the random left-out set."),
+    targets: int = typer.Option(20, help="Test points used as targets (first N)."),
+    prop: str = typer.Option("test-loss", "--property", help="test-loss, mean-test-loss or margin."),
+    checkpoint: Path = typer.Option(None, help="Use this checkpoint as θ^f instead of RUN/model.pt."),
+    epochs: int = typer.Option(1, help="Further-training epochs E (f recorded after each)."),
+    seeds: int = typer.Option(1, help="Paired seeds S averaged in eq. 17."),
+    seed_offset: int = typer.Option(0, help="First seed value."),
+    optimizer: str = typer.Option("sgd", help="sgd or adam (fresh state)."),
+    lr: float = typer.Option(1e-3, help="Further-training learning rate."),
+    momentum: float = typer.Option(0.0, help="SGD momentum."),
+    weight_decay: float = typer.Option(0.0),
+    batch_size: int = typer.Option(128),
+    removal: str = typer.Option(
+        "mask", help="mask (same batches, weight 0), sampler (delete from the permutation) or weight."
+    ),
+    epsilon: float = typer.Option(
+        None, help="mask: member weight 1-ε (default 1); weight: -ε ℓ per step (default 1/n)."
+    ),
+    record_every: int = typer.Option(0, help="Also record f every k steps (0: epoch ends only)."),
+    center: bool = typer.Option(True, "--center/--no-center", help="Report eq. 13 (centred) or eq. 17."),
+    path: str = typer.Option("auto", help="auto, vectorised (stacked models + vmap) or sequential."),
+    chunk: int = typer.Option(0, help="Units per stored job (0: automatic)."),
+    dtype: str = typer.Option("float64", help="float64 (default) or float32 further training."),
+    backend: str = typer.Option("local", help="serial, local (process pool) or ray."),
+    workers: int = typer.Option(None, help="Worker processes (local/ray; default: cores)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    threads: int = typer.Option(None, help="torch threads in this process (serial backend)."),
+    out: Path = typer.Option(
+        None, help="Output directory (default RUN/gold/REMOVAL-UNITS). Rerun to resume."
+    ),
+) -> None:
+    """Further-training gold standard (FiMODA eq. 17/13) for left-out points or groups; resumable."""
+    _threads(threads)
+    from ggda.execution import make_executor
+    from ggda.gold import GoldConfig, compute_gold, select_units
+    from ggda.groups.grouping import Grouping
+    from ggda.properties import make_property
+    from ggda.runs import load_run
+    from ggda.task import AttributionTask
+
+    config = GoldConfig(
+        epochs=epochs,
+        seeds=seeds,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        removal=removal,
+        epsilon=epsilon,
+        record_every=record_every,
+        center=center,
+        seed_offset=seed_offset,
+        path=path,
+        chunk=chunk,
+        dtype=dtype,
+    )
+    r = load_run(run)
+    grouping = (
+        Grouping.singleton(len(r.train)) if units in ("points", "singleton") else resolve_grouping(units, r)
+    )
+    chosen = select_units(grouping, n_units=n_units, ids=_int_list(unit_ids, "--unit-ids"), seed=unit_seed)
+    model = _load_theta(r, checkpoint)
+    task = AttributionTask(model, loss=r.kind, device=device)
+    n_targets = min(targets, len(r.test))
+    if n_targets < 1:
+        raise GGDAError("--targets must be >= 1.")
+    property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])
+    label = (
+        "points"
+        if chosen.kind == "points"
+        else (Path(units).stem if Path(units).exists() else units.replace(":", "-"))
+    )
+    out = out or run / "gold" / f"{removal}-{label}"
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "grouping.npy", grouping.labels)
+    if backend == "serial":
+        executor = make_executor("serial")
+    else:
+        executor = make_executor(backend, workers=workers) if workers else make_executor(backend)
+    meta = {
+        "run": str(run),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "units_spec": units,
+        "property_name": prop,
+        "targets": n_targets,
+        "target_ids": r.test.ids[:n_targets].tolist(),
+        "unit_train_ids": [r.train.ids[m].tolist() for m in chosen.members]
+        if chosen.kind == "points"
+        else None,
+    }
+    typer.echo(
+        f"gold: {len(chosen)} {chosen.kind} x {config.seeds} seeds x {config.epochs} epochs "
+        f"({len(chosen) + 1} runs per seed), {optimizer} lr={lr}, removal={removal}, {n_targets} targets"
+    )
+    t0 = time.perf_counter()
+    result = compute_gold(
+        task,
+        r.train.X,
+        r.train.y,
+        property_fn,
+        chosen,
+        config,
+        out=out,
+        executor=executor,
+        progress=True,
+        meta=meta,
+    )
+    wall = time.perf_counter() - t0
+    m = result.meta
+    typer.echo(
+        f"path={m['path']} chunk={m['chunk']} jobs={m['jobs']} (ran now {m['jobs_run_now']}), "
+        f"{m['seconds_per_run']:.3f}s per run, wall {wall:.1f}s"
+    )
+    if m["stale_results_in_store"]:
+        typer.echo(
+            f"note: {m['stale_results_in_store']} results in {out}/store come from other settings (unused)."
+        )
+    scale = np.abs(result.gold).mean(axis=(1, 2))
+    for e in _pick(len(result.epochs)):
+        typer.echo(f"  epoch {result.epochs[e]:6.2f}: mean |gold| = {scale[e]:.3e}")
+    typer.echo(
+        f"wrote {out}/gold.npz ({'eq. 13 centred' if center else 'eq. 17'}; shape {result.gold.shape})"
+    )
+
+
+def _pick(n: int, k: int = 6) -> list[int]:
+    if n <= k:
+        return list(range(n))
+    return sorted({int(round(v)) for v in np.linspace(0, n - 1, k)})
+
+
+def _method_options(pairs: list[str], methods: list[str]) -> dict[str, dict]:
+    """``--opt KEY=VALUE`` (every method) or ``--opt METHOD:KEY=VALUE`` (one method)."""
+    scoped: dict[str, list[str]] = {m: [] for m in methods}
+    for pair in pairs:
+        head, sep, rest = pair.partition(":")
+        if sep and "=" not in head:
+            if head not in scoped:
+                raise GGDAError(f"--opt {pair}: method '{head}' is not among --methods {','.join(methods)}.")
+            scoped[head].append(rest)
+        else:
+            for m in methods:
+                scoped[m].append(pair)
+    return {m: parse_options(v) for m, v in scoped.items()}
+
+
+@app.command("compare")
+def compare_cmd(
+    run: Path = typer.Option(..., help="The run directory the gold standard was computed on."),
+    gold: Path = typer.Option(..., help="Output directory of `ggda gold`."),
+    methods: str = typer.Option("all", help="Comma-separated methods, or 'all' (every registered one)."),
+    opt: list[str] = typer.Option(
+        [], "--opt", help="Method option KEY=VALUE or METHOD:KEY=VALUE (repeatable)."
+    ),
+    variant: str = typer.Option(
+        "config", help="Gold variant: config (as computed), centred (eq. 13) or raw (eq. 17)."
+    ),
+    center_scores: bool = typer.Option(False, help="Centre method scores over I too."),
+    seed_windows: str = typer.Option(
+        "", help="Seed-window sizes for the seed study (default 1,2,5,10,20,50,100)."
+    ),
+    tracin_checkpoints: bool = typer.Option(
+        True,
+        "--tracin-checkpoints/--tracin-final",
+        help="TracIn over the run's checkpoints, or the final model only.",
+    ),
+    out: Path = typer.Option(None, help="Output directory (default GOLD/compare)."),
+    device: str = typer.Option("cpu"),
+    threads: int = typer.Option(None),
+) -> None:
+    """Cosine/Spearman of each method to the gold standard per further-training epoch; table + plot."""
+    _threads(threads)
+    from ggda.gold import GoldResult
+    from ggda.gold.compare import compare_methods, default_options, mean_sem
+    from ggda.groups.grouping import Grouping
+    from ggda.methods import METHODS
+    from ggda.properties import make_property
+    from ggda.runs import load_run
+    from ggda.task import AttributionTask
+
+    result = GoldResult.load(gold)
+    meta = result.meta
+    r = load_run(run)
+    if meta.get("run") and Path(meta["run"]).resolve() != run.resolve():
+        typer.echo(f"note: the gold standard was computed on {meta['run']}, comparing on {run}.")
+    if meta.get("n_train") not in (None, len(r.train)):
+        raise GGDAError(
+            f"The gold standard was computed on {meta['n_train']} training points, this run has {len(r.train)}."
+        )
+    grouping = (
+        Grouping(np.load(gold / "grouping.npy"))
+        if (gold / "grouping.npy").exists()
+        else Grouping.singleton(len(r.train))
+    )
+    names = sorted(METHODS) if methods == "all" else [m for m in methods.split(",") if m]
+    ckpt = Path(meta["checkpoint"]) if meta.get("checkpoint") else None
+    task = AttributionTask(_load_theta(r, ckpt), loss=r.kind, device=device)
+    n_targets = int(meta.get("targets", result.gold.shape[1]))
+    property_fn = make_property(
+        meta.get("property_name", "test-loss"), r.test.X[:n_targets], r.test.y[:n_targets]
+    )
+    options = _method_options(opt, names)
+    for name in names:
+        options[name] = {**default_options(name, r, tracin_checkpoints), **options[name]}
+    comp = compare_methods(
+        result,
+        task,
+        r.train,
+        grouping,
+        property_fn,
+        names,
+        options,
+        center_scores=center_scores,
+        seed_windows=_int_list(seed_windows, "--seed-windows"),
+        variant=variant,
+    )
+    cfg = meta.get("config", {})
+    comp.meta.update(
+        {
+            "gold": str(gold),
+            "title": f"{Path(str(meta.get('run', run))).name}: {len(result.unit_ids)} {meta.get('units', {}).get('kind', 'units')}, "
+            f"{cfg.get('seeds')} seeds, {cfg.get('optimizer')} lr={cfg.get('lr')}, {cfg.get('removal')}",
+        }
+    )
+    out = out or gold / "compare"
+    comp.save(out)
+    picks = _pick(len(comp.epochs))
+    header = (
+        "method        "
+        + "".join(f"  e={comp.epochs[e]:<12.4g}" for e in picks)
+        + "  spearman@first  seconds"
+    )
+    typer.echo(
+        f"cosine to gold (mean ± SEM over {result.gold.shape[1]} targets, {len(result.unit_ids)} units):"
+    )
+    typer.echo(header)
+    for name in comp.cos:
+        mean, sem = mean_sem(comp.cos[name])
+        smean, ssem = mean_sem(comp.spearman[name])
+        cells = "".join(f"  {mean[e]:6.3f}±{sem[e]:.3f}  " for e in picks)
+        typer.echo(f"{name:14s}{cells}  {smean[0]:6.3f}±{ssem[0]:.3f}  {comp.seconds[name]:7.2f}")
+    for name, why in comp.failed.items():
+        typer.echo(f"{name:14s}skipped: {why}")
+    if comp.seed_study:
+        typer.echo("seed study (max over epochs of mean cosine):")
+        for name, study in comp.seed_study.items():
+            typer.echo(f"{name:14s}" + "  ".join(f"S={k}: {v['max']:.3f}" for k, v in study.items()))
+    typer.echo(f"wrote {out}/compare.csv, compare.json, compare.png")
+    (out / "command.json").write_text(
+        json.dumps({"methods": names, "options": {k: str(v) for k, v in options.items()}})
+    )
