@@ -185,7 +185,9 @@ class Comparison:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-        for ax, (label, data) in zip(axes, (("cosine similarity", self.cos), ("Spearman", self.spearman))):
+        for ax, (label, data) in zip(
+            axes, (("cosine similarity", self.cos), ("Spearman", self.spearman)), strict=True
+        ):
             for name, values in data.items():
                 mean, sem = mean_sem(values)
                 line = ax.plot(

@@ -60,7 +60,7 @@ class StackedOptimizer:
         """Update ``params`` in place; rows with ``active == False`` are left as they are."""
         act = None if active is None else active.to(next(iter(params.values())).device)
         flags = [True] * len(self.steps) if active is None else active.tolist()
-        self.steps = [t + 1 if a else t for t, a in zip(self.steps, flags)]
+        self.steps = [t + 1 if a else t for t, a in zip(self.steps, flags, strict=True)]
         for k, p in params.items():
             g = grads[k]
             if self.weight_decay:

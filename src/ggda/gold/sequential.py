@@ -63,4 +63,4 @@ def train_sequential(
     problem: GoldProblem, seed: int, runs: list[np.ndarray | None], labels: list[str]
 ) -> np.ndarray:
     """(n_records, T, R) for R runs trained one after another."""
-    return np.stack([train_one(problem, seed, m, lab) for m, lab in zip(runs, labels)], axis=-1)
+    return np.stack([train_one(problem, seed, m, lab) for m, lab in zip(runs, labels, strict=True)], axis=-1)
