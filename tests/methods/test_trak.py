@@ -44,8 +44,8 @@ def closed_form(psi, Phi, q, ridge):
     return psi @ np.linalg.solve(A, Phi.T) * q[None, :]
 
 
-@pytest.mark.parametrize("residual", ["sum", "mean"])
-def test_identity_trak_equals_closed_form_on_logistic_regression(logreg, residual):
+@pytest.mark.parametrize(("residual", "solver"), [("sum", "primal"), ("mean", "dual")])
+def test_identity_trak_equals_closed_form_on_logistic_regression(logreg, residual, solver):
     """P = I: τ = ψ(z)ᵀ(ΦᵀΦ + λI)⁻¹ φ_j q_j, with Φ, q and ψ computed by hand — per point and for groups."""
     task, train, test = logreg
     G = loop_margin_grads(task.model, train.X, train.y)
@@ -53,7 +53,9 @@ def test_identity_trak_equals_closed_form_on_logistic_regression(logreg, residua
     q = 1 - correct_prob(task.model, train.X, train.y)
     ridge = 0.05
     prop = ExampleLoss(test.X, test.y)
-    scores = TRAK(task, projection="identity", ridge=ridge).cache(train).attribute(prop)
+    trak = TRAK(task, projection="identity", ridge=ridge, solver=solver).cache(train)
+    assert trak.members[0].dual == (solver == "dual")
+    scores = trak.attribute(prop)
     ref = closed_form(psi, G, q, ridge)
     assert scores.shape == (len(test), len(train))
     assert np.abs(scores - ref).max() < 1e-4 * np.abs(ref).max()
@@ -64,7 +66,8 @@ def test_identity_trak_equals_closed_form_on_logistic_regression(logreg, residua
     qg = onehot.T @ q
     if residual == "mean":
         qg = qg / grouping.sizes
-    grouped = TRAK(task, projection="identity", ridge=ridge, residual=residual).cache(train, grouping)
+    grouped = TRAK(task, projection="identity", ridge=ridge, residual=residual, solver=solver)
+    grouped.cache(train, grouping)
     ref = closed_form(psi, Phi, qg, ridge)
     assert np.abs(grouped.attribute(prop) - ref).max() < 1e-4 * np.abs(ref).max()
 
@@ -90,6 +93,20 @@ def test_random_projection_trak_matches_definition(setup_mlp):
 def setup_mlp(small_digits, trained_mlp):
     train, test = small_digits
     return AttributionTask(trained_mlp), train, ExampleLoss(test.X[:8], test.y[:8])
+
+
+def test_primal_and_dual_solvers_agree(setup_mlp):
+    """(ΦᵀΦ + λI)⁻¹Φᵀ = Φᵀ(ΦΦᵀ + λI)⁻¹: both forms, with K < k and K > k."""
+    task, train, prop = setup_mlp
+    for K, k in ((40, 256), (300, 64)):
+        grouping = random_grouping(len(train), K, seed=1)
+        out = {}
+        for solver in ("primal", "dual"):
+            out[solver] = TRAK(task, proj_dim=k, solver=solver).cache(train, grouping).attribute(prop)
+        auto = TRAK(task, proj_dim=k).cache(train, grouping)
+        assert auto.members[0].dual == (K < k)
+        ref = out["primal"]
+        assert np.allclose(out["dual"], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
 def test_singleton_groups_equal_per_point(setup_mlp):
@@ -199,7 +216,9 @@ def test_errors(setup_mlp, small_digits):
     with pytest.raises(GGDAError, match="checkpoints"):
         TRAK(task, ensemble="checkpoints")
     with pytest.raises(GGDAError, match="max_dim"):
-        TRAK(task, projection="identity").cache(train)
+        TRAK(task, projection="identity", solver="primal").cache(train)
+    with pytest.raises(GGDAError, match="max_dim"):
+        TRAK(task, proj_dim=64, solver="dual", max_dim=100).cache(train)
     with pytest.raises(GGDAError, match="output"):
         TRAK(AttributionTask(task.model, loss=lambda out, y: (out**2).sum(1)))
     with pytest.raises(GGDAError, match="cache"):
