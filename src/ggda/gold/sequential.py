@@ -47,7 +47,7 @@ def train_one(problem: GoldProblem, seed: int, members: np.ndarray | None, label
                 coef,
             )
             if not torch.isfinite(obj):
-                raise diverged(label, seed, step.epoch, float(obj), config.lr)
+                raise diverged(label, seed, step.epoch, float(obj.detach()), config.lr)
             optimizer.zero_grad(set_to_none=True)
             obj.backward()
             optimizer.step()
