@@ -173,3 +173,18 @@ print("ok", sorted(int(store.get(k)[0]["y"][0]) for k in store.keys()))
                          timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ok [0, 1, 4]" in out.stdout and "1 concurrent task" in out.stdout
+
+
+def test_feature_store_built_by_ray_tasks(executor, small_digits, tmp_path):
+    """Chunks computed by Ray tasks (shared filesystem) are byte-identical to an in-process build."""
+    from ggda.models import build_model
+    from ggda.store import build_gradient_store
+    from ggda.task import AttributionTask
+
+    train, _ = small_digits
+    task = AttributionTask(build_model("logreg", train.n_features, train.n_outputs, seed=0))
+    local = build_gradient_store(tmp_path / "a", task, train.X, train.y, chunk_rows=100)
+    remote = build_gradient_store(tmp_path / "b", task, train.X, train.y, chunk_rows=100, executor=executor)
+    assert remote.complete and remote.n_chunks == 3
+    for c in range(3):
+        assert remote.chunk_path(c).read_bytes() == local.chunk_path(c).read_bytes()

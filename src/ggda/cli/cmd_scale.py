@@ -1,0 +1,194 @@
+"""``ggda features build|score|info`` (the on-disk feature store) and ``ggda cluster`` (Ray).
+
+For training sets whose gradients do not fit in memory: ``build`` streams group gradients (or
+their random projections) of a run into a chunked store, resumably (re-run the same command after
+a crash), optionally as jobs on the local process pool or a Ray cluster; ``score`` scores test
+targets against it block-wise and writes the top-k table without holding the score matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from ggda.cli.main import _threads, app, resolve_grouping
+from ggda.errors import GGDAError
+
+features_app = typer.Typer(
+    no_args_is_help=True, help="On-disk gradient/feature store: build it chunk by chunk, score block-wise."
+)
+app.add_typer(features_app, name="features")
+
+BACKEND_HELP = "Where chunks are computed: inline (this process), local (process pool) or ray."
+
+
+def make_backend(backend: str, workers: int | None, address: str | None, threads: int | None):
+    """An executor for ``--backend`` (``None`` for inline); ``--address`` implies ``ray``."""
+    from ggda.execution import make_executor
+
+    if address and backend != "ray":
+        raise GGDAError("--address points at a Ray cluster; use it with --backend ray.")
+    if backend == "inline":
+        return None
+    if backend == "local":
+        return make_executor("local", workers=workers, threads_per_worker=threads)
+    if backend == "ray":
+        return make_executor(
+            "ray", address=address, num_cpus=None if address else workers, threads_per_worker=threads or 1
+        )
+    raise GGDAError(f"Unknown backend '{backend}'; choose inline, local or ray.")
+
+
+@features_app.command("build")
+def build_cmd(
+    run: Path = typer.Option(..., help="Run directory from `ggda train`."),
+    out: Path = typer.Option(..., help="Store directory (re-run the same command to resume a build)."),
+    grouping: str = typer.Option(
+        "singleton", help="singleton, column, a grouping spec or a file of group ids."
+    ),
+    projection: str = typer.Option("identity", help="identity (raw gradients), gaussian or rademacher."),
+    proj_dim: int = typer.Option(None, help="Projected dimension d (gaussian/rademacher)."),
+    seed: int = typer.Option(0, help="Projection seed."),
+    layerwise: bool = typer.Option(False, help="Block-diagonal projection, one block per layer."),
+    chunk_rows: int = typer.Option(None, help="Rows per chunk (default: ~64 MB chunks)."),
+    dtype: str = typer.Option("float32", help="float32, float16 or float64 on disk."),
+    memory_mb: float = typer.Option(256.0, help="Budget for raw gradient blocks in memory."),
+    backend: str = typer.Option("inline", help=BACKEND_HELP),
+    workers: int = typer.Option(
+        None, help="local: processes; ray without --address: CPUs of the cluster started."
+    ),
+    address: str = typer.Option(
+        None, help="Existing Ray cluster: auto or HOST:PORT (needs a shared store path)."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace a store built with another configuration."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto (gradients and projection run there)."),
+    threads: int = typer.Option(None, help="torch threads (per worker with a backend)."),
+) -> None:
+    """Stream a run's group gradients (optionally projected) into a chunked on-disk store."""
+    _threads(threads)
+    from ggda.runs import load_run
+    from ggda.store import build_gradient_store
+    from ggda.task import AttributionTask
+
+    r = load_run(run)
+    grp = resolve_grouping(grouping, r)
+    task = AttributionTask(r.model, loss=r.kind, device=device)
+    executor = make_backend(backend, workers, address, threads)
+    t0 = time.perf_counter()
+    try:
+        store = build_gradient_store(
+            out, task, r.train.X, r.train.y, grp, projection=projection, proj_dim=proj_dim, proj_seed=seed,
+            layerwise=layerwise, chunk_rows=chunk_rows, dtype=dtype, memory_mb=memory_mb, executor=executor,
+            config={"run": str(Path(run).resolve()), "grouping_spec": grouping}, overwrite=overwrite, progress=True,
+        )  # fmt: skip
+    finally:
+        if executor is not None and hasattr(executor, "close"):
+            executor.close()
+    typer.echo(
+        f"store {store.n_rows} groups x {store.dim} dims ({store.nbytes / 2**20:.1f} MB, {store.n_chunks} chunks) "
+        f"in {time.perf_counter() - t0:.2f}s -> {out}/"
+    )
+
+
+@features_app.command("score")
+def score_cmd(
+    run: Path = typer.Option(..., help="The run the store was built from."),
+    store: Path = typer.Option(..., help="Store directory from `ggda features build`."),
+    prop: str = typer.Option("test-loss", "--property", help="test-loss, mean-test-loss or margin."),
+    targets: int = typer.Option(50, help="Number of test points used as targets (first N; 0 = all)."),
+    kernel: str = typer.Option("none", help="none (Grad-Dot in the store's space) or fisher (projected IF)."),
+    damping: float = typer.Option(None, help="fisher: absolute damping λ (default 0.1 × mean feature²)."),
+    normalize: bool = typer.Option(False, help="Cosine instead of inner product (kernel none)."),
+    aggregate: str = typer.Option("sum", help="Group score: sum or mean over members."),
+    top_k: int = typer.Option(10, help="Most helpful groups kept per target."),
+    bottom_k: int = typer.Option(0, help="Most harmful groups kept per target."),
+    full: bool = typer.Option(
+        False, help="Also write the full (targets x groups) scores.npy (memory-mapped)."
+    ),
+    target_block: int = typer.Option(1024, help="Targets scored at once."),
+    out: Path = typer.Option(None, help="Output directory (default STORE/scores-PROPERTY-KERNEL)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    threads: int = typer.Option(None),
+) -> None:
+    """Score test targets against a feature store, chunk by chunk; write top-k tables."""
+    _threads(threads)
+    import pandas as pd
+
+    from ggda.properties import make_property
+    from ggda.runs import load_run
+    from ggda.store import FeatureStore, score_store, target_features
+    from ggda.task import AttributionTask
+
+    r = load_run(run)
+    fs = FeatureStore.open(store)
+    task = AttributionTask(r.model, loss=r.kind, device=device)
+    n_targets = len(r.test) if targets <= 0 else min(targets, len(r.test))
+    property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])
+    out = out or store / f"scores-{prop}-{kernel}"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    Q = target_features(fs, task, property_fn)
+    res = score_store(
+        fs, Q, top_k=top_k, bottom_k=bottom_k, kernel=kernel, damping=damping, normalize=normalize,
+        aggregate=aggregate, full=out / "scores.npy" if full else None, target_block=target_block,
+        device=task.device, progress=True,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    sizes_file = fs.path / "sizes.npy"
+    sizes = np.load(sizes_file) if sizes_file.exists() else np.ones(fs.n_rows, dtype=np.int64)
+    per_example = prop != "mean-test-loss"
+    for name, idx, val in (
+        ("top_k", res.top_indices, res.top_scores),
+        ("bottom_k", res.bottom_indices, res.bottom_scores),
+    ):
+        if idx.shape[1] == 0:
+            continue
+        rows = [
+            {
+                "target": t,
+                "target_id": int(r.test.ids[t]) if per_example else -1,
+                "rank": rank,
+                "group": int(g),
+                "score": float(val[t, rank - 1]),
+                "size": int(sizes[g]),
+            }
+            for t in range(idx.shape[0])
+            for rank, g in enumerate(idx[t], 1)
+        ]
+        pd.DataFrame(rows).to_csv(out / f"{name}.csv", index=False)
+    meta = {"store": str(store), "property": prop, "targets": int(Q.shape[0]), "seconds": seconds, **res.info}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, default=float))
+    typer.echo(f"scored {Q.shape[0]} targets x {fs.n_rows} groups ({kernel}) in {seconds:.2f}s -> {out}/")
+
+
+@features_app.command("info")
+def info_cmd(store: Path = typer.Option(..., help="Store directory.")) -> None:
+    """Show a store's shape, state and the configuration that defines its rows."""
+    from ggda.store import FeatureStore
+
+    fs = FeatureStore.open(store)
+    missing = fs.missing_chunks()
+    typer.echo(repr(fs))
+    typer.echo(
+        f"chunks {fs.n_chunks - len(missing)}/{fs.n_chunks} written; {fs.nbytes / 2**20:.1f} MB; n_points {fs.n_points}"
+    )
+    typer.echo(json.dumps(fs.config, indent=2, default=str))
+
+
+@app.command("cluster")
+def cluster_cmd(
+    address: str = typer.Option("auto", help="Ray cluster to inspect: auto or HOST:PORT."),
+    threads: int = typer.Option(1, help="CPUs per task, as `--backend ray` would request."),
+) -> None:
+    """Check that ggda can reach a Ray cluster and show how many tasks it would run at once."""
+    from ggda.execution import make_executor
+
+    executor = make_executor("ray", address=address, threads_per_worker=threads)
+    try:
+        typer.echo(executor.describe())
+    finally:
+        executor.close()
