@@ -104,9 +104,33 @@ class Grouping:
         out = group_scores[..., self.labels]
         return out / self.sizes[self.labels] if per_point else out
 
-    def summary(self) -> dict:
+    def purity(self, labels: np.ndarray) -> float:
+        """Class purity: the fraction of points whose class is the majority class of their group.
+
+        1.0 means every group is label-pure (what per-class groupings guarantee); noisy-label
+        detection from group scores needs pure groups, so it is reported with every grouping.
+        """
+        labels = np.asarray(labels)
+        self.check_matches(len(labels), "the label vector")
+        _, classes = np.unique(labels, return_inverse=True)
+        counts = np.zeros((self.n_groups, int(classes.max()) + 1), dtype=np.int64)
+        np.add.at(counts, (self.labels, classes), 1)
+        return float(counts.max(axis=1).sum() / len(labels))
+
+    def pure_fraction(self, labels: np.ndarray) -> float:
+        """Fraction of groups whose members all share one class."""
+        labels = np.asarray(labels)
+        self.check_matches(len(labels), "the label vector")
+        order = np.lexsort((labels, self.labels))
+        g, c = self.labels[order], labels[order]
+        changes = np.flatnonzero((g[1:] == g[:-1]) & (c[1:] != c[:-1]))
+        mixed = np.unique(g[1:][changes])
+        return float(1.0 - len(mixed) / self.n_groups)
+
+    def summary(self, labels: np.ndarray | None = None) -> dict:
+        """K, size distribution and build time; class purity too when class ``labels`` are given."""
         s = self.sizes
-        return {
+        out = {
             "method": self.method,
             "K": self.n_groups,
             "n": len(self),
@@ -115,16 +139,39 @@ class Grouping:
             "max_size": int(s.max()),
             "seconds": self.seconds,
         }
+        if "per_class" in self.meta:
+            out["per_class"] = bool(self.meta["per_class"])
+        if labels is not None:
+            out["purity"] = self.purity(labels)
+            out["pure_groups"] = self.pure_fraction(labels)
+        return out
 
     # -- persistence --------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, ids: np.ndarray | None = None) -> Path:
+        """Write ``.npy`` (the id array) or ``.parquet``/``.csv`` (columns position, [id,] group).
+
+        ``ids`` (the training set's stable ids) are written as an ``id`` column so a table still
+        names the right points if the training set is later reordered.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".parquet":
+        if path.suffix in (".parquet", ".pq", ".csv"):
             import pandas as pd
 
-            pd.DataFrame({"position": np.arange(len(self)), "group": self.labels}).to_parquet(path)
+            columns = {"position": np.arange(len(self))}
+            if ids is not None:
+                ids = np.asarray(ids)
+                self.check_matches(len(ids), "the id vector")
+                columns["id"] = ids
+            columns["group"] = self.labels
+            frame = pd.DataFrame(columns)
+            if path.suffix == ".csv":
+                frame.to_csv(path, index=False)
+            else:
+                frame.to_parquet(path)
         else:
+            if path.suffix != ".npy":  # np.save appends .npy; return the path actually written
+                path = path.with_name(path.name + ".npy")
             np.save(path, self.labels)
         return path
 
@@ -138,6 +185,8 @@ class Grouping:
         import pandas as pd
 
         frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+        if "position" in frame.columns:  # written by save(): restore training-set order
+            frame = frame.sort_values("position", kind="stable")
         if column not in frame.columns:
             raise GGDAError(f"Column '{column}' is not in {path}; choose one of {list(frame.columns)}.")
         return cls.from_ids(frame[column].to_numpy(), method="given")
