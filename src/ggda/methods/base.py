@@ -93,12 +93,25 @@ class InnerProductAttributor(Attributor):
 
     Group gradients are cached as a (K × p) matrix when it fits ``memory_mb``; otherwise they are
     recomputed chunk by chunk at attribution time and never held at once.
+
+    Fast path (internal, same scores): for MLPs (every attributed parameter in an ``nn.Linear``
+    applied once per example) the training side is cached as per-layer *factors* — inputs a_i
+    and output gradients δ_i, n × Σ(d_in + d_out) numbers instead of K × p — whenever that is
+    smaller (always for per-point attribution). Scores are then inner products of factors
+    (:mod:`ggda.gradients.fast_inner`), summed into groups; with the identity ``precondition``
+    and per-example targets, ⟨δ_i a_iᵀ, δ_t a_tᵀ⟩ = (δ_iᵀδ_t)(a_iᵀa_t) makes per-point Grad-Dot
+    cost about one forward pass. Subclasses that override ``precondition`` get factor scoring
+    for per-point attribution when the n × p gradients do not fit ``memory_mb``; subclasses that
+    override ``_group_blocks`` always get the dense path.
     """
 
     normalize: ClassVar[bool] = False  # cosine instead of dot product
 
     def _cache(self) -> None:
         self._G: torch.Tensor | None = None
+        self._factor_mode = self._choose_factor_mode()
+        if self._factor_mode:
+            return
         K, p = self.grouping.n_groups, self.task.n_params
         if K * p * torch.finfo(self.task.dtype).bits / 8 <= self.memory_mb * 2**20:
             G = torch.zeros(K, p, dtype=self.task.dtype, device=self.task.device)
@@ -120,7 +133,111 @@ class InnerProductAttributor(Attributor):
         """Transform (T, p) target gradients before the inner product; identity by default."""
         return target_grads
 
+    # -- factor fast path (internal) ------------------------------------------------------------
+    def _identity_precondition(self) -> bool:
+        return type(self).precondition is InnerProductAttributor.precondition
+
+    def _choose_factor_mode(self) -> bool:
+        """Cache layer factors instead of group gradients when that is exact and cheaper."""
+        from ggda.gradients import fast_inner
+        from ggda.gradients.fast_factors import fast_plan
+
+        self._plan = None
+        self._factors: list | None = None
+        if type(self)._group_blocks is not InnerProductAttributor._group_blocks:
+            return False
+        K, n, p = self.grouping.n_groups, len(self.train), self.task.n_params
+        singleton = K == n
+        if self.normalize and not singleton:
+            return False  # the norm of a group gradient does not factorise
+        Xt, yt = self.task.to_tensor(self.train.X, self.train.y)
+        params = self.task.params()
+        plan = fast_plan(self.task, Xt[:8], yt[:8], self.task.loss_fn, params)
+        if plan is None:
+            return False
+        fbytes = fast_inner.factor_bytes(plan, n, Xt.element_size())
+        gbytes = K * p * Xt.element_size()
+        if self._identity_precondition():
+            if not (singleton or fbytes <= gbytes):
+                return False
+        elif not (singleton and gbytes > self.memory_mb * 2**20):
+            return False
+        first = fast_inner.layer_factors(self.task, plan, Xt[:2], yt[:2], self.task.loss_fn, params)
+        if not fast_inner.is_rank_one(first):
+            return False  # convolutions / sequences: dense group gradients
+        self._plan = plan
+        if fbytes <= self.memory_mb * 2**20:
+            self._factors = list(self._factor_chunks())
+        return True
+
+    def _factor_chunks(self):
+        """(rows, squeezed factors) of the training loss over the training set, cached or streamed."""
+        from ggda.gradients import fast_inner
+
+        if self._factors is not None:
+            yield from self._factors
+            return
+        Xt, yt = self.task.to_tensor(self.train.X, self.train.y)
+        for rows, f in fast_inner.iter_factors(
+            self.task, self._plan, Xt, yt, self.task.loss_fn, self.task.params(), self.max_batch
+        ):
+            yield rows, fast_inner.squeeze(f)
+
+    def _rank_one_targets(self, prop: Property):
+        """Squeezed target factors when targets are per-example functions (identity precondition)."""
+        from ggda.gradients import fast_inner
+        from ggda.gradients.fast_factors import fast_plan
+        from ggda.properties import ExampleProperty
+
+        if not (self._identity_precondition() and isinstance(prop, ExampleProperty)):
+            return None
+        Xt, yt = self.task.to_tensor(prop.X, prop.y)
+        fn, params = prop.example_fn(self.task), self.task.params()
+        if fast_plan(self.task, Xt, yt, fn, params) is None:
+            return None
+        parts = [
+            f for _, f in fast_inner.iter_factors(self.task, self._plan, Xt, yt, fn, params, self.max_batch)
+        ]
+        if not all(fast_inner.is_rank_one(f) for f in parts):
+            return None
+        parts = [fast_inner.squeeze(f) for f in parts]
+        return type(parts[0])(
+            [torch.cat([f.A[i] for f in parts]) for i in range(len(parts[0].A))],
+            [torch.cat([f.D[i] for f in parts]) for i in range(len(parts[0].D))],
+        )
+
+    def _attribute_factors(self, prop: Property) -> np.ndarray:
+        from ggda.gradients import fast_inner
+
+        plan = self._plan
+        targets = self._rank_one_targets(prop)
+        Gf = None
+        if targets is None:
+            Gf = self.precondition(prop.gradients(self.task))
+            T = Gf.shape[0]
+            t_norm = Gf.norm(dim=1) if self.normalize else None
+        else:
+            T = targets.A[0].shape[0]
+            t_norm = fast_inner.rank_one_sq_norms(plan, targets).sqrt() if self.normalize else None
+        labels = fast_inner.as_labels(self.grouping.labels, self.task.device)
+        scores = torch.zeros(T, self.grouping.n_groups, dtype=self.task.dtype, device=self.task.device)
+        for rows, f in self._factor_chunks():
+            if targets is not None:
+                s = fast_inner.rank_one_scores(plan, f, targets)
+            else:
+                s = fast_inner.dense_target_scores(
+                    plan, fast_inner.Factors([a[:, None] for a in f.A], [d[:, None] for d in f.D]), Gf
+                )
+            if self.normalize:  # singleton grouping only (see _choose_factor_mode)
+                s = s / fast_inner.rank_one_sq_norms(plan, f).sqrt().clamp_min(1e-30)[None, :]
+            fast_inner.segment_sum(s, labels[rows], self.grouping.n_groups, out=scores)
+        if self.normalize:
+            scores = scores / t_norm.clamp_min(1e-30)[:, None]
+        return scores.cpu().numpy()
+
     def _attribute(self, prop: Property) -> np.ndarray:
+        if getattr(self, "_factor_mode", False):
+            return self._attribute_factors(prop)
         Gf = self.precondition(prop.gradients(self.task))
         if self.normalize:
             Gf = Gf / Gf.norm(dim=1, keepdim=True).clamp_min(1e-30)

@@ -1,0 +1,99 @@
+"""Runs one dattri 0.3.0 attribution inside ``benchmarks/.venv-dattri`` (torch + dattri only).
+
+Usage: ``python dattri_worker.py JOB.npz OUT.npz`` — JOB holds the data, the model weights
+(``param::NAME`` arrays), the architecture and the method settings; OUT gets the (n_train,
+n_test) scores, the seconds spent in ``cache`` + ``attribute`` and the peak RSS.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def build(arch: str) -> nn.Module:
+    if arch == "logreg":
+        return nn.Sequential(nn.Linear(784, 10))
+    return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def main(job_path: str, out_path: str) -> None:
+    from dattri.algorithm import IFAttributorCG, IFAttributorExplicit, TracInAttributor, TRAKAttributor
+    from dattri.task import AttributionTask
+
+    job = np.load(job_path, allow_pickle=False)
+    method, arch = str(job["method"]), str(job["arch"])
+    model = build(arch)
+    state = {k[len("param::") :]: torch.as_tensor(job[k]) for k in job.files if k.startswith("param::")}
+    model.load_state_dict(state)
+    model.eval()
+    Xtr, ytr = torch.as_tensor(job["Xtr"]), torch.as_tensor(job["ytr"]).long()
+    Xte, yte = torch.as_tensor(job["Xte"]), torch.as_tensor(job["yte"]).long()
+    train_bs, test_bs = int(job["train_bs"]), int(job["test_bs"])
+    train_loader = DataLoader(TensorDataset(Xtr, ytr), batch_size=train_bs, shuffle=False)
+    test_loader = DataLoader(TensorDataset(Xte, yte), batch_size=test_bs, shuffle=False)
+    full_loader = DataLoader(TensorDataset(Xtr, ytr), batch_size=len(Xtr), shuffle=False)
+
+    def loss_func(params, data):
+        x, y = data
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, x), y)
+
+    def margin_func(params, data):  # TRAK's output function log(p / (1 - p))
+        x, y = data
+        logp = -nn.functional.cross_entropy(torch.func.functional_call(model, params, x), y)
+        return logp - torch.log(1 - torch.exp(logp))
+
+    def correct_prob(params, data):
+        x, y = data
+        return torch.exp(
+            -nn.functional.cross_entropy(torch.func.functional_call(model, params, x[None]), y[None])
+        )
+
+    reg = float(job["regularization"])
+    t0 = time.perf_counter()
+    if method == "grad-dot":
+        task = AttributionTask(loss_func=loss_func, model=model, checkpoints=model.state_dict())
+        attr = TracInAttributor(task, weight_list=torch.ones(1), normalized_grad=False, device="cpu")
+        attr.projector_kwargs = None  # exact gradients (dattri projects to 512 dims by default)
+        attr.cache()
+        scores = attr.attribute(train_loader, test_loader)
+    elif method in ("if-cg", "if-explicit"):
+        task = AttributionTask(loss_func=loss_func, model=model, checkpoints=model.state_dict())
+        if method == "if-cg":
+            attr = IFAttributorCG(
+                task, max_iter=int(job["max_iter"]), tol=float(job["tol"]), regularization=reg
+            )
+        else:
+            attr = IFAttributorExplicit(task, regularization=reg)
+        attr.cache(full_loader)
+        scores = attr.attribute(train_loader, test_loader)
+    elif method == "trak":
+        task = AttributionTask(loss_func=margin_func, model=model, checkpoints=model.state_dict())
+        attr = TRAKAttributor(
+            task,
+            correct_probability_func=correct_prob,
+            projector_kwargs={"proj_dim": int(job["proj_dim"]), "device": "cpu"},
+            regularization=reg,
+        )
+        attr.cache(DataLoader(TensorDataset(Xtr, ytr), batch_size=train_bs, shuffle=False))
+        scores = attr.attribute(test_loader)
+    else:
+        raise SystemExit(f"unknown method {method}")
+    seconds = time.perf_counter() - t0
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    np.savez(out_path, scores=scores.detach().numpy(), seconds=seconds, peak_mb=peak_mb)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

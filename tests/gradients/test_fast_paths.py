@@ -1,0 +1,218 @@
+"""Fast layer-factor paths == the generic torch.func paths (to 1e-5), and the fallbacks."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ggda.gradients import group_gradients, iter_group_gradients, per_example_gradients
+from ggda.gradients.fast_factors import fast_gradients, fast_plan, plan_layers
+from ggda.groups import Grouping, random_grouping
+from ggda.methods import GradCos, GradDot, make_method
+from ggda.properties import ExampleLoss, Margin, MeanLoss
+from ggda.task import AttributionTask
+
+
+def mixed_grouping(n: int, seed: int = 0) -> Grouping:
+    """Two large groups (> max_batch), several mid-sized, many pairs and singletons."""
+    big = [0] * (n // 3) + [1] * (n // 4)
+    rest = n - len(big)
+    mid = [2 + i // 7 for i in range(rest // 2)]
+    k = 2 + (rest // 2 + 6) // 7
+    small = [k + i // 2 if i < rest // 2 else 0 for i in range(rest - len(mid))]
+    labels = np.array(big + mid + small)
+    labels = np.unique(labels, return_inverse=True)[1]
+    return Grouping(np.random.default_rng(seed).permutation(labels))
+
+
+def reference(task, X, y, grouping, fn=None):
+    with fast_gradients(False):
+        return group_gradients(task, X, y, grouping, fn=fn, max_batch=64)
+
+
+def close(a, b, tol=1e-5):
+    scale = float(b.abs().max())
+    return torch.allclose(a, b, rtol=tol, atol=tol * scale)
+
+
+class Net(nn.Module):
+    """Conv (strided, padded, reused) + inplace ReLU + Linear on a 3-D tensor + Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, stride=2)
+        self.conv2 = nn.Conv2d(4, 4, 2, dilation=1)
+        self.act = nn.ReLU(inplace=True)
+        self.tok = nn.Linear(4, 5)
+        self.head = nn.Linear(5 * 9, 10)
+
+    def forward(self, x):
+        x = self.act(self.conv(x.view(-1, 1, 8, 8)))  # (B, 4, 4, 4)
+        x = self.act(self.conv2(x))  # (B, 4, 3, 3)
+        x = self.tok(x.flatten(2).transpose(1, 2))  # (B, 9, 5): Linear with L = 9 positions
+        return self.head(torch.tanh(x).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def data(small_digits):
+    train, test = small_digits
+    return train.X[:160], train.y[:160], test
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "net"])
+def test_group_gradients_equal_reference(data, trained_mlp, arch):
+    from ggda.models import build_model
+
+    X, y, _ = data
+    model = {
+        "mlp": trained_mlp,
+        "cnn": build_model("cnn", 64, 10, input_shape=(1, 8, 8), seed=0),
+        "net": Net(),
+    }[arch]
+    task = AttributionTask(model)
+    assert plan_layers(task) is not None
+    grouping = mixed_grouping(len(X))
+    fast = group_gradients(task, X, y, grouping, max_batch=40)  # forces the large-group path too
+    assert close(fast, reference(task, X, y, grouping))
+    # singletons == per-example gradients, fast vs vmap
+    pe = per_example_gradients(task, X[:30], y[:30], chunk_size=7)
+    with fast_gradients(False):
+        assert close(pe, per_example_gradients(task, X[:30], y[:30]))
+
+
+def test_fast_path_is_used_and_batch_independent(data, trained_mlp):
+    X, y, _ = data
+    task = AttributionTask(trained_mlp)
+    Xt, yt = task.to_tensor(X, y)
+    assert fast_plan(task, Xt, yt, task.loss_fn, task.params()) is not None
+    grouping = random_grouping(len(X), 23, seed=3)
+    a = group_gradients(task, X, y, grouping, max_batch=16)
+    b = group_gradients(task, X, y, grouping, max_batch=4096)
+    assert close(a, b)
+    seen = np.concatenate(
+        [g for g, _ in iter_group_gradients(task, X, y, grouping, max_batch=16, memory_mb=0.01)]
+    )
+    assert sorted(seen.tolist()) == list(range(23))
+
+
+def test_layer_subset_and_custom_fn(data, trained_mlp):
+    X, y, test = data
+    task = AttributionTask(trained_mlp, layers=["2.weight"])
+    grouping = random_grouping(len(X), 9, seed=1)
+
+    def fn(out, t):  # any per-example function of the outputs
+        return 0.5 * (out**2).sum(-1) + out[:, 0] * t.to(out.dtype)
+
+    fast = group_gradients(task, X, y, grouping, fn=fn)
+    assert fast.shape == (9, task.n_params)
+    assert close(fast, reference(task, X, y, grouping, fn=fn))
+    # Margin is not vmappable (one_hot): the fast path still serves it, verified by plain grads
+    G = per_example_gradients(task, test.X[:5], test.y[:5], fn=Margin(test.X, test.y).example_fn(task))
+    assert G.shape == (5, task.n_params) and torch.isfinite(G).all()
+
+
+class Scale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return x * self.w
+
+
+class LinearSub(nn.Linear):
+    def forward(self, x):  # a subclass with its own forward must not be hooked
+        return super().forward(2 * x)
+
+
+@pytest.mark.parametrize("kind", ["custom", "subclass"])
+def test_unsupported_layers_fall_back(data, kind):
+    X, y, _ = data
+    torch.manual_seed(0)
+    if kind == "custom":
+        model = nn.Sequential(Scale(64), nn.Linear(64, 10))
+    else:
+        model = nn.Sequential(LinearSub(64, 10))
+    task = AttributionTask(model)
+    assert plan_layers(task) is None
+    grouping = mixed_grouping(len(X))
+    G = group_gradients(task, X, y, grouping)
+    # brute force: sum of plain per-example backwards
+    ref = torch.zeros_like(G)
+    for i in range(len(X)):
+        model.zero_grad()
+        nn.functional.cross_entropy(
+            model(torch.as_tensor(X[i : i + 1])), torch.as_tensor(y[i : i + 1])
+        ).backward()
+        ref[grouping.labels[i]] += torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert close(G, ref)
+
+
+class BatchMixer(nn.Module):
+    """Examples interact within a batch (like training-mode batch norm): factors are invalid."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h - h.mean(0, keepdim=True)
+
+
+def test_verification_catches_batch_interaction(data):
+    X, y, _ = data
+    task = AttributionTask(BatchMixer())
+    assert plan_layers(task) is not None  # structurally supported ...
+    Xt, yt = task.to_tensor(X, y)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert fast_plan(task, Xt, yt, task.loss_fn, task.params()) is None  # ... but rejected
+    assert any("generic path" in str(m.message) for m in w)
+
+
+@pytest.mark.parametrize("cls", [GradDot, GradCos])
+def test_factor_scoring_equals_dense(small_digits, trained_mlp, cls):
+    train, test = small_digits
+    task = AttributionTask(trained_mlp)
+    for prop in [ExampleLoss(test.X[:12], test.y[:12]), MeanLoss(test.X, test.y)]:
+        for grouping in [None, random_grouping(len(train), 150, seed=0)]:
+            m = cls(task).cache(train, grouping)
+            with fast_gradients(False):
+                ref = cls(task).cache(train, grouping)
+                assert not ref._factor_mode
+                expected = ref.attribute(prop)
+            assert m._factor_mode == (grouping is None or cls is GradDot)
+            got = m.attribute(prop)
+            assert np.allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_factor_scoring_streams_and_preconditioned_subclass(small_digits, trained_mlp):
+    train, test = small_digits
+    task = AttributionTask(trained_mlp)
+    prop = ExampleLoss(test.X[:6], test.y[:6])
+    expected = GradDot(task).cache(train).attribute(prop)
+    streamed = GradDot(task, memory_mb=0.05, max_batch=64).cache(train)
+    assert streamed._factor_mode and streamed._factors is None
+    assert np.allclose(streamed.attribute(prop), expected, rtol=1e-4, atol=1e-6)
+
+    class Scaled(GradDot):  # a preconditioned method (dense targets) on the factor path
+        def precondition(self, target_grads):
+            return 3.0 * target_grads
+
+    m = Scaled(task, memory_mb=1.0).cache(train)  # n x p does not fit: factor scoring
+    assert m._factor_mode
+    assert np.allclose(m.attribute(prop), 3.0 * expected, rtol=1e-4, atol=1e-6)
+
+
+def test_if_cg_unchanged_by_fast_path(small_digits, trained_mlp):
+    train, test = small_digits
+    task = AttributionTask(trained_mlp, layers=["2"])
+    prop = ExampleLoss(test.X[:4], test.y[:4])
+    grouping = random_grouping(len(train), 30, seed=0)
+    got = make_method("if-cg", task, damping=1e-2).cache(train, grouping).attribute(prop)
+    with fast_gradients(False):
+        ref = make_method("if-cg", task, damping=1e-2).cache(train, grouping).attribute(prop)
+    assert np.allclose(got, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
