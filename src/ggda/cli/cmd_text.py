@@ -123,7 +123,7 @@ def run_text_benchmark(
     train_layers: int = 1,
     methods: tuple[str, ...] = ("grad-dot",),
     fractions: tuple[float, ...] = (0.05, 0.1, 0.2),
-    group_size: int = 100,
+    group_sizes: tuple[int, ...] = (100,),
     seeds: tuple[int, ...] = (0,),
     ft_epochs: int = 3,
     ft_lr: float = 1e-4,
@@ -145,9 +145,9 @@ def run_text_benchmark(
     from ggda.models.text import (
         TextClassificationTask,
         TextTrainConfig,
-        encode,
         evaluate,
         prefix_dataset,
+        tail_embeddings,
         train_text_classifier,
     )
     from ggda.models.training import resolve_device
@@ -171,10 +171,10 @@ def run_text_benchmark(
     log(f"data: train {len(train)}, test {len(test)}, L={max_len}")
     tail = clf.tail()
     init_state = {k: v.detach().clone() for k, v in tail.state_dict().items()}
-    E, t_embed = _timed(lambda: encode(clf, train, device=dev, cache=False))
     P, t_prefix = _timed(lambda: prefix_dataset(clf, train, device=dev))
     P_test = prefix_dataset(clf, test, device=dev)
-    result["prep_seconds"] = {"embed": t_embed, "prefix": t_prefix}
+    E = tail_embeddings(clf, P, device=dev)  # frozen-encoder embeddings, from the cached prefix
+    result["prep_seconds"] = {"prefix": t_prefix}
 
     def retrain(weights=None, seed=0):
         tail.load_state_dict(init_state)
@@ -204,18 +204,20 @@ def run_text_benchmark(
 
     task = TextClassificationTask(tail, device=dev)
     prop = MeanLoss(P_test.X, P_test.y)
-    K = max(1, len(train) // group_size)
     groupings: dict[str, Grouping] = {"per-point": Grouping.singleton(len(train))}
     try:
         from ggda.groups import make_grouping
-
-        g, t = _timed(lambda: make_grouping("grad-kmeans", P, n_groups=K, task=task, seed=0))
-        g.seconds = t
-        groupings["grad-kmeans"] = g
     except ImportError:
+        make_grouping = None
         log("ggda.groups.make_grouping not available; using random groups only")
-    groupings["random"] = Grouping(np.random.default_rng(0).permutation(len(train)) % K, method="random")
-    result["K"] = K
+    for size in group_sizes:
+        K = max(1, len(train) // size)
+        if make_grouping is not None:
+            g, t = _timed(lambda K=K: make_grouping("grad-kmeans", P, n_groups=K, task=task, seed=0))
+            g.seconds = t
+            groupings[f"grad-kmeans-K{K}"] = g
+        rand = Grouping(np.random.default_rng(0).permutation(len(train)) % K, method="random")
+        groupings[f"random-K{K}"] = rand
     result["attribution"] = {}
     # Warm-up (kernel selection, allocator) so the first timed method is not charged for it.
     make_method("grad-dot", task, max_batch=max_batch).cache(P.subset(np.arange(min(64, len(P))))).attribute(
@@ -302,7 +304,7 @@ def text_bench_cmd(
     methods: str = typer.Option("grad-dot,tracin", help="Comma-separated registered methods."),
     fractions: str = typer.Option("0.05,0.1,0.2", help="Fractions of training points removed."),
     seeds: str = typer.Option("0,1,2", help="Retraining seeds."),
-    group_size: int = typer.Option(100, help="K = n / group_size."),
+    group_sizes: str = typer.Option("100", help="Comma-separated target group sizes (K = n / size)."),
     ft_epochs: int = typer.Option(3),
     model_path: Path = typer.Option(None, help="Model directory (default: the packaged MiniLM)."),
     device: str = typer.Option("auto"),
@@ -316,7 +318,7 @@ def text_bench_cmd(
         train_layers=train_layers,
         methods=tuple(m for m in methods.split(",") if m),
         fractions=tuple(float(f) for f in fractions.split(",") if f),
-        group_size=group_size,
+        group_sizes=tuple(int(g) for g in group_sizes.split(",") if g),
         seeds=tuple(int(s) for s in seeds.split(",") if s),
         ft_epochs=ft_epochs,
         device=device,

@@ -298,7 +298,8 @@ class TransformerTail(nn.Module):
         super().__init__()
         self.layers, self.head, self.hidden_size = layers, head, hidden_size
 
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
+    def pooled(self, X: torch.Tensor) -> torch.Tensor:
+        """The head's input: pooled output of the trainable layers, (…, H)."""
         H = self.hidden_size
         length = X.shape[-1] // (H + 1)
         h = X[..., : length * H].reshape(*X.shape[:-1], length, H)
@@ -306,7 +307,10 @@ class TransformerTail(nn.Module):
         ext = extended_attention_mask(mask, h.dtype)
         for layer in self.layers:
             h = layer(h, ext)
-        return self.head(mean_pool(h, mask))
+        return mean_pool(h, mask)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled(X))
 
 
 class PackedInputs(nn.Module):
@@ -397,6 +401,21 @@ def _batched(fn, X: np.ndarray, batch_size: int, device: torch.device) -> np.nda
         xb = torch.as_tensor(X[start : start + batch_size], device=device)
         outs.append(fn(xb).float().cpu().numpy())
     return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+
+
+def tail_embeddings(
+    classifier: TextClassifier, prefix: Dataset, batch_size: int = 64, device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """(n, H) pooled outputs of the trainable layers on cached prefix rows (the head's inputs).
+
+    At the pre-trained weights these are the frozen-encoder embeddings, from one layer's work
+    instead of the whole encoder.
+    """
+    from ggda.models.training import resolve_device
+
+    dev = resolve_device(device)
+    tail = classifier.tail().to(dev).eval()
+    return _batched(tail.pooled, prefix.X, batch_size, dev)
 
 
 def encode(
@@ -515,6 +534,8 @@ def train_text_classifier(
 
     config = config or TextTrainConfig()
     if config.lp_epochs > 0:
+        if embeddings is None and prefix is not None:  # one tail pass instead of the full encoder
+            embeddings = tail_embeddings(classifier, prefix, device=device)
         E = encode(classifier, train, device=device) if embeddings is None else embeddings
         emb = Dataset(X=E, y=train.y, ids=train.ids, n_classes=train.n_classes)
         head = copy.deepcopy(classifier.head)
