@@ -42,8 +42,23 @@ def as_dataset(X, y) -> Dataset:
     return Dataset(X=X.astype(np.float32), y=y)
 
 
-def reference_run(model, X, y, Xt, yt, *, seed, epochs, batch_size, lr, drop=(), mode="mask", eps=None,
-                  optimizer="sgd", momentum=0.0):
+def reference_run(
+    model,
+    X,
+    y,
+    Xt,
+    yt,
+    *,
+    seed,
+    epochs,
+    batch_size,
+    lr,
+    drop=(),
+    mode="mask",
+    eps=None,
+    optimizer="sgd",
+    momentum=0.0,
+):
     """Further training written out by hand (torch.optim, torch.randperm): the test oracle.
 
     mask: drop's points get weight 0, divisor |batch|; sampler: drop deleted from the permutation;

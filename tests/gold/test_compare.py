@@ -65,7 +65,9 @@ def logistic_gold():
 def test_graddot_approximates_short_further_training(logistic_gold):
     """NOTES B8 finding 1: first-order scores are close to the gold after little further training."""
     res, task, train, prop = logistic_gold
-    comp = compare_methods(res, task, train, Grouping.singleton(len(train)), prop, ["grad-dot", "grad-cos", "absent"])
+    comp = compare_methods(
+        res, task, train, Grouping.singleton(len(train)), prop, ["grad-dot", "grad-cos", "absent"]
+    )
     dot = mean_sem(comp.cos["grad-dot"])[0]
     assert dot[0] > 0.9 and (dot > 0.8).all()
     assert mean_sem(comp.spearman["grad-dot"])[0][0] > 0.9
@@ -76,7 +78,9 @@ def test_graddot_approximates_short_further_training(logistic_gold):
 
 def test_group_columns_and_save(logistic_gold, tmp_path):
     res, task, train, prop = logistic_gold
-    comp = compare_methods(res, task, train, Grouping.singleton(len(train)), prop, ["grad-dot"], variant="raw")
+    comp = compare_methods(
+        res, task, train, Grouping.singleton(len(train)), prop, ["grad-dot"], variant="raw"
+    )
     comp.save(tmp_path)
     for f in ("compare.csv", "compare.json", "compare.png", "similarity.npz", "seed_study.csv"):
         assert (tmp_path / f).exists()
@@ -110,7 +114,21 @@ def test_cli_gold_then_compare(tmp_path):
     def invoke(*args):
         return runner.invoke(app, [str(a) for a in args])
 
-    r = invoke("train", "--data", "digits", "--model", "logreg", "--epochs", "3", "--max-train", "200", "--out", run, "--threads", "1")
+    r = invoke(
+        "train",
+        "--data",
+        "digits",
+        "--model",
+        "logreg",
+        "--epochs",
+        "3",
+        "--max-train",
+        "200",
+        "--out",
+        run,
+        "--threads",
+        "1",
+    )
     assert r.exit_code == 0, r.output
     gold = tmp_path / "gold"
     args = ["gold", "--run", run, "--n-units", 12, "--targets", 5, "--epochs", 2, "--seeds", 2, "--lr", 0.01]
@@ -127,6 +145,10 @@ def test_cli_gold_then_compare(tmp_path):
     assert (gold / "compare" / "compare.png").exists()
     table = (gold / "compare" / "compare.csv").read_text()
     assert "grad-dot" in table and "tracin" in table
-    for bad, msg in ((["--epochs", 0], "epochs"), (["--unit-ids", "5,100000"], "not in the data"), (["--lr", -1], "lr")):
+    for bad, msg in (
+        (["--epochs", 0], "epochs"),
+        (["--unit-ids", "5,100000"], "not in the data"),
+        (["--lr", -1], "lr"),
+    ):
         r = invoke(*args[:-2], "--out", tmp_path / "bad", *bad)
         assert r.exit_code != 0 and msg in str(r.exception), (bad, r.output)

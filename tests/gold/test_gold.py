@@ -34,7 +34,12 @@ def point_units(n, ids):
 @pytest.mark.parametrize("path", ["sequential", "vectorised"])
 @pytest.mark.parametrize(
     "removal,opt",
-    [("mask", {}), ("mask", {"optimizer": "sgd", "momentum": 0.9}), ("sampler", {}), ("weight", {"epsilon": 0.05})],
+    [
+        ("mask", {}),
+        ("mask", {"optimizer": "sgd", "momentum": 0.9}),
+        ("sampler", {}),
+        ("weight", {"epsilon": 0.05}),
+    ],
 )
 def test_modes_match_explicit_training(tiny, path, removal, opt):
     model, X, y, Xt, yt = tiny
@@ -45,7 +50,9 @@ def test_modes_match_explicit_training(tiny, path, removal, opt):
         full = reference_run(model, X, y, Xt, yt, **kw)
         np.testing.assert_allclose(res.full[s], full, rtol=0, atol=1e-12)
         for k, i in enumerate(units.ids):
-            ref = reference_run(model, X, y, Xt, yt, drop=[int(i)], mode=removal, eps=opt.get("epsilon"), **kw)
+            ref = reference_run(
+                model, X, y, Xt, yt, drop=[int(i)], mode=removal, eps=opt.get("epsilon"), **kw
+            )
             np.testing.assert_allclose(res.loo[s, :, :, k], ref, rtol=0, atol=1e-12)
     assert np.abs(res.gold_raw).max() > 1e-6  # removal had an effect
 
@@ -78,7 +85,17 @@ def test_group_unit_removes_all_members(tiny):
         res = gold_of(tiny, units, path="vectorised", removal=removal)
         for k, g in enumerate(units.ids):
             ref = reference_run(
-                model, X, y, Xt, yt, seed=0, epochs=2, batch_size=16, lr=0.3, drop=np.flatnonzero(labels == g), mode=removal
+                model,
+                X,
+                y,
+                Xt,
+                yt,
+                seed=0,
+                epochs=2,
+                batch_size=16,
+                lr=0.3,
+                drop=np.flatnonzero(labels == g),
+                mode=removal,
             )
             np.testing.assert_allclose(res.loo[0, :, :, k], ref, rtol=0, atol=1e-12)
 
@@ -100,17 +117,23 @@ def test_eq17_eq13_hand_made():
 def test_centring_makes_full_run_irrelevant(tiny):
     units = point_units(len(tiny[1]), [0, 9, 33, 50])
     res = gold_of(tiny, units)
-    other = GoldResult.assemble(res.loo, res.full + np.random.default_rng(0).normal(size=res.full.shape), True)
+    other = GoldResult.assemble(
+        res.loo, res.full + np.random.default_rng(0).normal(size=res.full.shape), True
+    )
     assert np.array_equal(other[0], res.gold)  # exactly, not just up to rounding
     assert not np.allclose(other[1], res.gold_raw)
-    np.testing.assert_allclose(res.gold_centred, res.gold_raw - res.gold_raw.mean(-1, keepdims=True), atol=1e-15)
+    np.testing.assert_allclose(
+        res.gold_centred, res.gold_raw - res.gold_raw.mean(-1, keepdims=True), atol=1e-15
+    )
 
 
 # -- vectorised = sequential ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("removal", ["mask", "sampler", "weight"])
-@pytest.mark.parametrize("opt", [{"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.01}, {"optimizer": "adam"}])
+@pytest.mark.parametrize(
+    "opt", [{"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.01}, {"optimizer": "adam"}]
+)
 def test_vectorised_equals_sequential(tiny_mlp, removal, opt):
     n = len(tiny_mlp[2])  # 65 = 4 batches of 16 + 1: deleting a member drops a batch (idle steps)
     units = select_units(Grouping(np.arange(n) % 13), ids=[0, 4, 12])
@@ -192,7 +215,9 @@ def test_process_pool_matches_serial(tiny, tmp_path):
     cfg = GoldConfig(epochs=2, seeds=2, lr=0.3, batch_size=16, chunk=2)
     task, prop = AttributionTask(model), ExampleLoss(Xt, yt)
     serial = compute_gold(task, X, y, prop, units, cfg)
-    pooled = compute_gold(task, X, y, prop, units, cfg, out=tmp_path, executor=LocalExecutor(workers=2, threads_per_worker=1))
+    pooled = compute_gold(
+        task, X, y, prop, units, cfg, out=tmp_path, executor=LocalExecutor(workers=2, threads_per_worker=1)
+    )
     assert np.array_equal(serial.loo, pooled.loo) and np.array_equal(serial.full, pooled.full)
 
 
