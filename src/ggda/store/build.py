@@ -47,21 +47,22 @@ def task_fingerprint(task: AttributionTask) -> str:
 
 
 def projector_for(
-    task: AttributionTask, projection: str, proj_dim: int | None, seed: int, layerwise: bool
+    task: AttributionTask,
+    projection: str,
+    proj_dim: int | None,
+    seed: int,
+    layerwise: bool,
+    device: str | torch.device | None = None,
 ) -> Projector:
-    """The store's projector, built on the task's device (P is generated there; cached when small)."""
+    """The store's projector. P is generated on ``device`` (default the task's: the GPU path when the
+    task is on CUDA) and applied wherever the gradients are; CPU and CUDA generators give different
+    (equally valid) matrices, so a store records the device type its P was generated on."""
     slices = names = None
     if layerwise and projection != "identity":
         names, slices = module_slices(task)
+    device = task.device if device is None else torch.device(device)
     return make_projector(
-        projection,
-        task.n_params,
-        proj_dim,
-        seed,
-        task.device,
-        task.dtype,
-        layer_slices=slices,
-        layer_names=names,
+        projection, task.n_params, proj_dim, seed, device, task.dtype, layer_slices=slices, layer_names=names
     )
 
 

@@ -77,8 +77,20 @@ def target_features(
             "same run and layers, or rebuild it."
         )
     proj = cfg.get("projection", {"projection": "identity"})
+    built_on = cfg.get("device_type", task.device.type)
+    if proj["projection"] != "identity" and built_on == "cuda" and not torch.cuda.is_available():
+        raise GGDAError(
+            f"The store at {store.path} was projected with a CUDA-generated matrix; score it on a CUDA machine "
+            "(--device cuda) or rebuild it on CPU."
+        )
+    gen_device = task.device if built_on == task.device.type else torch.device(built_on)
     projector = projector_for(
-        task, proj["projection"], proj.get("proj_dim"), proj.get("seed", 0), proj.get("layerwise", False)
+        task,
+        proj["projection"],
+        proj.get("proj_dim"),
+        proj.get("seed", 0),
+        proj.get("layerwise", False),
+        gen_device,
     )
     if projector.k != store.dim:
         raise GGDAError(
