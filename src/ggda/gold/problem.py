@@ -23,6 +23,8 @@ from ggda.gold.units import Units
 from ggda.properties import Property
 from ggda.task import AttributionTask
 
+#: Bump when an engine change alters numbers, so resumed runs never mix old and new results.
+ENGINE_VERSION = 2
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _CACHE: dict[str, GoldProblem] = {}
 
@@ -101,6 +103,7 @@ def fingerprint(problem: GoldProblem) -> str:
         "property": property_fingerprint(problem.prop),
         "units": problem.units.kind,
         "device": problem.task.device.type,
+        "engine": ENGINE_VERSION,
     }
     h.update(json.dumps(desc, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]

@@ -36,14 +36,15 @@ def train_vectorised(
 ) -> np.ndarray:
     """(n_records, T, R): f after every recorded step of R runs trained together.
 
-    Row 0 of the stack is the seed's full run. With ``fork`` (mask/sampler), a left-out run joins
+    Row 0 of the stack is the seed's full run (a job of full runs only trains just those). With ``fork`` (mask/sampler), a left-out run joins
     the stack only at its first differing step, as a copy of row 0 (:func:`fork_steps`); until then
     its recorded values are the full run's.
     """
     task, config = problem.task, problem.config
     dev = task.device
-    all_runs = [None, *runs]
-    all_labels = ["full", *labels]
+    only_full = all(r is None for r in runs)
+    all_runs = list(runs) if only_full else [None, *runs]
+    all_labels = list(labels) if only_full else ["full", *labels]
     total = len(all_runs)
     start = fork_steps(problem.n, all_runs, config, seed) if fork else [1] * total
     start[0] = 1
@@ -109,4 +110,5 @@ def train_vectorised(
             full_vals = vals[:1].expand(total, -1).clone()  # not-yet-joined runs equal the full run
             full_vals[rows] = vals
             records.append(full_vals.to(torch.float64).cpu())
-    return torch.stack(records)[:, 1:].permute(0, 2, 1).numpy()
+    values = torch.stack(records) if only_full else torch.stack(records)[:, 1:]
+    return values.permute(0, 2, 1).numpy()
