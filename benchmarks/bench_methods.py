@@ -15,7 +15,7 @@ from common import Table, image_data, save, timed
 from ggda.groups import Grouping, random_grouping
 from ggda.methods import METHODS, make_method
 from ggda.models import TrainConfig, build_model, train_model
-from ggda.properties import ExampleLoss
+from ggda.properties import MeanLoss
 from ggda.task import AttributionTask
 
 
@@ -36,7 +36,7 @@ def method_options(quick: bool, checkpoints) -> dict[str, dict]:
 
 
 def run(quick: bool = True) -> list[Table]:
-    n, T = 20_000, (20 if quick else 100)
+    n, T = 20_000, 500
     train, test = image_data(n, T)
     model = build_model("mlp-s", 784, 10, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,12 +51,12 @@ def run(quick: bool = True) -> list[Table]:
             (__import__("torch").load(p, weights_only=False)["state_dict"], lr) for p, lr in checkpoints
         ]
     task = AttributionTask(model.eval())
-    prop = ExampleLoss(test.X, test.y)
+    prop = MeanLoss(test.X, test.y)  # GGDA's model-level property: one target
     Ks = [n // 10, n // 100, n // 1000]
     table = Table(
         "group vs per-point attribution time per method",
         f"model=mlp-s 784-128-10 (p={task.n_params:,}), data={train.name}, n={n:,}, d=784, "
-        f"T={T} test-loss targets, K in {Ks} random groups, device={task.device}",
+        f"property = mean test loss over {T} test points (1 target), K in {Ks} random groups, device={task.device}",
         ["method", "per-point s", "peak MB"] + [f"K={k} s" for k in Ks] + [f"speedup K={k}" for k in Ks],
     )
     for name, opts in method_options(quick, checkpoints).items():

@@ -216,3 +216,27 @@ def test_if_cg_unchanged_by_fast_path(small_digits, trained_mlp):
     with fast_gradients(False):
         ref = make_method("if-cg", task, damping=1e-2).cache(train, grouping).attribute(prop)
     assert np.allclose(got, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+
+
+def test_recycled_blocks_never_overwrite_what_the_consumer_holds(data, trained_mlp):
+    from ggda.gradients.fast_factors import BlockRecycler
+
+    X, y, _ = data
+    task = AttributionTask(trained_mlp)
+    grouping = random_grouping(len(X), 80, seed=4)
+    ref = reference(task, X, y, grouping)
+    # blocks of 2 groups (memory cap) so many blocks are produced and recycled
+    kept = list(iter_group_gradients(task, X, y, grouping, memory_mb=2 * task.n_params * 4 / 2**20))
+    views = [(g, G[:, :50]) for g, G in iter_group_gradients(task, X, y, grouping, memory_mb=0.08)]
+    assert len(kept) > 10
+    for g, G in kept:
+        assert close(G, ref[torch.as_tensor(g)])
+    for g, V in views:
+        assert close(V, ref[torch.as_tensor(g)][:, :50])
+    # and a consumer that drops blocks does get recycled memory
+    r = BlockRecycler()
+    ptrs = []
+    for _ in range(6):
+        B = r.empty((3, 4), torch.float32, torch.device("cpu"))
+        ptrs.append(B.data_ptr())
+    assert len(set(ptrs)) < 6

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ggda.gradients.fast_factors import ExampleFn, Factors, LayerPlan, layer_factors
+from ggda.gradients.fast_factors import BlockRecycler, ExampleFn, Factors, LayerPlan, layer_factors
 from ggda.groups.grouping import Grouping
 from ggda.task import AttributionTask, Params
 
@@ -85,6 +85,7 @@ def iter_group_gradients_fast(
     members = grouping.member_lists()
     order = np.argsort(sizes, kind="stable")
     p = plan.n_params
+    blocks = BlockRecycler()
     i = 0
     while i < len(order):
         gid = order[i]
@@ -113,8 +114,9 @@ def iter_group_gradients_fast(
             sub = chunk[b0 : b0 + per_block]
             row1 = row0 + int(sizes[sub].sum())
             part = Factors([a[row0:row1] for a in factors.A], [d[row0:row1] for d in factors.D])
-            G = torch.empty(len(sub), p, dtype=task.dtype, device=task.device)
+            G = blocks.empty((len(sub), p), task.dtype, task.device)
             _scatter_groups(plan, part, sizes[sub], G)
             yield sub, G
+            del G  # no reference left here, so the recycler can tell when the consumer is done
             row0 = row1
         i = j

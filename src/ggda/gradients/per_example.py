@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
-from ggda.gradients.fast_factors import fast_plan, layer_factors, per_example_from_factors
+from ggda.gradients.fast_factors import BlockRecycler, fast_plan, layer_factors, per_example_from_factors
 from ggda.task import AttributionTask, Params
 
 ExampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,10 +40,14 @@ def iter_per_example_gradients(
     Xt, yt = task.to_tensor(X, y)
     plan = fast_plan(task, Xt, yt, fn, params)
     if plan is not None:
+        blocks = BlockRecycler()
         for start in range(0, len(Xt), chunk_size):
             rows = slice(start, min(start + chunk_size, len(Xt)))
             factors = layer_factors(task, plan, Xt[rows], yt[rows], fn, params)
-            yield rows, per_example_from_factors(plan, factors)
+            out = blocks.empty((rows.stop - rows.start, task.n_params), task.dtype, task.device)
+            per_example_from_factors(plan, factors, out=out)
+            yield rows, out
+            del out  # see BlockRecycler
         return
     per_grad = _one_example_grad(task, fn)
     for start in range(0, len(Xt), chunk_size):
