@@ -45,7 +45,8 @@ def dense_from_matvec(
     for start in range(0, p, block_size):
         stop = min(start + block_size, p)
         basis = torch.zeros(stop - start, p, dtype=dtype, device=device)
-        basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+        rows = torch.arange(stop - start, device=device)
+        basis[rows, rows + start] = 1.0
         out[start:stop] = matvec(basis)  # rows = columns, the operator being symmetric
     return 0.5 * (out + out.T)  # remove round-off asymmetry
 
