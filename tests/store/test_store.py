@@ -76,6 +76,10 @@ def test_streamed_topk_and_memmap_match_full(logreg_task, small_digits, tmp_path
     streamed = score_store(store, Q, top_k=7, bottom_k=4)  # no full matrix held
     assert streamed.scores is None
     np.testing.assert_array_equal(streamed.top_indices, res.top_indices)
+    tiny = score_store(store, Q, top_k=7, bottom_k=4, full="memory", score_mb=1e-3)  # 5-column score blocks
+    np.testing.assert_allclose(tiny.scores, full, rtol=0, atol=1e-6 * np.abs(full).max())
+    np.testing.assert_allclose(tiny.top_scores, res.top_scores, rtol=0, atol=1e-6 * np.abs(full).max())
+    np.testing.assert_allclose(tiny.bottom_scores, res.bottom_scores, rtol=0, atol=1e-6 * np.abs(full).max())
     cos = score_store(store, Q, top_k=3, normalize=True, full="memory").scores
     G = store.to_array()
     expect = (Q / Q.norm(dim=1, keepdim=True)).numpy() @ (G / np.linalg.norm(G, axis=1, keepdims=True)).T

@@ -152,15 +152,16 @@ class _TopK:
         self.indices = torch.full((T, k), -1, dtype=torch.int64, device=device)
 
     def update(self, rows: slice, scores: torch.Tensor, first_col: int) -> None:
+        """Merge a (rows × B) score block: top-k of the block first, then of 2k candidates (no B-wide copies)."""
         if self.k == 0:
             return
-        cols = torch.arange(first_col, first_col + scores.shape[1], device=scores.device)
-        vals = torch.cat([self.values[rows], scores], dim=1)
-        idx = torch.cat([self.indices[rows], cols.expand(scores.shape[0], -1)], dim=1)
-        k = min(self.k, vals.shape[1])
-        best, pos = torch.topk(vals, k, dim=1, largest=self.largest, sorted=True)
-        self.values[rows, :k] = best
-        self.indices[rows, :k] = idx.gather(1, pos)
+        k_block = min(self.k, scores.shape[1])
+        block_vals, block_pos = torch.topk(scores, k_block, dim=1, largest=self.largest, sorted=False)
+        vals = torch.cat([self.values[rows], block_vals], dim=1)
+        idx = torch.cat([self.indices[rows], block_pos + first_col], dim=1)
+        best, pos = torch.topk(vals, self.k, dim=1, largest=self.largest, sorted=True)
+        self.values[rows] = best
+        self.indices[rows] = idx.gather(1, pos)
 
 
 def _query_blocks(
@@ -191,6 +192,7 @@ def score_store(
     aggregate: str = "sum",
     full: str | Path | None = None,
     target_block: int = 1024,
+    score_mb: float = 64.0,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> StoreScores:
@@ -203,7 +205,9 @@ def score_store(
         normalize: cosine similarity instead of the inner product (``kernel="none"`` only).
         aggregate: ``sum`` (library default) or ``mean`` (score / group size).
         full: also return the (T × K) matrix: ``"memory"`` or a ``.npy`` path (written as a memmap).
-        target_block: targets scored at once (memory: target_block × chunk_rows scores).
+        target_block: targets scored at once.
+        score_mb: budget of one score block (target_block × columns); a training chunk is split into
+            column blocks to stay under it.
         device: where the block products run (``cuda`` for large stores when available).
     """
     if kernel not in KERNELS:
@@ -261,7 +265,10 @@ def score_store(
         if normalize:
             F = F / F.norm(dim=1, keepdim=True).clamp_min(1e-30)
         for qrows, Q in cached if cached is not None else prepared():
-            _score_block(Q, F, qrows, rows, sizes, top, bottom, out)
+            cols = max(1, int(score_mb * 2**20 // (Q.shape[0] * Q.element_size())))
+            for c0 in range(0, F.shape[0], cols):
+                sub = slice(rows.start + c0, min(rows.start + c0 + cols, rows.stop))
+                _score_block(Q, F[c0 : c0 + cols], qrows, sub, sizes, top, bottom, out)
     if isinstance(out, np.memmap):
         out.flush()
     return StoreScores(
