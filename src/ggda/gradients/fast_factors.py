@@ -86,6 +86,11 @@ class LayerPlan:
     layers: list[LayerSpec]
     slices: dict[str, slice]
     n_params: int
+    row_bytes: int = 0  # factor memory per example (set by verify); convolutions unfold to L × d_in
+
+    def max_rows(self, budget_mb: float = 256.0) -> int:
+        """Rows per forward chunk so the factors of a chunk stay under ``budget_mb``."""
+        return max(1, int(budget_mb * 2**20 // max(1, self.row_bytes)))
 
 
 def _supported(module: nn.Module) -> str | None:
@@ -292,7 +297,9 @@ def verify(
     if m == 0:
         return True
     Xs, ys = X[:m], y[:m]
-    fast = per_example_from_factors(plan, layer_factors(task, plan, Xs, ys, fn, params))
+    factors = layer_factors(task, plan, Xs, ys, fn, params)
+    plan.row_bytes = sum(t[0].numel() * t.element_size() for t in factors.A + factors.D)
+    fast = per_example_from_factors(plan, factors)
 
     def value(p, x, t):
         return fn(task.forward(p, x[None]), t[None])[0]

@@ -81,6 +81,7 @@ def iter_group_gradients_fast(
     A chunk holds at most ``max_batch`` training rows and ``max_rows`` groups (the memory cap on
     the (k, p) block); groups are visited in increasing size so chunks pad little.
     """
+    max_batch = min(max_batch, plan.max_rows())  # unfolded conv inputs can be large
     sizes = grouping.sizes
     members = grouping.member_lists()
     order = np.argsort(sizes, kind="stable")

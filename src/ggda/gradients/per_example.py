@@ -41,7 +41,7 @@ def iter_per_example_gradients(
     plan = fast_plan(task, Xt, yt, fn, params)
     if plan is not None:
         blocks = BlockRecycler()
-        for start in range(0, len(Xt), chunk_size):
+        for start in range(0, len(Xt), chunk_size):  # chunk_size rows per yielded block
             rows = slice(start, min(start + chunk_size, len(Xt)))
             factors = layer_factors(task, plan, Xt[rows], yt[rows], fn, params)
             out = blocks.empty((rows.stop - rows.start, task.n_params), task.dtype, task.device)

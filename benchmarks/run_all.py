@@ -1,0 +1,82 @@
+"""Run every ggda speed benchmark (``make bench``) and write the tables to ``benchmarks/results/``.
+
+    .venv/bin/python benchmarks/run_all.py            # quick: a few minutes (+ dattri's own time)
+    .venv/bin/python benchmarks/run_all.py --full     # larger targets, more models and methods
+    .venv/bin/python benchmarks/run_all.py --only floor,methods   # a subset
+    .venv/bin/python benchmarks/run_all.py --no-dattri            # skip the dattri comparison
+
+Sections (each prints its workload — model, n, d, K, p, device — and its ratios, all measured
+in the same run):
+
+1. ``methods``: group vs per-point time per method at K = n/10, n/100, n/1000 (n = 20,000).
+2. ``floor``: all K group gradients ÷ one forward + backward of the summed loss.
+3. ``dattri``: ggda vs dattri 0.3.0 on the same per-point work (Grad-Dot, IF-CG, TRAK), dattri
+   installed only in ``benchmarks/.venv-dattri``.
+
+Everything runs with one torch thread (``torch.set_num_threads(1)``); the machine's load
+average is printed with each table, because other processes share the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (sets the thread environment before torch is imported)
+
+SECTIONS = ("floor", "methods", "dattri")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the default: a few minutes")
+    mode.add_argument("--full", action="store_true", help="bigger workloads (tens of minutes, dattri longer)")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    ap.add_argument("--no-dattri", action="store_true", help="skip the dattri comparison")
+    args = ap.parse_args(argv)
+    quick = not args.full
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        ap.error(f"unknown section(s) {unknown}; choose from {SECTIONS}")
+    if args.no_dattri and "dattri" in chosen:
+        chosen.remove("dattri")
+
+    all_tables = []
+    timings = {}
+    for name in chosen:
+        module = __import__(f"bench_{name}")
+        print(f"\n### {name} ({'quick' if quick else 'full'})", flush=True)
+        t0 = time.perf_counter()
+        tables = module.run(quick=quick)
+        timings[name] = time.perf_counter() - t0
+        path = common.save(name, tables)
+        print(f"-> {path} ({timings[name]:.0f} s)", flush=True)
+        all_tables += tables
+    summary = "\n\n".join(t.render() for t in all_tables)
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    (common.RESULTS / "summary.txt").write_text(summary + "\n")
+    (common.RESULTS / "summary.json").write_text(
+        json.dumps(
+            {
+                "mode": "quick" if quick else "full",
+                "seconds": timings,
+                "tables": [t.to_dict() for t in all_tables],
+            },
+            indent=1,
+            default=float,
+        )
+    )
+    print("\n" + summary)
+    print(f"\nwritten: {common.RESULTS / 'summary.txt'}; section seconds: {timings}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
