@@ -122,7 +122,10 @@ def bench_jobs(n_jobs: int, epochs: int, with_ray: bool) -> dict:
             if hasattr(executor, "close"):
                 executor.close()
             stores[name] = store
-            rows.append({"backend": name, "jobs": n_jobs, "seconds": seconds, "startup_seconds": startup})
+            job_seconds = sum(float(store.get(j.key)[1]["seconds"]) for j in jobs)
+            rows.append({"backend": name, "jobs": n_jobs, "seconds": seconds, "startup_seconds": startup,
+                         "job_seconds": job_seconds, "concurrency": job_seconds / seconds,
+                         "loadavg_1min_after": os.getloadavg()[0]})  # fmt: skip
         ref = stores[rows[0]["backend"]]
         for row in rows:
             other = stores[row["backend"]]
@@ -135,12 +138,16 @@ def bench_jobs(n_jobs: int, epochs: int, with_ray: bool) -> dict:
     print(
         f"\n== jobs: {n_jobs} retrainings (MLP-S, {len(train) // 2} points, {epochs} epochs), 1 thread per worker =="
     )
-    print(f"{'backend':18s} {'run s':>8s} {'start s':>8s} {'jobs/s':>7s} {'speedup':>8s} identical")
+    print("(job s = sum of per-job durations; concurrency = job s / run s: ~2 means two jobs ran at once)")
+    print(
+        f"{'backend':18s} {'run s':>8s} {'start s':>8s} {'jobs/s':>7s} {'speedup':>8s} {'job s':>8s} {'conc.':>6s} identical"
+    )
     for r in rows:
         print(
             f"{r['backend']:18s} {r['seconds']:8.2f} {r['startup_seconds']:8.2f} {n_jobs / r['seconds']:7.2f} "
-            f"{r['speedup_vs_1_worker']:8.2f} {r['identical']}"
+            f"{r['speedup_vs_1_worker']:8.2f} {r['job_seconds']:8.2f} {r['concurrency']:6.2f} {r['identical']}"
         )
+    print(f"1-min load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     return {"n_jobs": n_jobs, "epochs": epochs, "cpu_count": os.cpu_count(), "rows": rows}
 
 
@@ -223,7 +230,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.targets, args.jobs, args.epochs = 50_000, 100, 6, 3
-    results: dict = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    results: dict = {
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min_at_start": os.getloadavg()[0],  # other work on the machine makes timings noisy
+    }
     if args.section in ("all", "store"):
         results["store"] = bench_store(args.n, args.targets, args.proj_dim, args.top_k)
     if args.section in ("all", "jobs"):
