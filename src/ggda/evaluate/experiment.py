@@ -1,0 +1,528 @@
+"""``ggda experiment``: the GGDA study on one data set + model, end to end and resumable.
+
+For every attribution method × grouping method × number of groups K (per-point attribution, i.e.
+singleton groups, always included) the experiment records
+
+* **attribution time**, grouping time included (GGDA's reviewers asked for it);
+* the **retraining score**: test accuracy after removing the top 1/5/10/20% most helpful points
+  (mean ± SEM over R retraining seeds), with random-removal and no-removal baselines;
+* **pruning**: accuracy after removing the least valuable fractions;
+* **LDS** over the same units (subsets drawn over groups);
+* **noisy-label detection** on a copy of the data with flipped labels (self-influence and
+  test-harm rankings; AUC and fraction found in the top 5/10/20%);
+
+and, when a ``ggda compare`` output directory is given, similarity to the further-training gold
+standard vs epochs. Every retrain of the whole experiment is planned first and sent to the
+executor in one batch (one worker pool); results and attribution scores live in keyed stores
+under ``OUT/``, so a rerun resumes and a finished experiment re-renders its report in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ggda.data.dataset import Dataset
+from ggda.errors import GGDAError
+from ggda.evaluate.lds import lds, lds_pairs
+from ggda.evaluate.noisy_labels import (
+    FOUND_AT,
+    detect_noisy_labels,
+    self_influence,
+    suspicion_from_self_influence,
+    suspicion_from_test_scores,
+)
+from ggda.evaluate.pruning import PRUNE_FRACTIONS, pruning_curves
+from ggda.evaluate.retraining import Retrainer, RetrainSpec
+from ggda.evaluate.retraining_score import FRACTIONS, RemovalResults, removal_pairs, retraining_score
+from ggda.execution import ResultStore, job_key, make_executor
+from ggda.groups.grouping import Grouping
+from ggda.models.training import TrainConfig, accuracy, train_model
+from ggda.models.zoo import ModelSpec, build_model
+from ggda.properties import ExampleLoss, MeanLoss
+from ggda.runs import DataSpec, prepare_data
+from ggda.task import AttributionTask
+
+SINGLETON = "singleton"
+Log = Callable[[str], None]
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one experiment varies; saved to ``OUT/config.json``.
+
+    ``ks`` entries are group counts (``28``) or ``n/S`` for groups of about S points (``n/50``).
+    Set ``lds_subsets=0``, ``noise=0`` or ``prune_fractions=()`` to skip that evaluation.
+    """
+
+    data: str = "digits"
+    model: str = "mlp-s"
+    methods: list[str] = field(default_factory=lambda: ["grad-dot", "tracin"])
+    groupings: list[str] = field(default_factory=lambda: ["random", "kmeans", "repr-kmeans", "grad-kmeans"])
+    ks: list[str] = field(default_factory=lambda: ["n/50", "n/10"])
+    per_class: bool = False
+    fractions: list[float] = field(default_factory=lambda: list(FRACTIONS))
+    seeds: int = 3
+    prune_fractions: list[float] = field(default_factory=lambda: list(PRUNE_FRACTIONS))
+    lds_subsets: int = 20
+    lds_alpha: float = 0.5
+    lds_targets: int = 50
+    noise: float = 0.1
+    noisy_model: str | None = None  # default: the same model
+    epochs: int = 15
+    lr: float = 0.05
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    max_train: int | None = None
+    method_options: dict[str, dict] = field(default_factory=dict)
+    grouping_options: dict[str, dict] = field(default_factory=dict)
+    fill: str = "exact"
+    backend: str = "local"
+    workers: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+    gold_compare: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_k(spec: str | int, n: int) -> int:
+    """``28`` -> 28; ``n/50`` -> round(n / 50) (at least 1, at most n)."""
+    text = str(spec).strip().replace(" ", "")
+    try:
+        k = round(n / float(text[2:])) if text.startswith("n/") else int(text)
+    except ValueError:
+        raise GGDAError(f"Bad group count '{spec}'; write an integer (28) or n/SIZE (n/50).") from None
+    if not 1 <= k <= n:
+        raise GGDAError(f"Group count {spec} gives K={k}, outside 1..{n}.")
+    return int(k)
+
+
+def method_options(name: str, config: ExperimentConfig, checkpoints: list) -> dict:
+    opts = dict(config.method_options.get(name, {}))
+    if name == "tracin" and checkpoints:
+        opts.setdefault("checkpoints", checkpoints)
+    return opts
+
+
+def build_groupings(
+    config: ExperimentConfig, train: Dataset, task: AttributionTask, log: Log
+) -> tuple[dict[str, Grouping], list[dict]]:
+    """label -> grouping (``singleton`` first), and failures."""
+    try:
+        from ggda.groups import make_grouping
+    except ImportError:  # older trees: random groups only
+        make_grouping = None
+    n = len(train)
+    out: dict[str, Grouping] = {SINGLETON: Grouping.singleton(n)}
+    failures = []
+    for method in config.groupings:
+        if method == SINGLETON:
+            continue
+        for spec in config.ks:
+            K = resolve_k(spec, n)
+            label = f"{method}:{K}"
+            if label in out:
+                continue
+            try:
+                if make_grouping is not None:
+                    g = make_grouping(
+                        method,
+                        train,
+                        n_groups=K,
+                        task=task,
+                        per_class=config.per_class,
+                        seed=config.seed,
+                        **config.grouping_options.get(method, {}),
+                    )
+                elif method == "random":
+                    from ggda.groups import random_grouping
+
+                    g = random_grouping(n, K, config.seed)
+                else:
+                    raise GGDAError(f"Grouping '{method}' needs ggda.groups.make_grouping.")
+            except Exception as exc:  # a failed grouping must not sink the whole study
+                failures.append(
+                    {"stage": "grouping", "grouping": label, "error": f"{type(exc).__name__}: {exc}"}
+                )
+                log(f"  grouping {label} failed: {exc}")
+                continue
+            out[label] = g
+            log(f"  grouping {label}: K={g.n_groups}, {g.seconds:.2f}s ({g.meta.get('features', method)})")
+    return out, failures
+
+
+def _split_label(label: str) -> tuple[str, int | None]:
+    method, _, k = label.partition(":")
+    return method, (int(k) if k else None)
+
+
+def attribute_all(
+    config: ExperimentConfig,
+    task: AttributionTask,
+    train: Dataset,
+    test: Dataset,
+    groupings: dict[str, Grouping],
+    checkpoints: list,
+    store: ResultStore,
+    context: dict,
+    log: Log,
+    lds_targets: int = 0,
+) -> tuple[list[dict], dict[str, dict[str, np.ndarray]], list[dict]]:
+    """Timed mean-test-loss attribution (and per-target scores for LDS) per method × grouping.
+
+    Results are stored under keys of (context, method, options, grouping), so a rerun reuses them
+    with their originally measured times.
+    """
+    rows, scores, failures = [], {}, []
+    mean_prop = MeanLoss(test.X, test.y)
+    example_prop = ExampleLoss(test.X[:lds_targets], test.y[:lds_targets]) if lds_targets else None
+    for method in config.methods:
+        opts = method_options(method, config, checkpoints)
+        for glabel, grouping in groupings.items():
+            key = job_key(
+                {
+                    **context,
+                    "method": method,
+                    "opts": opts,
+                    "grouping": _gdigest(grouping),
+                    "lds_targets": lds_targets,
+                },
+                m=method,
+                g=glabel.replace(":", "-"),
+            )
+            label = f"{method}|{glabel}"
+            if store.has(key):
+                arrays, meta = store.get(key)
+            else:
+                try:
+                    from ggda.methods import make_method
+
+                    t0 = time.perf_counter()
+                    att = make_method(method, task, **opts).cache(train, grouping)
+                    mean_scores = att.attribute(mean_prop)
+                    seconds = time.perf_counter() - t0
+                    arrays = {"mean": np.asarray(mean_scores, dtype=np.float64)}
+                    t1 = time.perf_counter()
+                    if example_prop is not None:
+                        arrays["example"] = np.asarray(att.attribute(example_prop), dtype=np.float64)
+                    meta = {
+                        "attribution_seconds": seconds,
+                        "grouping_seconds": grouping.seconds,
+                        "example_seconds": time.perf_counter() - t1,
+                    }
+                except Exception as exc:
+                    failures.append(
+                        {"stage": "attribution", "label": label, "error": f"{type(exc).__name__}: {exc}"}
+                    )
+                    log(f"  {label} failed: {exc}")
+                    continue
+                store.put(key, arrays, meta)
+            gmethod, K = _split_label(glabel)
+            seconds = meta["attribution_seconds"] + meta["grouping_seconds"]
+            rows.append(
+                {
+                    "label": label,
+                    "method": method,
+                    "grouping": gmethod,
+                    "K": grouping.n_groups,
+                    "seconds": seconds,
+                    "attribution_seconds": meta["attribution_seconds"],
+                    "grouping_seconds": meta["grouping_seconds"],
+                }
+            )
+            scores[label] = arrays
+            log(f"  {label:32s} K={grouping.n_groups:5d}  {seconds:7.2f}s")
+    return rows, scores, failures
+
+
+def _gdigest(grouping: Grouping) -> str:
+    import hashlib
+
+    return hashlib.sha1(grouping.labels.tobytes()).hexdigest()[:16]
+
+
+def _noisy_detection(
+    config: ExperimentConfig, data_spec: DataSpec, model_spec_name: str, out: Path, log: Log
+) -> tuple[list[dict], dict[str, dict], list[dict], dict]:
+    """Train on flipped labels, then rank points by self-influence / test harm per method × grouping."""
+    spec = DataSpec(**{**data_spec.to_dict(), "noise": config.noise, "noise_seed": config.seed})
+    train, test, _ = prepare_data(spec)
+    mspec = ModelSpec(model_spec_name, train.n_features, train.n_outputs, train.input_shape)
+    model = build_model(mspec, seed=config.seed)
+    tconf = TrainConfig(
+        epochs=config.epochs,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        optimizer=config.optimizer,
+        seed=config.seed,
+    )
+    ckpt_dir = out / "noisy-model" / "checkpoints"
+    result = train_model(model, train, tconf, device=config.device, checkpoint_dir=ckpt_dir)
+    task = AttributionTask(model, loss=train.kind, device=config.device)
+    info = {
+        "model": model_spec_name,
+        "noise": config.noise,
+        "n_flipped": int(train.noisy.sum()),
+        "test_accuracy": accuracy(model, test, config.device),
+    }
+    log(
+        f"noisy labels: {info['n_flipped']} of {len(train)} flipped, {model_spec_name} test accuracy {info['test_accuracy']:.3f}"
+    )
+    groupings, failures = build_groupings(config, train, task, log)
+    rows, curves = [], {}
+    from ggda.methods import make_method
+
+    for method in config.methods:
+        opts = method_options(method, config, result.checkpoints)
+        for glabel, grouping in groupings.items():
+            label = f"{method}|{glabel}"
+            try:
+                t0 = time.perf_counter()
+                att = make_method(method, task, **opts).cache(train, grouping)
+                self_scores = self_influence(att)
+                seconds = time.perf_counter() - t0 + grouping.seconds
+                test_scores = att.attribute(MeanLoss(test.X, test.y))
+            except Exception as exc:
+                failures.append({"stage": "noisy", "label": label, "error": f"{type(exc).__name__}: {exc}"})
+                log(f"  {label} failed: {exc}")
+                continue
+            gmethod, _ = _split_label(glabel)
+            for ranking, suspicion in (
+                ("self-influence", suspicion_from_self_influence(self_scores, grouping)),
+                ("test-harm", suspicion_from_test_scores(test_scores, grouping)),
+            ):
+                det = detect_noisy_labels(suspicion, train.noisy, FOUND_AT, seed=config.seed)
+                rows.append(
+                    {
+                        "label": label,
+                        "method": method,
+                        "grouping": gmethod,
+                        "K": grouping.n_groups,
+                        "ranking": ranking,
+                        "seconds": seconds,
+                        **det.row(),
+                    }
+                )
+                grid = np.linspace(0, 1, 101)
+                curves[f"{label}|{ranking}"] = {
+                    "inspected": grid.tolist(),
+                    "found": np.interp(grid, det.inspected, det.recall).tolist(),
+                }
+            log(f"  {label:32s} AUC self {rows[-2]['auc']:.3f}, test-harm {rows[-1]['auc']:.3f}")
+    return rows, curves, failures, info
+
+
+def _removal_rows(results: RemovalResults, attributions: pd.DataFrame) -> list[dict]:
+    frame = results.table()
+    meta = attributions.set_index("label")[["method", "grouping", "K", "seconds"]]
+    frame = frame.join(meta, on="label")
+    frame.loc[frame["label"] == "random", "method"] = "random"
+    return frame.to_dict(orient="records")
+
+
+def load_gold_compare(path: str | Path) -> list[dict]:
+    """Rows (method, epoch, metric, mean, sem) from a ``ggda compare`` directory or its compare.csv."""
+    path = Path(path)
+    csv = path / "compare.csv" if path.is_dir() else path
+    if not csv.exists():
+        raise GGDAError(f"No compare.csv at {path}; pass the output directory of `ggda compare`.")
+    frame = pd.read_csv(csv)
+    need = {"method", "epoch", "metric", "mean"}
+    if not need <= set(frame.columns):
+        raise GGDAError(
+            f"{csv} lacks columns {sorted(need - set(frame.columns))}; is it a `ggda compare` output?"
+        )
+    if "sem" not in frame.columns:
+        frame["sem"] = 0.0
+    return frame.to_dict(orient="records")
+
+
+def run_experiment(
+    config: ExperimentConfig, out: str | Path, log: Log = print, progress: bool = True
+) -> dict:
+    """Run (or resume) the experiment into ``out``; returns the results dict also saved as results.json."""
+    import torch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    t_start = time.perf_counter()
+    seeds = list(range(config.seeds))
+    if config.seeds < 1:
+        raise GGDAError("Use at least one retraining seed (--seeds 3 is the default).")
+    data_spec = DataSpec(config.data, split_seed=config.seed, max_train=config.max_train)
+    train, test, _ = prepare_data(data_spec)
+    if train.kind != "classification":
+        raise GGDAError("ggda experiment reports accuracies; use a classification data set.")
+    mspec = ModelSpec(config.model, train.n_features, train.n_outputs, train.input_shape)
+    tconf = TrainConfig(
+        epochs=config.epochs,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        optimizer=config.optimizer,
+        seed=config.seed,
+    )
+    log(f"data  {train.describe()}; test n={len(test)}")
+    torch.manual_seed(config.seed)
+    model = build_model(mspec, seed=config.seed)
+    t0 = time.perf_counter()
+    trained = train_model(
+        model, train, tconf, device=config.device, checkpoint_dir=out / "model" / "checkpoints"
+    )
+    reference = {
+        "n_train": len(train),
+        "n_test": len(test),
+        "train_seconds": time.perf_counter() - t0,
+        "test_accuracy": accuracy(model, test, config.device),
+    }
+    log(
+        f"model {config.model}: test accuracy {reference['test_accuracy']:.4f} ({reference['train_seconds']:.1f}s)"
+    )
+    task = AttributionTask(model, loss=train.kind, device=config.device)
+    context = {"data": data_spec.to_dict(), "model": mspec.to_dict(), "train": tconf.to_dict()}
+
+    log("groupings")
+    groupings, failures = build_groupings(config, train, task, log)
+    log("attribution (mean test loss; time includes grouping)")
+    lds_targets = min(config.lds_targets, len(test)) if config.lds_subsets else 0
+    att_rows, scores, fails = attribute_all(
+        config,
+        task,
+        train,
+        test,
+        groupings,
+        trained.checkpoints,
+        ResultStore(out / "attributions"),
+        context,
+        log,
+        lds_targets,
+    )
+    failures += fails
+    attributions = pd.DataFrame(att_rows)
+    rankings = {
+        row["label"]: (scores[row["label"]]["mean"], groupings[row["label"].split("|", 1)[1]])
+        for row in att_rows
+    }
+
+    # -- every retrain of the experiment, planned up front and run in one batch --------------
+    executor = make_executor(
+        config.backend,
+        **({"workers": config.workers} if config.workers and config.backend != "serial" else {}),
+    )
+    retrainer = Retrainer(
+        RetrainSpec(mspec, tconf, data_spec, config.device),
+        out / "retrains",
+        executor,
+        train,
+        test,
+        progress=progress,
+    )
+    n = len(train)
+    pairs = removal_pairs(rankings, n, config.fractions, seeds, "helpful", config.fill)
+    if config.prune_fractions:
+        pairs += removal_pairs(rankings, n, config.prune_fractions, seeds, "harmful", config.fill)
+    lds_groupings = {label: g for label, g in groupings.items()} if config.lds_subsets else {}
+    for g in lds_groupings.values():
+        if g.n_groups >= 4:
+            pairs += lds_pairs(g, config.lds_subsets, config.lds_alpha, (0,), config.seed)
+    unique = len({retrainer.job(r, s).key for r, s in pairs})
+    log(f"retraining: {unique} distinct retrains ({len(retrainer.store)} already stored)")
+    t0 = time.perf_counter()
+    retrainer.run_pairs(pairs)
+    retrain_seconds = time.perf_counter() - t0
+    log(f"retraining: ran {retrainer.executed} in {retrain_seconds:.1f}s")
+
+    score = retraining_score(retrainer, rankings, config.fractions, seeds, config.fill)
+    retraining_rows = _removal_rows(score, attributions)
+    pruning_rows = []
+    if config.prune_fractions:
+        pruning_rows = _removal_rows(
+            pruning_curves(retrainer, rankings, config.prune_fractions, seeds, config.fill), attributions
+        )
+    lds_rows = []
+    for glabel, g in lds_groupings.items():
+        if g.n_groups < 4:
+            continue
+        named = {
+            r["label"]: scores[r["label"]]["example"]
+            for r in att_rows
+            if r["label"].split("|", 1)[1] == glabel
+        }
+        if not named:
+            continue
+        for label, res in lds(
+            retrainer, named, g, config.lds_subsets, config.lds_alpha, (0,), seed=config.seed
+        ).items():
+            row = attributions.set_index("label").loc[label]
+            lds_rows.append(
+                {
+                    "label": label,
+                    "method": row["method"],
+                    "grouping": row["grouping"],
+                    "K": int(row["K"]),
+                    "seconds": float(row["seconds"]),
+                    "lds": res.score,
+                    "lds_sem": res.sem,
+                }
+            )
+
+    noisy_rows, noisy_curves, noisy_info = [], {}, {}
+    if config.noise > 0:
+        log("noisy-label detection")
+        noisy_rows, noisy_curves, fails, noisy_info = _noisy_detection(
+            config, data_spec, config.noisy_model or config.model, out, log
+        )
+        failures += fails
+    gold_rows = load_gold_compare(config.gold_compare) if config.gold_compare else []
+    results = {
+        "config": config.to_dict(),
+        "reference": reference,
+        "no_removal": {
+            "acc_mean": float(score.none_accuracy.mean()),
+            "acc_sem": float(score.none_accuracy.std(ddof=1) / np.sqrt(len(seeds)))
+            if len(seeds) > 1
+            else 0.0,
+        },
+        "attributions": att_rows,
+        "retraining": retraining_rows,
+        "pruning": pruning_rows,
+        "lds": lds_rows,
+        "noisy": noisy_rows,
+        "noisy_info": noisy_info,
+        "noisy_curves": noisy_curves,
+        "gold": gold_rows,
+        "failures": failures,
+        "retrains": {"distinct": unique, "ran": retrainer.executed, "seconds": retrain_seconds},
+        "seconds": time.perf_counter() - t_start,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    for name in ("attributions", "retraining", "pruning", "lds", "noisy", "gold"):
+        if results[name]:
+            pd.DataFrame(results[name]).to_csv(out / f"{name}.csv", index=False)
+    return results
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def available_methods(preferred: Sequence[str]) -> list[str]:
+    """The preferred methods that are registered in this installation, in order."""
+    import ggda.methods  # noqa: F401
+    from ggda.methods import METHODS
+
+    return [m for m in preferred if m in METHODS]
