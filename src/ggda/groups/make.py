@@ -94,7 +94,7 @@ def given_grouping(train, values=None, column: str = "group") -> Grouping:
         if getattr(train, "group_column", None) is None:
             raise GGDAError(
                 "The training data has no group column; train with --group-column NAME or pass "
-                "values= (an array or a .npy/.csv/.parquet file of group ids)."
+                "values= (CLI: --values FILE), an array or a .npy/.csv/.parquet file of group ids."
             )
         g = Grouping.from_ids(train.group_column, method="given")
     elif isinstance(values, (str, Path)):

@@ -1,0 +1,96 @@
+"""``ggda group``: build a grouping of a run's training set and save it for ``ggda attribute``.
+
+Prints K, min/median/max group size, class purity and the time taken (grouping time belongs in
+GGDA runtimes); writes the group ids (``.npy``, or ``.parquet``/``.csv`` with position, id and
+group columns) plus ``FILE.json`` with the summary and the build record (meta).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ggda.cli.main import _threads, app, parse_options
+from ggda.errors import GGDAError
+
+OUT_SUFFIXES = (".npy", ".parquet", ".pq", ".csv")
+
+
+@app.command("group")
+def group_cmd(
+    run: Path = typer.Option(..., help="Run directory from `ggda train`."),
+    method: str = typer.Option(
+        "grad-kmeans", help="random, kmeans, repr-kmeans, grad-kmeans, given or singleton."
+    ),
+    groups: int = typer.Option(None, "--groups", "-k", help="Number of groups K."),
+    group_size: float = typer.Option(None, help="Target group size S instead of K (K = round(n / S))."),
+    per_class: bool = typer.Option(False, help="Cluster within each class: label-pure groups."),
+    seed: int = typer.Option(0, help="Seed of k-means++, the random partition and projections."),
+    out: Path = typer.Option(..., help="Output file: .npy, .parquet or .csv."),
+    features: str = typer.Option(None, help="grad-kmeans features: last-layer (default), logits, projected."),
+    layer: str = typer.Option(
+        None, help="repr-kmeans: module whose output to use; grad-kmeans: Linear layer."
+    ),
+    projection_dim: int = typer.Option(None, help="Random-projection dimension of gradient features."),
+    values: Path = typer.Option(
+        None, help="given: .npy/.csv/.parquet file of group ids (default: the data's group column)."
+    ),
+    column: str = typer.Option("group", help="given: column of the --values table."),
+    opt: list[str] = typer.Option(
+        [], "--opt", help="More make_grouping options KEY=VALUE, e.g. --opt empty=merge."
+    ),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto (feature extraction)."),
+    threads: int = typer.Option(None, help="torch threads (default: torch's)."),
+) -> None:
+    """Group a run's training points (Random / K-Means / Repr-K-Means / Grad-K-Means / given)."""
+    _threads(threads)
+    if out.suffix not in OUT_SUFFIXES:
+        raise GGDAError(f"--out must end in {', '.join(OUT_SUFFIXES)}; got '{out.name}'.")
+    from ggda.groups import make_grouping
+    from ggda.runs import load_run
+
+    r = load_run(run)
+    options = parse_options(opt)
+    for key, value in (("features", features), ("layer", layer), ("projection_dim", projection_dim)):
+        if value is not None:
+            options[key] = value
+    if method == "given" and values is not None:
+        options.update(values=str(values), column=column)
+    task = None
+    if method in ("repr-kmeans", "grad-kmeans"):
+        from ggda.task import AttributionTask
+
+        task = AttributionTask(r.model, loss=r.kind, device=device)
+    if group_size is not None and group_size == int(group_size):
+        group_size = int(group_size)
+    g = make_grouping(
+        method,
+        r.train,
+        n_groups=groups,
+        group_size=group_size,
+        task=task,
+        per_class=per_class,
+        seed=seed,
+        **options,
+    )
+    labels = r.train.y if r.kind == "classification" else None
+    summary = g.summary(labels)
+    path = g.save(out, ids=r.train.ids)
+    record = out.with_suffix(".json")
+    record.write_text(
+        json.dumps({"summary": summary, "meta": g.meta, "run": str(run)}, indent=2, default=str)
+    )
+    pc = " per-class" if per_class else ""
+    purity = f", purity {summary['purity']:.3f}" if "purity" in summary else ""
+    extra = ""
+    if g.meta.get("empty_clusters"):
+        done = {"reseed": "re-seeded", "merge": "merged"}[g.meta.get("empty_policy", "reseed")]
+        extra = f", {g.meta['empty_clusters']} empty clusters {done}"
+    typer.echo(
+        f"{method}{pc}: K={summary['K']} (n={summary['n']}), size min/median/max "
+        f"{summary['min_size']}/{summary['median_size']:g}/{summary['max_size']}{purity}, "
+        f"{g.seconds:.2f}s{extra}"
+    )
+    typer.echo(f"wrote {path} and {record}")
