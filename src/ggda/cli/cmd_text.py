@@ -61,9 +61,11 @@ def text_train_cmd(
 ) -> None:
     """Train the MiniLM review classifier and report held-out accuracy."""
     _threads(threads)
+    from dataclasses import replace
+
     import torch
 
-    from ggda.models.text import TextTrainConfig, evaluate, train_text_classifier
+    from ggda.models.text import TextTrainConfig, evaluate, prefix_dataset, train_text_classifier
     from ggda.models.training import resolve_device
 
     if mode not in ("frozen", "finetune"):
@@ -80,8 +82,14 @@ def text_train_cmd(
         lp_epochs=lp_epochs, ft_epochs=ft_epochs if mode == "finetune" else 0, ft_lr=ft_lr, seed=seed
     )
     t0 = time.perf_counter()
-    train_text_classifier(clf, train, cfg, device=dev)
-    metrics = {"mode": mode, "train_seconds": time.perf_counter() - t0, **evaluate(clf, test, dev)}
+    prefix = prefix_dataset(clf, train, device=dev) if layers > 0 else None
+    probe = replace(cfg, ft_epochs=0)
+    train_text_classifier(clf, train, probe, device=dev, prefix=prefix)
+    metrics: dict = {"mode": mode}
+    if layers > 0:  # report the linear probe (mode a) too, then fine-tune from it
+        metrics["probe_accuracy"] = evaluate(clf, test, dev)["accuracy"]
+        train_text_classifier(clf, train, replace(cfg, lp_epochs=0), device=dev, prefix=prefix)
+    metrics.update(train_seconds=time.perf_counter() - t0, **evaluate(clf, test, dev))
     out.mkdir(parents=True, exist_ok=True)
     trainable = {
         k: v for k, v in clf.state_dict().items() if not k.startswith("encoder.") or k in _trainable_keys(clf)
