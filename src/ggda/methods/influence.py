@@ -271,8 +271,9 @@ class ExplicitIF(InfluenceFunction):
         self.max_params, self.block_size = int(max_params), int(block_size)
 
     def _fit(self) -> None:
-        self.H = self.curvature.dense(self.block_size)
-        self._inverse: DenseInverse = factorize(self.H, self.lambda_)
+        H = self.curvature.dense(self.block_size)  # not kept: only the factor is needed (halves memory)
+        self._inverse: DenseInverse = factorize(H, self.lambda_)
+        del H
         self.info.update(positive_definite=self._inverse.positive_definite)
         if not self._inverse.positive_definite:
             warnings.warn(
