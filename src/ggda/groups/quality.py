@@ -19,13 +19,19 @@ from ggda.groups.grouping import Grouping
 
 
 def within_group_variance(features: np.ndarray, grouping: Grouping) -> float:
-    """W for an explicit (n, d) feature/gradient matrix: mean squared distance to the group mean."""
-    F = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    """W for an explicit (n, d) feature/gradient matrix: mean squared distance to the group mean.
+
+    Uses the same sum-of-squares identity as :func:`gradient_variance` (float64 accumulation),
+    so no n × d temporaries beyond one reordered copy are made.
+    """
+    F = np.asarray(features).reshape(len(features), -1)
     grouping.check_matches(len(F), "the feature matrix")
-    sums = np.zeros((grouping.n_groups, F.shape[1]))
-    np.add.at(sums, grouping.labels, F)
-    means = sums / grouping.sizes[:, None]
-    return float(((F - means[grouping.labels]) ** 2).sum() / len(F))
+    sq = sum(float(np.square(F[i : i + 4096], dtype=np.float64).sum()) for i in range(0, len(F), 4096))
+    order = np.argsort(grouping.labels, kind="stable")
+    starts = np.r_[0, np.cumsum(grouping.sizes)[:-1]]
+    sums = np.add.reduceat(F[order], starts, axis=0, dtype=np.float64)  # groups are non-empty
+    between = float((np.square(sums).sum(1) / grouping.sizes).sum())
+    return max(sq - between, 0.0) / len(F)
 
 
 def gradient_variance(
