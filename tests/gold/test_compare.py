@@ -145,10 +145,14 @@ def test_cli_gold_then_compare(tmp_path):
     assert (gold / "compare" / "compare.png").exists()
     table = (gold / "compare" / "compare.csv").read_text()
     assert "grad-dot" in table and "tracin" in table
+    from ggda.models.checkpoint import save_model
+
+    bogus = save_model(tmp_path / "bogus.pt", nn.Sequential(nn.Linear(64, 3)))
     for bad, msg in (
         (["--epochs", 0], "epochs"),
         (["--unit-ids", "5,100000"], "not in the data"),
         (["--lr", -1], "lr"),
+        (["--checkpoint", bogus], "does not match the model"),
     ):
         r = invoke(*args[:-2], "--out", tmp_path / "bad", *bad)
         assert r.exit_code != 0 and msg in str(r.exception), (bad, r.output)
