@@ -162,3 +162,28 @@ def test_per_point_grad_dot_beats_random_removal(make_retrainer, small_digits, t
         retrainer, {"grad-dot": (scores, Grouping.singleton(len(train)))}, [0.2], seeds=[0, 1, 2]
     )
     assert result.curves["grad-dot"].acc_mean[0] < result.random.acc_mean[0] - 0.03
+
+
+def test_jobs_pickle_and_rebuild_data_from_the_spec(tmp_path):
+    """Jobs travel to spawned workers/other hosts: pickled, they rebuild the data from the DataSpec."""
+    import pickle
+
+    from ggda.evaluate import Retrainer, RetrainSpec
+    from ggda.evaluate import retraining as retraining_module
+    from ggda.models import ModelSpec, TrainConfig
+    from ggda.runs import DataSpec, prepare_data
+
+    spec_data = DataSpec("digits", max_train=150)
+    train, test, _ = prepare_data(spec_data)
+    spec = RetrainSpec(
+        ModelSpec("logreg", train.n_features, train.n_outputs), TrainConfig(epochs=2), spec_data
+    )
+    retrainer = Retrainer(spec, tmp_path / "store", SerialExecutor())
+    job = retrainer.job(np.arange(10), 0)
+    assert job.kwargs["arrays"] is None  # data are rebuilt, not shipped
+    fn, kwargs = pickle.loads(pickle.dumps((job.fn, job.kwargs)))
+    retraining_module._DATA_CACHE.clear()
+    shipped = fn(**kwargs)
+    local = retrainer.run([np.arange(10)], [0])
+    assert np.array_equal(shipped["losses"], local.losses[0, 0])
+    assert retrainer.job(np.arange(10)[::-1], 0).key == job.key  # order-free removal sets

@@ -10,7 +10,7 @@
 * :mod:`~ggda.evaluate.experiment` — methods × groupings × K, timed, every score (``ggda experiment``).
 """
 
-from ggda.evaluate.lds import LDSResult, lds, lds_from_outcomes, subset_masks
+from ggda.evaluate.lds import LDSResult, lds, lds_from_outcomes, lds_pairs, subset_masks
 from ggda.evaluate.noisy_labels import (
     DetectionResult,
     GroupLoss,
@@ -19,7 +19,7 @@ from ggda.evaluate.noisy_labels import (
     suspicion_from_self_influence,
     suspicion_from_test_scores,
 )
-from ggda.evaluate.pruning import pruning_curves
+from ggda.evaluate.pruning import PRUNE_FRACTIONS, pruning_curves
 from ggda.evaluate.retraining import Outcomes, Retrainer, RetrainSpec, retrain_job
 from ggda.evaluate.retraining_score import (
     FRACTIONS,
@@ -28,12 +28,14 @@ from ggda.evaluate.retraining_score import (
     random_removal,
     rank_units,
     removal_curves,
+    removal_pairs,
     removal_set,
     retraining_score,
 )
 
 __all__ = [
     "FRACTIONS",
+    "PRUNE_FRACTIONS",
     "DetectionResult",
     "GroupLoss",
     "LDSResult",
@@ -45,10 +47,12 @@ __all__ = [
     "detect_noisy_labels",
     "lds",
     "lds_from_outcomes",
+    "lds_pairs",
     "pruning_curves",
     "random_removal",
     "rank_units",
     "removal_curves",
+    "removal_pairs",
     "removal_set",
     "retrain_job",
     "retraining_score",

@@ -324,7 +324,11 @@ def _removal_rows(results: RemovalResults, attributions: pd.DataFrame) -> list[d
     frame = results.table()
     meta = attributions.set_index("label")[["method", "grouping", "K", "seconds"]]
     frame = frame.join(meta, on="label")
-    frame.loc[frame["label"] == "random", "method"] = "random"
+    rnd = frame["label"] == "random"
+    frame.loc[rnd, "method"] = "random"
+    frame.loc[rnd, "grouping"] = "none"
+    frame["K"] = frame["K"].fillna(0).astype(int)
+    frame["seconds"] = frame["seconds"].fillna(0.0)
     return frame.to_dict(orient="records")
 
 
