@@ -22,7 +22,7 @@ object store. This module only adapts ggda's :class:`~ggda.execution.Job` contra
   ``address="auto"`` or ``"HOST:PORT"`` joins an existing cluster and :meth:`close` only
   disconnects; an already-initialised Ray session in this process is used and left alone.
 
-Token authentication (on by default since Ray 2.5x, writing ``~/.ray/auth_token``) is disabled
+Token authentication (on by default in recent Ray, e.g. 2.60, which writes ``~/.ray/auth_token``) is disabled
 for clusters this executor starts, unless ``RAY_AUTH_MODE`` is already set, and the dashboard
 is not started.
 """
