@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the default: a few minutes")
     mode.add_argument("--full", action="store_true", help="bigger workloads (tens of minutes, dattri longer)")
-    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    ap.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {SECTIONS}; empty = only rebuild results/summary.* from saved sections",
+    )
     ap.add_argument("--no-dattri", action="store_true", help="skip the dattri comparison")
     args = ap.parse_args(argv)
     quick = not args.full
@@ -59,15 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         path = common.save(name, tables)
         print(f"-> {path} ({timings[name]:.0f} s)", flush=True)
         all_tables += tables
-    summary = "\n\n".join(t.render() for t in all_tables)
+    # the summary collects the latest result of every section, also of sections run separately
     common.RESULTS.mkdir(parents=True, exist_ok=True)
+    done = [s for s in SECTIONS if (common.RESULTS / f"{s}.json").exists()]
+    summary = "\n\n".join((common.RESULTS / f"{s}.txt").read_text().strip() for s in done)
     (common.RESULTS / "summary.txt").write_text(summary + "\n")
     (common.RESULTS / "summary.json").write_text(
         json.dumps(
             {
                 "mode": "quick" if quick else "full",
-                "seconds": timings,
-                "tables": [t.to_dict() for t in all_tables],
+                "seconds_this_run": timings,
+                "sections": {s: json.loads((common.RESULTS / f"{s}.json").read_text()) for s in done},
             },
             indent=1,
             default=float,
