@@ -130,6 +130,9 @@ def test_empty_clusters_are_reseeded_or_merged():
     dup = Dataset(X=np.repeat(np.eye(4, dtype=np.float32), 10, axis=0), y=np.arange(40) % 2)
     g = make_grouping("kmeans", dup, n_groups=8)
     assert g.n_groups == 8 and g.meta["empty_clusters"] >= 4 and g.meta["empty_policy"] == "reseed"
+    g = make_grouping("kmeans", dup, n_groups=12, per_class=True)  # 4 distinct points, 6 groups per class
+    assert g.n_groups == 12 and g.purity(dup.y) == 1.0 and g.meta["empty_clusters"] >= 4
+    assert g.meta["algorithm"] == "kmeans" and g.meta["empty_policy"] == "reseed"
 
 
 def test_minibatch_path(small_digits):

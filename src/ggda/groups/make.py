@@ -247,7 +247,7 @@ def _per_class(method, y, K, group_size, F, seed, cluster_opts) -> tuple[np.ndar
     else:
         k = allocate_groups(class_sizes, K)
     labels = np.empty(len(y), dtype=np.int64)
-    offset, empty, notes = 0, 0, {}
+    offset, empty, algorithms, warns = 0, 0, set(), set()
     for c, kc in enumerate(k):
         rows = np.flatnonzero(inverse == c)
         sub, sub_meta = _partition(
@@ -256,10 +256,16 @@ def _per_class(method, y, K, group_size, F, seed, cluster_opts) -> tuple[np.ndar
         labels[rows] = sub + offset
         offset += int(sub.max()) + 1
         empty += int(sub_meta.get("empty_clusters", 0))
-        notes.update({k_: v for k_, v in sub_meta.items() if k_ in ("algorithm", "feature_dim", "warnings")})
-    meta = {"groups_per_class": {str(cls): int(kc) for cls, kc in zip(classes, k, strict=True)}}
+        if "algorithm" in sub_meta:
+            algorithms.add(sub_meta["algorithm"])
+        warns.update(sub_meta.get("warnings", []))
+    meta: dict = {"groups_per_class": {str(cls): int(kc) for cls, kc in zip(classes, k, strict=True)}}
     if method != "random":
-        meta.update(notes, empty_clusters=empty)
+        meta.update(algorithm="+".join(sorted(algorithms)), empty_clusters=empty)
+        if empty:
+            meta["empty_policy"] = cluster_opts.get("empty", "reseed")
+        if warns:
+            meta["warnings"] = sorted(warns)
     return labels, meta
 
 
