@@ -87,7 +87,8 @@ def text_train_cmd(
     train_text_classifier(clf, train, probe, device=dev, prefix=prefix)
     metrics: dict = {"mode": mode}
     if layers > 0:  # report the linear probe (mode a) too, then fine-tune from it
-        metrics["probe_accuracy"] = evaluate(clf, test, dev)["accuracy"]
+        probed = evaluate(clf, test, dev)
+        metrics.update(probe_accuracy=probed["accuracy"], probe_loss=probed["loss"])
         train_text_classifier(clf, train, replace(cfg, lp_epochs=0), device=dev, prefix=prefix)
     metrics.update(train_seconds=time.perf_counter() - t0, **evaluate(clf, test, dev))
     out.mkdir(parents=True, exist_ok=True)
