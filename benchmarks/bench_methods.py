@@ -27,8 +27,8 @@ def method_options(quick: bool, checkpoints) -> dict[str, dict]:
         "grad-dot": {},
         "tracin": {"checkpoints": checkpoints},
         "if-cg": {"damping_scale": 0.1, "max_iter": cg_iter, "tol": 1e-4},
-        "if-lissa": {"damping_scale": 0.1},
-        "if-arnoldi": {"damping_scale": 0.1},
+        "if-lissa": {"damping_scale": 0.1, "depth": 200 if quick else 1000},
+        "if-arnoldi": {"damping_scale": 0.1, "rank": 20 if quick else 50, "iterations": 40 if quick else 200},
         "datainf": {"damping_scale": 0.1},
         "ekfac": {},
         "trak": {"proj_dim": 512},
@@ -91,6 +91,7 @@ def run(quick: bool = True) -> list[Table]:
             row += [""] * (len(table.columns) - len(row))
         table.add(*row)
         print(" ", row, flush=True)
+        save("methods", [table])  # partial results survive an interrupted run
     table.notes.append("time = grouping + cache + attribute; random grouping (its time is included).")
     print(table.render(), flush=True)
     return [table]
