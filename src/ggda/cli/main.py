@@ -139,7 +139,7 @@ def parse_options(pairs: list[str]) -> dict:
     return out
 
 
-def resolve_grouping(spec: str, run) -> object:
+def resolve_grouping(spec: str, run, device: str = "cpu") -> object:
     """``singleton``, ``column`` (the data's group column), or a .npy/.csv/.parquet file of group ids."""
     from ggda.groups.grouping import Grouping
 
@@ -159,7 +159,7 @@ def resolve_grouping(spec: str, run) -> object:
         return g
     from ggda.groups import build_grouping_from_spec
 
-    return build_grouping_from_spec(spec, run)
+    return build_grouping_from_spec(spec, run, device=device)
 
 
 @app.command("attribute")
@@ -173,7 +173,9 @@ def attribute_cmd(
     targets: int = typer.Option(50, help="Number of test points used as targets (first N)."),
     aggregate: str = typer.Option("sum", help="Group score: sum or mean over members."),
     no_lr: bool = typer.Option(False, help="TracIn: drop the learning-rate weights (GGDA's variant)."),
-    opt: list[str] = typer.Option([], "--opt", help="Method option KEY=VALUE (repeatable), e.g. --opt damping=0.01."),
+    opt: list[str] = typer.Option(
+        [], "--opt", help="Method option KEY=VALUE (repeatable), e.g. --opt damping=0.01."
+    ),
     top_k: int = typer.Option(10, help="Rows per target in the top-k table."),
     out: Path = typer.Option(None, help="Output directory (default RUN/attributions/METHOD-GROUPING)."),
     device: str = typer.Option("cpu"),
@@ -187,7 +189,7 @@ def attribute_cmd(
     from ggda.task import AttributionTask
 
     r = load_run(run)
-    grp = resolve_grouping(grouping, r)
+    grp = resolve_grouping(grouping, r, device)
     task = AttributionTask(r.model, loss=r.kind, device=device)
     options: dict = {"aggregate": aggregate}
     if method in ("tracin", "trak"):
@@ -195,6 +197,13 @@ def attribute_cmd(
     if method == "tracin":
         options["use_lr"] = not no_lr
     options.update(parse_options(opt))
+    from ggda.methods import METHODS
+    from ggda.methods.base import method_options
+
+    weight_decay = float(r.config["train"].get("weight_decay", 0.0))
+    if method in METHODS and "weight_decay" in method_options(METHODS[method]) and weight_decay > 0:
+        # The model was trained with L2: its curvature includes wd·I (IF methods add it when told).
+        options.setdefault("weight_decay", weight_decay)
     attributor = make_method(method, task, **options)
     n_targets = min(targets, len(r.test))
     property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])

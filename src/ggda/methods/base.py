@@ -46,7 +46,30 @@ def make_method(name: str, task: AttributionTask, **options) -> Attributor:
 
     if name not in METHODS:
         raise GGDAError(f"Unknown method '{name}'; choose one of {', '.join(sorted(METHODS))}.")
-    return METHODS[name](task, **options)
+    cls = METHODS[name]
+    accepted = method_options(cls)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise GGDAError(
+            f"Method '{name}' has no option {', '.join(unknown)}; its options are {', '.join(sorted(accepted))}."
+        )
+    return cls(task, **options)
+
+
+def method_options(cls: type) -> set[str]:
+    """Keyword options a method's constructor accepts (following ``**options`` up the class chain)."""
+    import inspect
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names - {"self", "task"}
 
 
 class Attributor(ABC):
