@@ -104,7 +104,9 @@ class Margin(ExampleProperty):
             )
         y = y.long()
         correct = outputs.gather(-1, y[:, None])[:, 0]
-        others = outputs.masked_fill(torch.nn.functional.one_hot(y, outputs.shape[-1]).bool(), float("-inf"))
+        # Boolean mask by comparison, not one_hot: one_hot has no vmap batching rule.
+        is_correct = torch.arange(outputs.shape[-1], device=outputs.device) == y[:, None]
+        others = outputs.masked_fill(is_correct, float("-inf"))
         return -(correct - torch.logsumexp(others, dim=-1))
 
 
