@@ -29,7 +29,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (sets the thread environment before torch is imported)
 
-SECTIONS = ("floor", "methods", "dattri")
+SECTIONS = ("floor", "methods", "grouping", "dattri")
+# Sections run as their own process (peak-memory figures must belong to that workload alone);
+# their printed output is the result.
+EXTERNAL = {
+    "scale": lambda quick: [
+        sys.executable,
+        str(Path(__file__).parent / "bench_scale.py"),
+        *(["--quick"] if quick else []),
+        "--out",
+        str(common.RESULTS / "scale.json"),
+    ],
+    "gold": lambda quick: [
+        sys.executable,
+        "-m",
+        "ggda.gold.benchmark",
+        *(["--runs", "20", "--seq-runs", "4"] if quick else []),
+    ],
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,22 +56,34 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--full", action="store_true", help="bigger workloads (tens of minutes, dattri longer)")
     ap.add_argument(
         "--only",
-        default=",".join(SECTIONS),
-        help=f"comma-separated subset of {SECTIONS}; empty = only rebuild results/summary.* from saved sections",
+        default=",".join(SECTIONS + tuple(EXTERNAL)),
+        help=f"comma-separated subset of {SECTIONS + tuple(EXTERNAL)}; empty = only rebuild results/summary.* "
+        "from saved sections",
     )
     ap.add_argument("--no-dattri", action="store_true", help="skip the dattri comparison")
     args = ap.parse_args(argv)
     quick = not args.full
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = sorted(set(chosen) - set(SECTIONS))
+    unknown = sorted(set(chosen) - set(SECTIONS) - set(EXTERNAL))
     if unknown:
-        ap.error(f"unknown section(s) {unknown}; choose from {SECTIONS}")
+        ap.error(f"unknown section(s) {unknown}; choose from {SECTIONS + tuple(EXTERNAL)}")
     if args.no_dattri and "dattri" in chosen:
         chosen.remove("dattri")
 
     all_tables = []
     timings = {}
     for name in chosen:
+        if name in EXTERNAL:
+            import subprocess
+
+            print(f"\n### {name} ({'quick' if quick else 'full'}, own process)", flush=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run(EXTERNAL[name](quick), capture_output=True, text=True)
+            timings[name] = time.perf_counter() - t0
+            print(proc.stdout[-6000:], flush=True)
+            if proc.returncode != 0:
+                print(f"{name} failed:\n{proc.stderr[-2000:]}", flush=True)
+            continue
         module = __import__(f"bench_{name}")
         print(f"\n### {name} ({'quick' if quick else 'full'})", flush=True)
         t0 = time.perf_counter()
