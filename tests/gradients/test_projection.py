@@ -3,6 +3,7 @@ import torch
 
 from ggda.errors import GGDAError
 from ggda.gradients.projection import (
+    DEFAULT_CACHE_MB,
     IdentityProjector,
     LayerwiseProjector,
     RandomProjector,
@@ -102,3 +103,15 @@ def test_make_projector_and_module_slices(trained_mlp):
         make_projector("sparse", p, 64)
     with pytest.raises(GGDAError):
         make_projector("gaussian", p, 64).project(torch.zeros(3, p + 1))
+
+
+def test_default_cache_keeps_a_trak_sized_matrix():
+    """p = 101,770 (MLP 784-128-10), k = 512 is 208 MB fp32: under the 512 MB default P is generated once;
+    over cache_mb it is regenerated per call, with identical numbers (checked above)."""
+    assert DEFAULT_CACHE_MB == 512.0
+    assert RandomProjector(101_770, 512)._cache is not None
+    assert RandomProjector(101_770, 512, cache_mb=128)._cache is None
+    proj = RandomProjector(500, 8, seed=2, block_rows=100)
+    G = torch.randn(3, 500, generator=torch.Generator().manual_seed(0))
+    first = proj.project(G)
+    assert len(proj._cache) == proj.n_blocks and torch.equal(proj.project(G), first)

@@ -263,3 +263,67 @@ def test_trak_correlates_with_leave_group_out_retraining(small_digits, trained_m
 
     assert mean_pearson(single) > 0.2
     assert mean_pearson(ens) > 0.3
+
+
+# -- projection="kronecker" (LoGra-style per-layer sketch from layer factors) -----------------------
+
+
+def test_kronecker_group_features_are_sums_of_member_features(setup_mlp):
+    """Linearity: φ_S = Σ_{i∈S} φ_i for the same seed (one big group spans several row chunks)."""
+    task, train, _ = setup_mlp
+    labels = np.r_[np.arange(200) % 50, np.full(100, 50)]
+    grouping = Grouping(labels)
+    point = TRAK(task, proj_dim=200, projection="kronecker", seed=2).cache(train).members[0].features
+    group = TRAK(task, proj_dim=200, projection="kronecker", seed=2, max_batch=32).cache(train, grouping)
+    Phi = group.members[0].features.double()
+    onehot = torch.as_tensor(np.eye(grouping.n_groups)[labels].T)
+    ref = onehot @ point.double()
+    assert Phi.shape == ref.shape and 100 <= Phi.shape[1] <= 400
+    assert torch.allclose(Phi, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    # the target side uses the same P: projecting materialised gradients reproduces Φ for singletons
+    G = per_example_gradients(task, train.X[:20], train.y[:20], fn=margin_output)
+    direct = group.members[0].projector.project(G).double()
+    assert torch.allclose(direct, point[:20].double(), rtol=1e-4, atol=1e-5 * float(direct.abs().max()))
+
+
+def test_kronecker_singletons_equal_per_point(setup_mlp):
+    task, train, prop = setup_mlp
+    per_point = TRAK(task, proj_dim=256, projection="kronecker").cache(train).attribute(prop)
+    perm = np.random.default_rng(0).permutation(len(train))
+    shuffled = TRAK(task, proj_dim=256, projection="kronecker").cache(train, Grouping(perm)).attribute(prop)
+    assert np.allclose(shuffled[:, perm], per_point, rtol=1e-4, atol=1e-5 * np.abs(per_point).max())
+
+
+def test_kronecker_features_preserve_inner_products_in_expectation(setup_mlp):
+    """E over seeds of ⟨φ_a, φ_b⟩ = ⟨∇m_a, ∇m_b⟩ (unbiased sketch); 200 seeds (the Kronecker sketch has a heavier-tailed variance than a dense one), generous tolerance."""
+    task, train, _ = setup_mlp
+    sub = train.subset(np.arange(12))
+    G = per_example_gradients(task, sub.X, sub.y, fn=margin_output).double()
+    exact = G @ G.T
+    est = torch.zeros_like(exact)
+    seeds = 200
+    for seed in range(seeds):
+        Phi = TRAK(task, proj_dim=256, projection="kronecker", seed=seed).cache(sub).members[0].features
+        est += Phi.double() @ Phi.double().T / seeds
+    norms = exact.diagonal().sqrt()
+    rel = (est - exact) / (norms[:, None] * norms[None, :])
+    assert rel.abs().max() < 0.15
+    assert abs(float((est.diagonal() / exact.diagonal()).mean()) - 1) < 0.08
+
+
+def test_kronecker_scores_do_not_depend_on_chunk_sizes(setup_mlp):
+    task, train, prop = setup_mlp
+    grouping = Grouping(np.r_[np.arange(200) % 50, np.full(100, 50)])
+    ref = TRAK(task, proj_dim=256, projection="kronecker").cache(train, grouping).attribute(prop)
+    small = TRAK(task, proj_dim=256, projection="kronecker", max_batch=16, memory_mb=0.2)
+    out = small.cache(train, grouping).attribute(prop)
+    assert np.allclose(out, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    mean = TRAK(task, proj_dim=256, projection="kronecker", target="property").cache(train, grouping)
+    assert mean.attribute(MeanLoss(prop.X, prop.y)).shape == (1, grouping.n_groups)
+
+
+def test_kronecker_refuses_unsupported_layers(small_digits):
+    train, _ = small_digits
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 10))
+    with pytest.raises(GGDAError, match="projection=gaussian"):
+        TRAK(AttributionTask(model), proj_dim=64, projection="kronecker").cache(train.subset(np.arange(20)))

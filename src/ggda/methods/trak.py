@@ -52,9 +52,17 @@ import torch
 from torch import nn
 
 from ggda.errors import GGDAError
+from ggda.gradients.fast_project import iter_projected_group_gradients
 from ggda.gradients.group import iter_group_gradients
 from ggda.gradients.per_example import iter_per_example_gradients
-from ggda.gradients.projection import PROJECTIONS, Projector, make_projector, module_slices
+from ggda.gradients.projection import (
+    DEFAULT_CACHE_MB,
+    PROJECTIONS,
+    KroneckerProjector,
+    Projector,
+    make_projector,
+    module_slices,
+)
 from ggda.methods.base import Attributor, register
 from ggda.models.checkpoint import Checkpoint
 from ggda.models.losses import cross_entropy, squared_error
@@ -67,6 +75,7 @@ RESIDUALS = ("sum", "mean", "none")
 ENSEMBLES = ("final", "checkpoints", "models")
 AVERAGES = ("scores", "trak")
 SOLVERS = ("auto", "primal", "dual")
+TRAK_PROJECTIONS = (*PROJECTIONS, "kronecker")
 
 
 def margin_output(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -108,7 +117,9 @@ class TRAK(Attributor):
 
     Args:
         proj_dim: projection dimension k (TRAK uses 1,000–20,000; default 2048).
-        projection: ``gaussian``, ``rademacher`` or ``identity`` (exact features, k = p; small models).
+        projection: ``gaussian``, ``rademacher``, ``identity`` (exact features, k = p; small models) or
+            ``kronecker`` (LoGra-style per-layer P_out ⊗ P_in, computed from layer factors without
+            forming gradients; Linear/Conv2d models only; feature dimension ≈ ``proj_dim``).
         seed: projection seed of the first ensemble member; member m uses ``seed + m``.
         per_layer: block-diagonal projection, ``proj_dim`` split over the model's layers.
         ridge: absolute λ added to ΦᵀΦ; default None → ``ridge_rel`` × tr(ΦᵀΦ)/k.
@@ -124,7 +135,8 @@ class TRAK(Attributor):
         n_checkpoints: with ``ensemble=checkpoints``, use only the last N.
         average: ``scores`` (mean of member scores) or ``trak`` (TRAK paper: mean of the
             un-weighted scores times the mean residual weights).
-        block_rows, cache_mb: projection block size and the size under which P is kept in memory.
+        block_rows, cache_mb: projection block size and the size (MB, default 512) under which the dense
+            P is generated once and kept; above it, P is regenerated per gradient block (same numbers).
         max_dim: refuse primal kernels larger than this (k × k float64).
         solver: ``primal`` (k × k kernel), ``dual`` (K × K Gram matrix, same scores) or ``auto``
             (dual when there are fewer groups than projection dimensions).
@@ -148,7 +160,7 @@ class TRAK(Attributor):
         n_checkpoints: int | None = None,
         average: str = "scores",
         block_rows: int = 2048,
-        cache_mb: float = 128.0,
+        cache_mb: float = DEFAULT_CACHE_MB,
         max_dim: int = 8192,
         solver: str = "auto",
         aggregate: str = "sum",
@@ -157,7 +169,7 @@ class TRAK(Attributor):
     ) -> None:
         super().__init__(task, aggregate=aggregate, max_batch=max_batch, memory_mb=memory_mb)
         for name, value, allowed in (
-            ("projection", projection, PROJECTIONS),
+            ("projection", projection, TRAK_PROJECTIONS),
             ("residual", residual, RESIDUALS),
             ("target", target, TARGETS),
             ("output", output, OUTPUTS),
@@ -311,26 +323,62 @@ class TRAK(Attributor):
             )
         return chol, float(ridge), dual
 
+    def _kronecker_features(self, task: AttributionTask, m: int, params: Params):
+        """Φ from layer factors with a per-layer Kronecker sketch (no gradient is ever formed)."""
+        it = iter_projected_group_gradients(
+            task,
+            self.train.X,
+            self.train.y,
+            self.grouping,
+            int(self.proj_dim),
+            seed=self.seed + m,
+            fn=self.output_fn,
+            params=params,
+            max_batch=self.max_batch,
+        )
+        if it is None:
+            raise GGDAError(
+                "TRAK projection=kronecker needs a model made only of nn.Linear/Conv2d layers (and the fast "
+                "gradient paths on, GGDA_FAST_GRADIENTS unset); use projection=gaussian for this model."
+            )
+        features, projector = None, None
+        for gids, phi, proj in it:
+            if features is None:
+                projector = KroneckerProjector(proj)
+                self._use_dual(self.grouping.n_groups, projector.k)
+                features = torch.zeros(
+                    self.grouping.n_groups, projector.k, dtype=task.dtype, device=task.device
+                )
+            features[torch.as_tensor(gids, device=task.device)] = phi
+        return projector, features
+
+    def _dense_features(self, task: AttributionTask, m: int, params: Params):
+        projector = self._projector(task, m)
+        K = self.grouping.n_groups
+        self._use_dual(K, projector.k)  # refuse an oversized solve before the gradient pass
+        features = torch.zeros(K, projector.k, dtype=task.dtype, device=task.device)
+        for gids, G in iter_group_gradients(
+            task,
+            self.train.X,
+            self.train.y,
+            self.grouping,
+            fn=self.output_fn,
+            params=params,
+            max_batch=self.max_batch,
+            memory_mb=min(256.0, self.memory_mb),
+        ):
+            features[torch.as_tensor(gids, device=task.device)] = projector.project(G)
+        return projector, features
+
     def _cache(self) -> None:
         self.members = []
         for m, source in enumerate(self.ensemble):
             task = self._member_task(source)
-            projector = self._projector(task, m)
             params = task.params()
-            K = self.grouping.n_groups
-            self._use_dual(K, projector.k)  # refuse an oversized solve before the gradient pass
-            features = torch.zeros(K, projector.k, dtype=task.dtype, device=task.device)
-            for gids, G in iter_group_gradients(
-                task,
-                self.train.X,
-                self.train.y,
-                self.grouping,
-                fn=self.output_fn,
-                params=params,
-                max_batch=self.max_batch,
-                memory_mb=min(256.0, self.memory_mb),
-            ):
-                features[torch.as_tensor(gids, device=task.device)] = projector.project(G)
+            if self.projection == "kronecker":
+                projector, features = self._kronecker_features(task, m, params)
+            else:
+                projector, features = self._dense_features(task, m, params)
             chol, ridge, dual = self._factorise(features)
             residual = self._group_residuals(self.point_residuals(task, params))
             self.members.append(_Member(task, projector, features, chol, ridge, dual, residual))
