@@ -133,15 +133,10 @@ def build_groupings(
                 continue
             try:
                 if make_grouping is not None:
-                    g = make_grouping(
-                        method,
-                        train,
-                        n_groups=K,
-                        task=task,
-                        per_class=config.per_class,
-                        seed=config.seed,
-                        **config.grouping_options.get(method, {}),
-                    )
+                    # per-grouping options (--gopt METHOD:KEY=V) override the experiment-wide ones
+                    options = {"per_class": config.per_class, "seed": config.seed}
+                    options.update(config.grouping_options.get(method, {}))
+                    g = make_grouping(method, train, n_groups=K, task=task, **options)
                 elif method == "random":
                     from ggda.groups import random_grouping
 
