@@ -178,3 +178,23 @@ def _same(a, b) -> bool:
     import json
 
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def test_per_grouping_options_override_the_global_ones(small_digits, trained_mlp):
+    """--gopt grad-kmeans:per_class=true must reach make_grouping (it used to collide with per_class)."""
+    from ggda.evaluate.experiment import ExperimentConfig, build_groupings
+    from ggda.task import AttributionTask
+
+    train, _ = small_digits
+    config = ExperimentConfig(
+        data="digits",
+        model="mlp-s",
+        methods=["grad-dot"],
+        groupings=["grad-kmeans"],
+        ks=[20],
+        grouping_options={"grad-kmeans": {"per_class": True}},
+    )
+    groupings, failures = build_groupings(config, train, AttributionTask(trained_mlp), lambda *a, **k: None)
+    assert not failures
+    g = groupings["grad-kmeans:20"]
+    assert g.purity(train.y) == 1.0 and g.meta["per_class"] is True
