@@ -115,6 +115,13 @@ def train_cmd(
     typer.echo(f"wrote {out}/ (model.pt, {len(result.checkpoints)} checkpoints, run.json)")
 
 
+def progress_status(message: str):
+    """A live spinner with elapsed time on stderr (only when stderr is a terminal)."""
+    from rich.console import Console
+
+    return Console(stderr=True).status(message, spinner="dots")
+
+
 def parse_options(pairs: list[str]) -> dict:
     """``["damping=0.01", "solver=cg", "use_lr=false"]`` -> typed dict (int, float, bool, None or str)."""
     out: dict = {}
@@ -208,8 +215,10 @@ def attribute_cmd(
     n_targets = min(targets, len(r.test))
     property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])
     t0 = time.perf_counter()
-    attributor.cache(r.train, grp)
-    scores = attributor.attribute(property_fn)
+    with progress_status(f"{method}: caching {grp.n_groups} group gradients") as status:
+        attributor.cache(r.train, grp)
+        status.update(f"{method}: scoring {property_fn.n_targets} targets x {grp.n_groups} groups")
+        scores = attributor.attribute(property_fn)
     seconds = time.perf_counter() - t0
     label = Path(grouping).stem if Path(grouping).exists() else grouping.replace(":", "-")
     out = out or run / "attributions" / f"{method}-{label}"
