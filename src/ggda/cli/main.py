@@ -198,19 +198,20 @@ def attribute_cmd(
     r = load_run(run)
     grp = resolve_grouping(grouping, r, device)
     task = AttributionTask(r.model, loss=r.kind, device=device)
-    options: dict = {"aggregate": aggregate}
-    if method in ("tracin", "trak"):
-        options.update(checkpoints=r.checkpoints)
-    if method == "tracin":
-        options["use_lr"] = not no_lr
-    options.update(parse_options(opt))
     from ggda.methods import METHODS
     from ggda.methods.base import method_options
 
-    weight_decay = float(r.config["train"].get("weight_decay", 0.0))
-    if method in METHODS and "weight_decay" in method_options(METHODS[method]) and weight_decay > 0:
-        # The model was trained with L2: its curvature includes wd·I (IF methods add it when told).
-        options.setdefault("weight_decay", weight_decay)
+    # What the run provides, offered to any method whose constructor accepts it; --opt overrides.
+    accepts = method_options(METHODS[method]) if method in METHODS else set()
+    provided = {
+        "checkpoints": r.checkpoints,  # TracInCP, TRAK ensembles
+        "use_lr": not no_lr,  # TracIn
+        # trained with L2: the curvature includes wd·I (influence methods add it when told)
+        "weight_decay": float(r.config["train"].get("weight_decay", 0.0)) or None,
+    }
+    options: dict = {"aggregate": aggregate}
+    options.update({k: v for k, v in provided.items() if k in accepts and v is not None})
+    options.update(parse_options(opt))
     attributor = make_method(method, task, **options)
     n_targets = min(targets, len(r.test))
     property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])

@@ -89,6 +89,16 @@ class ExperimentConfig:
     seed: int = 0
     gold_compare: str | None = None
 
+    def train_config(self) -> TrainConfig:
+        """The training recipe shared by the attributed model, the noisy-label model and every retrain."""
+        return TrainConfig(
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            seed=self.seed,
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -252,13 +262,7 @@ def _noisy_detection(
     train, test, _ = prepare_data(spec)
     mspec = ModelSpec(model_spec_name, train.n_features, train.n_outputs, train.input_shape)
     model = build_model(mspec, seed=config.seed)
-    tconf = TrainConfig(
-        epochs=config.epochs,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        optimizer=config.optimizer,
-        seed=config.seed,
-    )
+    tconf = config.train_config()
     ckpt_dir = out / "noisy-model" / "checkpoints"
     result = train_model(model, train, tconf, device=config.device, checkpoint_dir=ckpt_dir)
     task = AttributionTask(model, loss=train.kind, device=config.device)
@@ -362,13 +366,7 @@ def run_experiment(
     if train.kind != "classification":
         raise GGDAError("ggda experiment reports accuracies; use a classification data set.")
     mspec = ModelSpec(config.model, train.n_features, train.n_outputs, train.input_shape)
-    tconf = TrainConfig(
-        epochs=config.epochs,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        optimizer=config.optimizer,
-        seed=config.seed,
-    )
+    tconf = config.train_config()
     log(f"data  {train.describe()}; test n={len(test)}")
     torch.manual_seed(config.seed)
     model = build_model(mspec, seed=config.seed)
