@@ -56,11 +56,20 @@ class StackedOptimizer:
             grow(self.v)
 
     @torch.no_grad()
-    def step(self, params: Stacked, grads: Stacked, active: torch.Tensor | None = None) -> None:
-        """Update ``params`` in place; rows with ``active == False`` are left as they are."""
+    def step(
+        self, params: Stacked, grads: Stacked, active: torch.Tensor | None = None, scratch: bool = False
+    ) -> None:
+        """Update ``params`` in place; rows with ``active == False`` are left as they are.
+
+        ``scratch``: ``grads`` may be overwritten (the caller's gradient buffers), which saves
+        temporaries.
+        """
         act = None if active is None else active.to(next(iter(params.values())).device)
         flags = [True] * len(self.steps) if active is None else active.tolist()
         self.steps = [t + 1 if a else t for t, a in zip(self.steps, flags, strict=True)]
+        if act is None:
+            self._step_inplace(params, grads, scratch)
+            return
         for k, p in params.items():
             g = grads[k]
             if self.weight_decay:
@@ -69,16 +78,39 @@ class StackedOptimizer:
                 if self.buf is not None:
                     buf = self.buf[k]
                     new_buf = buf.mul(self.momentum).add_(g)
-                    if act is not None:
-                        new_buf = torch.where(_rows(act, buf), new_buf, buf)
+                    new_buf = torch.where(_rows(act, buf), new_buf, buf)
                     self.buf[k] = new_buf
                     g = new_buf
                 new_p = p.add(g, alpha=-self.lr)
             else:
                 new_p = self._adam(k, p, g, act)
-            if act is not None:
-                new_p = torch.where(_rows(act, p), new_p, p)
+            new_p = torch.where(_rows(act, p), new_p, p)
             p.copy_(new_p)
+
+    def _step_inplace(self, params: Stacked, grads: Stacked, scratch: bool) -> None:
+        """Every run steps: the same operations as :meth:`step`, fused in place (no temporaries
+        but Adam's denominator), which matters when the gradient kernel itself is cheap."""
+        b1, b2 = ADAM_BETAS
+        steps = set(max(t, 1) for t in self.steps)
+        for k, p in params.items():
+            g = grads[k]
+            if self.weight_decay:
+                g = g.add_(p, alpha=self.weight_decay) if scratch else g.add(p, alpha=self.weight_decay)
+            if self.kind == "sgd":
+                if self.buf is not None:
+                    g = self.buf[k].mul_(self.momentum).add_(g)
+                p.add_(g, alpha=-self.lr)
+                continue
+            m, v = self.m[k], self.v[k]
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            if len(steps) == 1:
+                t = next(iter(steps))
+                denom = torch.sqrt(v, out=g) if scratch else v.sqrt()
+                denom.div_((1 - b2**t) ** 0.5).add_(ADAM_EPS)
+                p.addcdiv_(m, denom, value=-self.lr / (1 - b1**t))
+            else:
+                p.copy_(self._adam_update(p, m, v))
 
     def _adam(self, k: str, p: torch.Tensor, g: torch.Tensor, act: torch.Tensor | None) -> torch.Tensor:
         b1, b2 = ADAM_BETAS
@@ -88,6 +120,10 @@ class StackedOptimizer:
             m = torch.where(_rows(act, p), m, self.m[k])
             v = torch.where(_rows(act, p), v, self.v[k])
         self.m[k], self.v[k] = m, v
+        return self._adam_update(p, m, v)
+
+    def _adam_update(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b1, b2 = ADAM_BETAS
         steps = [max(t, 1) for t in self.steps]
         if len(set(steps)) == 1:  # python floats, exactly as torch.optim.Adam computes them
             t = steps[0]

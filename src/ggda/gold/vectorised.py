@@ -9,18 +9,31 @@ run gets its own (R, B) batch. Optimiser updates are the functional equivalents 
 
 Why: a small model's sequential step is dominated by per-operator overhead; stacking turns R small
 matrix products into a few large ones (see ``python -m ggda.gold.benchmark`` for measured figures).
+
+Gradient kernels (``kernel=``, or the environment variable ``GGDA_GOLD_KERNEL``): ``auto`` (default)
+uses the hand-written stacked forward/backward of :mod:`ggda.gold.stacked_mlp` when the model is a
+plain ``nn.Sequential`` chain of ``nn.Linear`` layers and elementwise activations with the built-in
+loss, and ``vmap(grad(objective))`` otherwise; ``mlp`` insists on the former, ``vmap`` forces the
+latter. Both compute the same objective's gradient; everything else (plan, optimiser, forking,
+recording, divergence) is shared.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
 from torch.func import grad, vmap
 
+from ggda.errors import GGDAError
 from ggda.gold.objective import diverged, objective
 from ggda.gold.optim import StackedOptimizer
 from ggda.gold.problem import GoldProblem
 from ggda.gold.removal import extra_terms, fork_steps, plan
+from ggda.gold.stacked_mlp import StackedMLP, ineligible_reason
+
+KERNELS = ("auto", "mlp", "vmap")
 
 
 def stack_params(problem: GoldProblem, R: int) -> dict[str, torch.Tensor]:
@@ -31,14 +44,34 @@ def stack_params(problem: GoldProblem, R: int) -> dict[str, torch.Tensor]:
     }
 
 
+def resolve_kernel(problem: GoldProblem, kernel: str | None = None) -> str:
+    """``mlp`` or ``vmap``: the gradient kernel ``train_vectorised`` uses for ``problem``."""
+    kernel = kernel or os.environ.get("GGDA_GOLD_KERNEL", "auto")
+    if kernel not in KERNELS:
+        raise GGDAError(f"Unknown gold kernel '{kernel}'; choose one of {', '.join(KERNELS)}.")
+    if kernel == "vmap":
+        return kernel
+    why = ineligible_reason(problem.task) if problem.X.ndim == 2 else "inputs are not flat (n, d)"
+    if why is None:
+        return "mlp"
+    if kernel == "mlp":
+        raise GGDAError(f"The stacked-MLP gold kernel cannot run this model: {why}; use kernel=auto.")
+    return "vmap"
+
+
 def train_vectorised(
-    problem: GoldProblem, seed: int, runs: list[np.ndarray | None], labels: list[str], fork: bool = True
+    problem: GoldProblem,
+    seed: int,
+    runs: list[np.ndarray | None],
+    labels: list[str],
+    fork: bool = True,
+    kernel: str | None = None,
 ) -> np.ndarray:
     """(n_records, T, R): f after every recorded step of R runs trained together.
 
     Row 0 of the stack is the seed's full run (a job of full runs only trains just those). With ``fork`` (mask/sampler), a left-out run joins
     the stack only at its first differing step, as a copy of row 0 (:func:`fork_steps`); until then
-    its recorded values are the full run's.
+    its recorded values are the full run's. ``kernel``: see :func:`resolve_kernel`.
     """
     task, config = problem.task, problem.config
     dev = task.device
@@ -61,6 +94,7 @@ def train_vectorised(
         return problem.prop.values(task, p)
 
     evaluate = vmap(values)
+    mlp = StackedMLP(task) if resolve_kernel(problem, kernel) == "mlp" else None
     grad_fns: dict[bool, object] = {}
     extra_all: tuple = ()
     extra_dims: tuple = ()
@@ -83,7 +117,9 @@ def train_vectorised(
             rows = torch.as_tensor(live, device=dev)
         rows_cpu = rows.cpu()
         shared = step.shared
-        if shared not in grad_fns:
+        if mlp is not None:
+            grad_fns[shared] = mlp
+        elif shared not in grad_fns:
             xd = None if shared else 0
             grad_fns[shared] = vmap(grad(loss_and_obj, has_aux=True), in_dims=(0, xd, xd, 0, 0, *extra_dims))
         idx = (step.idx if shared else step.idx[rows_cpu]).to(dev)
@@ -100,7 +136,7 @@ def train_vectorised(
         finite = torch.isfinite(obj) if active is None else torch.isfinite(obj) | ~active
         bad[rows] |= ~finite
         last_obj[rows] = torch.where(finite, last_obj[rows], obj)
-        optimizer.step(params, grads, active)
+        optimizer.step(params, grads, active, scratch=True)
         if step.record:
             vals = evaluate(params)  # (live, T)
             bad[rows] |= ~torch.isfinite(vals).all(dim=1)

@@ -1,0 +1,307 @@
+"""Hand-written stacked forward + backward for R copies of a Linear/activation chain.
+
+The vectorised engine's generic kernel is ``vmap(grad(objective))``. For the models gold-standard
+further training mostly runs (the zoo's ``logreg``, ``mlp-s``, ``mlp-m``: an ``nn.Sequential`` of
+``nn.Linear`` layers and elementwise activations) the same gradients can be written as a handful
+of large matrix products over preallocated buffers, with none of autograd's or vmap's per-operator
+bookkeeping and allocations:
+
+- Activations are kept *feature-major* per run, ``(R, features, B)``, so every tensor is
+  contiguous and every product is a plain GEMM or batched GEMM with transpose flags only.
+- ``mask``/``weight`` mode: all runs read the same mini-batch, so the first layer of all R runs is
+  ONE GEMM ``W1 (R·h, d) @ Xᵀ (d, B)`` and its weight gradient ONE GEMM ``dZ1 (R·h, B) @ X (B, d)``.
+  Later layers are ``bmm`` over runs. Per-run sample weights only scale the rows of the loss
+  gradient.
+- ``sampler`` mode (per-run batches) and ``weight`` mode's extra term ``-ε Σ_{j∈unit} ℓ_j``
+  (per-run inputs) use ``bmm`` for the first layer too; the extra term's gradients are accumulated
+  into the batch term's (``baddbmm_``).
+- Activation derivatives are ATen's own backward kernels (``threshold_backward``,
+  ``tanh_backward``, ``gelu_backward`` ...), written in place, and the loss gradient is the one
+  autograd forms for ``log_softmax`` + ``nll``, so the numbers agree with the generic path to
+  rounding (tests: ``tests/gold/test_stacked_mlp.py``).
+
+The kernel computes exactly :func:`ggda.gold.objective.objective`'s gradient for every run and
+returns it with the objective values, like the ``vmap(grad(...))`` function it replaces;
+the optimiser step, recording, forking and divergence handling stay in
+:func:`ggda.gold.vectorised.train_vectorised`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ggda.models.losses import cross_entropy, squared_error
+from ggda.task import AttributionTask, Params
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class _Activation:
+    """An elementwise activation: ``forward(z, out)`` and in-place ``backward(grad, z, a)``."""
+
+    forward: Callable[[torch.Tensor, torch.Tensor], object]
+    backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]
+
+
+def _activation(m: nn.Module) -> _Activation | None:
+    """The kernels autograd itself uses for ``m`` (derivatives.yaml), or None if unsupported."""
+    t = type(m)
+    if t is nn.ReLU:
+        return _Activation(
+            lambda z, a: torch.clamp_min(z, 0, out=a),
+            lambda g, z, a: aten.threshold_backward.grad_input(g, a, 0, grad_input=g),
+        )
+    if t is nn.Tanh:
+        return _Activation(
+            lambda z, a: torch.tanh(z, out=a),
+            lambda g, z, a: aten.tanh_backward.grad_input(g, a, grad_input=g),
+        )
+    if t is nn.Sigmoid:
+        return _Activation(
+            lambda z, a: torch.sigmoid(z, out=a),
+            lambda g, z, a: aten.sigmoid_backward.grad_input(g, a, grad_input=g),
+        )
+    if t is nn.GELU:
+        ap = m.approximate
+        return _Activation(
+            lambda z, a: aten.gelu.out(z, approximate=ap, out=a),
+            lambda g, z, a: aten.gelu_backward.grad_input(g, z, approximate=ap, grad_input=g),
+        )
+    if t is nn.SiLU:
+        return _Activation(
+            lambda z, a: aten.silu.out(z, out=a),
+            lambda g, z, a: aten.silu_backward.grad_input(g, z, grad_input=g),
+        )
+    if t is nn.LeakyReLU:
+        s = m.negative_slope
+        return _Activation(
+            lambda z, a: aten.leaky_relu.out(z, s, out=a),
+            lambda g, z, a: aten.leaky_relu_backward.grad_input(g, z, s, False, grad_input=g),
+        )
+    if t is nn.ELU:
+        al = m.alpha
+        return _Activation(
+            lambda z, a: aten.elu.out(z, al, 1, 1, out=a),
+            lambda g, z, a: aten.elu_backward.grad_input(g, al, 1, 1, False, z, grad_input=g),
+        )
+    if t is nn.Softplus:
+        beta, th = m.beta, m.threshold
+        return _Activation(
+            lambda z, a: aten.softplus.out(z, beta, th, out=a),
+            lambda g, z, a: aten.softplus_backward.grad_input(g, z, beta, th, grad_input=g),
+        )
+    return None
+
+
+SUPPORTED = "nn.Linear, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus"
+
+
+@dataclass(frozen=True)
+class _Linear:
+    weight: str
+    bias: str | None
+    fin: int
+    fout: int
+
+
+def _parse(task: AttributionTask) -> tuple[list[_Linear | _Activation], str | None]:
+    """(the chain of ops, None) or ([], why the model is not a plain Linear/activation chain)."""
+    cls = type(task)
+    if cls.forward is not AttributionTask.forward or cls.losses is not AttributionTask.losses:
+        return [], "the task overrides forward/losses"
+    if task.loss_fn not in (cross_entropy, squared_error):
+        return [], "the loss is not the built-in cross-entropy or squared error"
+    model = task.model
+    if type(model) is not nn.Sequential:
+        return [], f"the model is a {type(model).__name__}, not an nn.Sequential"
+    if any(True for _ in model.buffers()):
+        return [], "the model has buffers"
+    names = [n for n, _ in model.named_parameters()]
+    if sorted(names) != sorted(task.param_names):
+        return [], "not every parameter is attributed (layers=...)"
+    ops: list[_Linear | _Activation] = []
+    for name, m in model.named_children():
+        if m._forward_hooks or m._forward_pre_hooks or getattr(m, "parametrizations", None) is not None:
+            return [], f"module {name} has hooks or parametrizations"
+        if type(m) is nn.Linear:
+            bias = f"{name}.bias" if m.bias is not None else None
+            ops.append(_Linear(f"{name}.weight", bias, m.in_features, m.out_features))
+        elif type(m) is nn.Identity or (type(m) is nn.Dropout and not m.training):
+            continue
+        else:
+            act = _activation(m)
+            if act is None:
+                return [], f"module {name} is a {type(m).__name__} (supported: {SUPPORTED})"
+            ops.append(act)
+    if not ops or not isinstance(ops[0], _Linear):
+        return [], "the first module is not an nn.Linear"
+    if task.loss_fn is squared_error and [op for op in ops if isinstance(op, _Linear)][-1].fout != 1:
+        return [], "squared error with more than one output"
+    return ops, None
+
+
+def ineligible_reason(task: AttributionTask) -> str | None:
+    """Why :class:`StackedMLP` cannot run ``task`` (None: it can)."""
+    return _parse(task)[1]
+
+
+class StackedMLP:
+    """Gradients of :func:`ggda.gold.objective.objective` for R stacked runs of a Linear chain.
+
+    Call it like the vectorised engine's ``vmap(grad(objective, has_aux=True))``: stacked
+    ``params`` (each ``(R, *shape)``, contiguous), the batch ``X`` (``(B, d)`` shared by every run,
+    or ``(R, B, d)`` per run), ``y``, per-run sample ``weight`` ``(R, B)`` and ``divisor`` ``(R,)``,
+    and optionally ``weight`` mode's per-run extra points ``Xe (R, m, d)``, ``ye``, ``coef (R, m)``.
+    Returns ``(grads, obj)``; ``grads`` are views of buffers reused by the next call (the optimiser
+    may update them in place).
+    """
+
+    def __init__(self, task: AttributionTask) -> None:
+        ops, why = _parse(task)
+        if why is not None:
+            raise ValueError(f"StackedMLP cannot run this task: {why}")
+        self.ops = ops
+        self.classification = task.loss_fn is cross_entropy
+        self._R = -1
+        self._grads: Params = {}
+        self._buffers: dict[tuple, dict] = {}
+
+    # -- buffers --------------------------------------------------------------------------------
+    def _grad_buffers(self, params: Params, R: int) -> Params:
+        if R != self._R:
+            self._R = R
+            self._grads = {k: torch.empty_like(v) for k, v in params.items()}
+            self._buffers = {}
+        return self._grads
+
+    def _work(self, R: int, W: int, like: torch.Tensor, key: str) -> dict:
+        """Activation and activation-gradient buffers of one (runs, batch width) shape."""
+        buf = self._buffers.get((key, W))
+        if buf is None:
+            new = lambda f: torch.empty(R, f, W, dtype=like.dtype, device=like.device)  # noqa: E731
+            outs, grads = [], []
+            width = self.ops[0].fin
+            for i, op in enumerate(self.ops):
+                if isinstance(op, _Linear):
+                    grads.append(new(op.fin) if i > 0 else None)
+                    width = op.fout
+                else:
+                    grads.append(None)
+                outs.append(new(width))
+            buf = {"outs": outs, "grads": grads, "top": new(width)}
+            self._buffers[(key, W)] = buf
+        return buf
+
+    # -- the kernel -----------------------------------------------------------------------------
+    def __call__(
+        self,
+        params: Params,
+        X: torch.Tensor,
+        y: torch.Tensor,
+        weight: torch.Tensor,
+        divisor: torch.Tensor,
+        Xe: torch.Tensor | None = None,
+        ye: torch.Tensor | None = None,
+        coef: torch.Tensor | None = None,
+    ) -> tuple[Params, torch.Tensor]:
+        R = weight.shape[0]
+        grads = self._grad_buffers(params, R)
+        # d obj / d ℓ_b = weight_b / divisor (the order autograd applies ``sum() / divisor``)
+        scale = weight * (1.0 / divisor)[:, None]
+        losses = self._pass(params, grads, X, y, scale, R, "batch", accumulate=False)
+        obj = (losses * weight).sum(-1) / divisor
+        if Xe is not None:
+            extra = self._pass(params, grads, Xe, ye, -coef, R, "extra", accumulate=True)
+            obj = obj - (extra * coef).sum(-1)
+        return grads, obj
+
+    def _pass(
+        self,
+        params: Params,
+        grads: Params,
+        X: torch.Tensor,
+        y: torch.Tensor,
+        scale: torch.Tensor,
+        R: int,
+        key: str,
+        accumulate: bool,
+    ) -> torch.Tensor:
+        """Forward + backward of ``Σ_b scale_rb ℓ_rb`` for every run r; returns the losses (R, B).
+
+        With ``accumulate`` the gradients are added to ``grads`` instead of overwriting them.
+        """
+        shared = X.ndim == 2
+        W = X.shape[-2]
+        work = self._work(R, W, X, f"{key}{'s' if shared else 'r'}")
+        outs, dbufs = work["outs"], work["grads"]
+        Xt = X.t().contiguous() if shared else X.transpose(1, 2)  # (d, B) or (R, d, B)
+        # forward
+        a = Xt
+        for i, op in enumerate(self.ops):
+            out = outs[i]
+            if isinstance(op, _Linear):
+                w = params[op.weight]
+                b = params[op.bias].unsqueeze(-1) if op.bias is not None else None
+                if i == 0 and shared:
+                    w2, o2 = w.view(R * op.fout, op.fin), out.view(R * op.fout, W)
+                    if b is None:
+                        torch.mm(w2, a, out=o2)
+                    else:
+                        torch.addmm(b.reshape(R * op.fout, 1), w2, a, out=o2)
+                elif b is None:
+                    torch.bmm(w, a, out=out)
+                else:
+                    torch.baddbmm(b, w, a, out=out)
+            else:
+                op.forward(a, out)
+            a = out
+        # loss and its gradient wrt the outputs (R, C, W)
+        g = work["top"]
+        if self.classification:
+            logp = F.log_softmax(a, dim=1)
+            yi = (y.view(1, 1, W).expand(R, 1, W) if y.ndim == 1 else y.unsqueeze(1)).long()
+            losses = -logp.gather(1, yi).squeeze(1)  # (R, W)
+            # autograd's log_softmax backward of nll: grad = exp(logp)·s - onehot·s
+            torch.exp(logp, out=g)
+            g.mul_(scale.unsqueeze(1))
+            g.scatter_add_(1, yi, -scale.unsqueeze(1))
+        else:
+            target = y.to(a.dtype)
+            target = target.view(1, 1, W) if target.ndim == 1 else target.unsqueeze(1)
+            diff = a - target
+            losses = 0.5 * diff.square().squeeze(1)
+            torch.mul(diff, scale.unsqueeze(1), out=g)
+        # backward
+        for i in range(len(self.ops) - 1, -1, -1):
+            op = self.ops[i]
+            a_in = Xt if i == 0 else outs[i - 1]
+            if isinstance(op, _Linear):
+                gw = grads[op.weight]
+                if i == 0 and shared:
+                    g2, gw2 = g.view(R * op.fout, W), gw.view(R * op.fout, op.fin)
+                    if accumulate:
+                        gw2.addmm_(g2, X)
+                    else:
+                        torch.mm(g2, X, out=gw2)
+                elif accumulate:
+                    gw.baddbmm_(g, a_in.transpose(1, 2))
+                else:
+                    torch.bmm(g, a_in.transpose(1, 2), out=gw)
+                if op.bias is not None:
+                    if accumulate:
+                        grads[op.bias].add_(g.sum(-1))
+                    else:
+                        torch.sum(g, -1, out=grads[op.bias])
+                if i > 0:
+                    gin = dbufs[i]
+                    torch.bmm(params[op.weight].transpose(1, 2), g, out=gin)
+                    g = gin
+            else:
+                op.backward(g, a_in, outs[i])
+        return losses
