@@ -82,7 +82,10 @@ def train_vectorised(
     start = fork_steps(problem.n, all_runs, config, seed) if fork else [1] * total
     start[0] = 1
     live = [r for r in range(total) if start[r] <= 1]
-    params = stack_params(problem, len(live))
+    # every run's rows are reserved up front; the live stack is the leading ``len(live)`` rows
+    # (contiguous views), so runs that join later are copied in place, never concatenated
+    store = stack_params(problem, total)
+    params = {k: v[: len(live)] for k, v in store.items()}
     optimizer = StackedOptimizer(config, params)
     extra = extra_terms(all_runs, config, problem.n, task.dtype)
 
@@ -94,7 +97,7 @@ def train_vectorised(
         return problem.prop.values(task, p)
 
     evaluate = vmap(values)
-    mlp = StackedMLP(task) if resolve_kernel(problem, kernel) == "mlp" else None
+    mlp = StackedMLP(task, capacity=total) if resolve_kernel(problem, kernel) == "mlp" else None
     grad_fns: dict[bool, object] = {}
     extra_all: tuple = ()
     extra_dims: tuple = ()
@@ -111,7 +114,10 @@ def train_vectorised(
             [r for r in range(total) if start[r] == step.step and r not in live] if step.step > 1 else []
         )
         if joining:  # runs that first differ here start from the full run's current state
-            params = {k: torch.cat([v, v[:1].expand(len(joining), *v.shape[1:])]) for k, v in params.items()}
+            L = len(live)
+            for v in store.values():
+                v[L : L + len(joining)] = v[:1]
+            params = {k: v[: L + len(joining)] for k, v in store.items()}
             optimizer.fork(0, len(joining))
             live += joining
             rows = torch.as_tensor(live, device=dev)
