@@ -29,31 +29,42 @@ def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class StackedOptimizer:
     """A fresh optimiser state for R runs (FiMO: no optimiser state comes with θ^f)."""
 
-    def __init__(self, config: GoldConfig, params: Stacked) -> None:
+    def __init__(self, config: GoldConfig, params: Stacked, capacity: int = 0) -> None:
+        """``capacity``: rows reserved for runs added later by :meth:`fork`, so a growing stack's
+        state is copied in place instead of concatenated (reallocated) at every fork."""
         self.kind, self.lr = config.optimizer, config.lr
         self.momentum, self.weight_decay = config.momentum, config.weight_decay
         R = next(iter(params.values())).shape[0]
         self.steps = [0] * R
+        self._cap = max(R, capacity)
+        self._full: dict[str, Stacked] = {}  # state name -> full-capacity tensors
+
+        def zeros(name: str) -> Stacked:
+            self._full[name] = {
+                k: torch.zeros(self._cap, *v.shape[1:], dtype=v.dtype, device=v.device)
+                for k, v in params.items()
+            }
+            return {k: v[:R] for k, v in self._full[name].items()}
+
         if self.kind == "sgd":
-            self.buf = {k: torch.zeros_like(v) for k, v in params.items()} if self.momentum else None
+            self.buf = zeros("buf") if self.momentum else None
         else:
-            self.m = {k: torch.zeros_like(v) for k, v in params.items()}
-            self.v = {k: torch.zeros_like(v) for k, v in params.items()}
+            self.m = zeros("m")
+            self.v = zeros("v")
 
     def fork(self, source: int, count: int) -> None:
         """Append ``count`` runs whose optimiser state is a copy of run ``source``'s."""
-
-        def grow(state: dict | None) -> None:
-            if state is not None:
-                for k, v in state.items():
-                    state[k] = torch.cat([v, v[source : source + 1].expand(count, *v.shape[1:])])
-
+        R, new = len(self.steps), len(self.steps) + count
         self.steps = self.steps + [self.steps[source]] * count
-        if self.kind == "sgd":
-            grow(self.buf)
-        else:
-            grow(self.m)
-            grow(self.v)
+        for name, full in self._full.items():
+            state = getattr(self, name)
+            for k, v in state.items():
+                if new <= self._cap:
+                    full[k][R:new] = v[source : source + 1]
+                    state[k] = full[k][:new]
+                else:
+                    state[k] = full[k] = torch.cat([v, v[source : source + 1].expand(count, *v.shape[1:])])
+        self._cap = max(self._cap, new)
 
     @torch.no_grad()
     def step(
@@ -79,8 +90,8 @@ class StackedOptimizer:
                     buf = self.buf[k]
                     new_buf = buf.mul(self.momentum).add_(g)
                     new_buf = torch.where(_rows(act, buf), new_buf, buf)
-                    self.buf[k] = new_buf
-                    g = new_buf
+                    buf.copy_(new_buf)
+                    g = buf
                 new_p = p.add(g, alpha=-self.lr)
             else:
                 new_p = self._adam(k, p, g, act)
@@ -119,8 +130,9 @@ class StackedOptimizer:
         if act is not None:
             m = torch.where(_rows(act, p), m, self.m[k])
             v = torch.where(_rows(act, p), v, self.v[k])
-        self.m[k], self.v[k] = m, v
-        return self._adam_update(p, m, v)
+        self.m[k].copy_(m)
+        self.v[k].copy_(v)
+        return self._adam_update(p, self.m[k], self.v[k])
 
     def _adam_update(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b1, b2 = ADAM_BETAS

@@ -126,10 +126,14 @@ def _parse(task: AttributionTask) -> tuple[list[_Linear | _Activation], str | No
     if sorted(names) != sorted(task.param_names):
         return [], "not every parameter is attributed (layers=...)"
     ops: list[_Linear | _Activation] = []
-    for name, m in model.named_children():
+    seen: list[nn.Module] = []
+    for name, m in model._modules.items():  # forward order, repeats included (named_children dedups)
         if m._forward_hooks or m._forward_pre_hooks or getattr(m, "parametrizations", None) is not None:
             return [], f"module {name} has hooks or parametrizations"
         if type(m) is nn.Linear:
+            if any(m is other for other in seen):
+                return [], f"module {name} repeats a Linear layer (shared weights)"
+            seen.append(m)
             bias = f"{name}.bias" if m.bias is not None else None
             ops.append(_Linear(f"{name}.weight", bias, m.in_features, m.out_features))
         elif type(m) is nn.Identity or (type(m) is nn.Dropout and not m.training):

@@ -86,7 +86,7 @@ def train_vectorised(
     # (contiguous views), so runs that join later are copied in place, never concatenated
     store = stack_params(problem, total)
     params = {k: v[: len(live)] for k, v in store.items()}
-    optimizer = StackedOptimizer(config, params)
+    optimizer = StackedOptimizer(config, params, capacity=total)
     extra = extra_terms(all_runs, config, problem.n, task.dtype)
 
     def loss_and_obj(p, X, y, w, d, Xe=None, ye=None, coef=None):
