@@ -1,19 +1,25 @@
 """Benchmark: stacked (vectorised) further training vs a sequential loop of the same runs.
 
-``python -m ggda.gold.benchmark [--runs 100] [--n 8000] [--device cpu] [--threads 1]``
+``python -m ggda.gold.benchmark [--runs 100] [--n 8000] [--device cpu] [--threads 1]
+[--kernel auto|mlp|vmap] [--compare-vmap] [--repeats 3]``
 
 The issue's setting: R further-training runs (one left-out point each, ``mask`` removal, SGD) of
 an MLP 100→128→128→2 on n = 8,000 synthetic points, batch 128, one epoch, float32. Prints one
-JSON object: seconds for both paths (the sequential loop is timed on ``--seq-runs`` runs and
-scaled to R), the speedup, the batched path's achieved FLOP/s (Linear-layer FLOPs of the steps it
-actually executed) as a fraction of a plain large matmul measured in the same process, and the
-largest difference between the two paths' property values.
+JSON object: seconds for both paths (the vectorised path: median of ``--repeats`` timings; the
+sequential loop is timed on ``--seq-runs`` runs and scaled to R), the speedup, the batched path's
+achieved FLOP/s (Linear-layer FLOPs of the steps it actually executed) as a fraction of a plain
+large matmul measured in the same process (median of ``--repeats``), the largest difference
+between the two paths' property values, the gradient kernel used (``mlp``: the hand-written
+stacked MLP; ``vmap``: ``vmap(grad)``) and the load average before and after (the machine may be
+shared). ``--compare-vmap`` also times the generic ``vmap`` kernel on the same runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import time
 
 import numpy as np
@@ -55,14 +61,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-fork", action="store_true", help="train every run from step 1 (no sharing)")
+    parser.add_argument("--kernel", default="auto", choices=["auto", "mlp", "vmap"])
+    parser.add_argument("--compare-vmap", action="store_true", help="also time the vmap(grad) kernel")
+    parser.add_argument("--repeats", type=int, default=3, help="vectorised/matmul timings (median)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
 
     from ggda.gold import GoldConfig, select_units
     from ggda.gold.problem import make_problem
     from ggda.gold.removal import fork_steps, steps_per_epoch
     from ggda.gold.sequential import train_sequential
-    from ggda.gold.vectorised import train_vectorised
+    from ggda.gold.vectorised import resolve_kernel, train_vectorised
     from ggda.groups.grouping import Grouping
     from ggda.models.zoo import build_model
     from ggda.properties import ExampleLoss
@@ -84,18 +94,30 @@ def main(argv: list[str] | None = None) -> dict:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     labels = [str(i) for i in range(args.runs)]
 
-    train_vectorised(problem, 0, units.members[:2], labels[:2])  # warm-up
-    sync()
-    t0 = time.perf_counter()
-    vec = [
-        train_vectorised(
-            problem, 0, units.members[a : a + chunk], labels[a : a + chunk], fork=not args.no_fork
-        )
-        for a in range(0, args.runs, chunk)
-    ]
-    sync()
-    t_vec = time.perf_counter() - t0
-    vec = np.concatenate(vec, axis=-1)
+    def time_vectorised(kernel: str) -> tuple[float, np.ndarray]:
+        train_vectorised(problem, 0, units.members[:2], labels[:2], kernel=kernel)  # warm-up
+        times = []
+        for _ in range(max(1, args.repeats)):
+            sync()
+            t0 = time.perf_counter()
+            out = [
+                train_vectorised(
+                    problem,
+                    0,
+                    units.members[a : a + chunk],
+                    labels[a : a + chunk],
+                    fork=not args.no_fork,
+                    kernel=kernel,
+                )
+                for a in range(0, args.runs, chunk)
+            ]
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), np.concatenate(out, axis=-1)
+
+    kernel = resolve_kernel(problem, args.kernel)
+    t_vec, vec = time_vectorised(kernel)
+    t_vmap = time_vectorised("vmap")[0] if args.compare_vmap and kernel != "vmap" else None
 
     k = min(args.seq_runs, args.runs)
     t0 = time.perf_counter()
@@ -112,10 +134,13 @@ def main(argv: list[str] | None = None) -> dict:
         executed += sum(total_steps - s + 1 for s in starts)
     _, per_example = linear_flops_per_example(problem.task.model)
     flops = executed * args.batch_size * per_example
-    peak = matmul_flops(dev, problem.task.dtype)
+    peak = statistics.median(
+        matmul_flops(dev, problem.task.dtype, seconds=1.0) for _ in range(max(1, args.repeats))
+    )
     out = {
         "device": str(dev),
         "threads": args.threads,
+        "kernel": kernel,
         "runs": args.runs,
         "chunk": chunk,
         "steps_per_run": total_steps,
@@ -130,7 +155,12 @@ def main(argv: list[str] | None = None) -> dict:
         "matmul_gflops": round(peak / 1e9, 2),
         "fraction_of_matmul": round(flops / t_vec / peak, 3),
         "max_abs_diff_vs_sequential": float(np.abs(vec[..., :k] - seq).max()),
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
+    if t_vmap is not None:
+        out["vmap_seconds"] = round(t_vmap, 3)
+        out["vmap_fraction_of_matmul"] = round(flops / t_vmap / peak, 3)
+        out["mlp_over_vmap"] = round(t_vmap / t_vec, 2)
     print(json.dumps(out))
     return out
 

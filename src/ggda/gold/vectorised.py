@@ -105,14 +105,19 @@ def train_vectorised(
         eidx = extra[0].to(dev)
         extra_all = (problem.X[eidx], problem.y[eidx], extra[1].to(dev))
         extra_dims = (0, 0, 0)
+    # divergence flags and last finite objectives in *stack* order (row i = run live[i])
     bad = torch.zeros(total, dtype=torch.bool, device=dev)
     last_obj = torch.zeros(total, dtype=task.dtype, device=dev)
+    joins: dict[int, list[int]] = {}
+    for r in range(total):
+        if start[r] > 1:
+            joins.setdefault(start[r], []).append(r)
     records = []
     rows = torch.as_tensor(live, device=dev)
+    rows_cpu = rows.cpu()
+    extra_args = tuple(t[rows] for t in extra_all)
     for step in plan(problem.n, all_runs, config, seed, task.dtype):
-        joining = (
-            [r for r in range(total) if start[r] == step.step and r not in live] if step.step > 1 else []
-        )
+        joining = joins.get(step.step, []) if step.step > 1 else []
         if joining:  # runs that first differ here start from the full run's current state
             L = len(live)
             for v in store.values():
@@ -121,7 +126,9 @@ def train_vectorised(
             optimizer.fork(0, len(joining))
             live += joining
             rows = torch.as_tensor(live, device=dev)
-        rows_cpu = rows.cpu()
+            rows_cpu = rows.cpu()
+            extra_args = tuple(t[rows] for t in extra_all)
+        L = len(live)
         shared = step.shared
         if mlp is not None:
             grad_fns[shared] = mlp
@@ -129,7 +136,6 @@ def train_vectorised(
             xd = None if shared else 0
             grad_fns[shared] = vmap(grad(loss_and_obj, has_aux=True), in_dims=(0, xd, xd, 0, 0, *extra_dims))
         idx = (step.idx if shared else step.idx[rows_cpu]).to(dev)
-        extra_args = tuple(t[rows] for t in extra_all)
         grads, obj = grad_fns[shared](
             params,
             problem.X[idx],
@@ -140,15 +146,18 @@ def train_vectorised(
         )
         active = None if step.active is None else step.active[rows_cpu].to(dev)
         finite = torch.isfinite(obj) if active is None else torch.isfinite(obj) | ~active
-        bad[rows] |= ~finite
-        last_obj[rows] = torch.where(finite, last_obj[rows], obj)
+        bad[:L] |= ~finite
+        torch.where(finite, last_obj[:L], obj, out=last_obj[:L])
         optimizer.step(params, grads, active, scratch=True)
         if step.record:
             vals = evaluate(params)  # (live, T)
-            bad[rows] |= ~torch.isfinite(vals).all(dim=1)
+            bad[:L] |= ~torch.isfinite(vals).all(dim=1)
             if bool(bad.any()):
-                r = int(torch.nonzero(bad)[0])
-                raise diverged(all_labels[r], seed, step.epoch, float(last_obj[r]), config.lr)
+                in_runs = torch.zeros(total, dtype=torch.bool, device=dev)
+                in_runs[rows] = bad[:L]
+                r = int(torch.nonzero(in_runs)[0])  # the lowest diverged run, as labelled
+                i = live.index(r)
+                raise diverged(all_labels[r], seed, step.epoch, float(last_obj[i]), config.lr)
             full_vals = vals[:1].expand(total, -1).clone()  # not-yet-joined runs equal the full run
             full_vals[rows] = vals
             records.append(full_vals.to(torch.float64).cpu())
