@@ -80,7 +80,7 @@ def run_dattri(job: dict, timeout: float) -> dict:
         }
 
 
-def run(quick: bool = True) -> list[Table]:
+def run(quick: bool = True, only: list[str] | None = None) -> list[Table]:
     why = ensure_venv()
     n, T = 5000, 500
     train, test = image_data(n, T)
@@ -102,9 +102,12 @@ def run(quick: bool = True) -> list[Table]:
         ("grad-dot", "mlp-s", {}),
         ("if-cg", "logreg", {"max_iter": 10, "tol": 1e-7}),  # dattri's default: exactly 10 iterations
         ("trak", "mlp-s", {"proj_dim": 512}),
+        ("if-explicit", "logreg", {}),
     ]
     if not quick:
-        cases += [("if-explicit", "logreg", {}), ("if-cg", "mlp-s", {"max_iter": 20, "tol": 1e-7})]
+        cases += [("if-cg", "mlp-s", {"max_iter": 20, "tol": 1e-7})]
+    if only:
+        cases = [c for c in cases if c[0] in only]
     for method, arch, opts in cases:
         model = models[arch]
         task = AttributionTask(model)
@@ -171,5 +174,6 @@ def run(quick: bool = True) -> list[Table]:
 
 
 if __name__ == "__main__":
-    tables = run(quick="--full" not in sys.argv)
+    only = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")]
+    tables = run(quick="--full" not in sys.argv, only=only[0].split(",") if only else None)
     print(save("dattri", tables))

@@ -95,7 +95,11 @@ def iter_group_gradients_fast(
             g = torch.zeros(p, dtype=task.dtype, device=task.device)
             for start in range(0, len(m), max_batch):
                 rows = torch.as_tensor(m[start : start + max_batch], device=task.device)
-                _add_single_group(plan, layer_factors(task, plan, Xt[rows], yt[rows], fn, params), g)
+                _add_single_group(
+                    plan,
+                    layer_factors(task, plan, Xt.index_select(0, rows), yt.index_select(0, rows), fn, params),
+                    g,
+                )
             yield np.array([gid]), g[None]
             i += 1
             continue
@@ -106,7 +110,7 @@ def iter_group_gradients_fast(
             j += 1
         chunk = order[i:j]
         rows = torch.as_tensor(np.concatenate([members[g] for g in chunk]), device=task.device)
-        factors = layer_factors(task, plan, Xt[rows], yt[rows], fn, params)
+        factors = layer_factors(task, plan, Xt.index_select(0, rows), yt.index_select(0, rows), fn, params)
         # yield in blocks of <= _BLOCK_BYTES: one forward serves several blocks, and blocks this
         # small are recycled by the allocator instead of page-faulting fresh memory every time
         per_block = max(1, _BLOCK_BYTES // (p * Xt.element_size()))

@@ -121,7 +121,12 @@ def iter_projected_group_gradients(
                 phi = torch.zeros(1, proj.dim, dtype=task.dtype, device=task.device)
                 for s in range(0, len(m), cap):
                     rows = torch.as_tensor(m[s : s + cap], device=task.device)
-                    f = project_factors(proj, layer_factors(task, plan, Xt[rows], yt[rows], fn, params))
+                    f = project_factors(
+                        proj,
+                        layer_factors(
+                            task, plan, Xt.index_select(0, rows), yt.index_select(0, rows), fn, params
+                        ),
+                    )
                     flat = Factors(
                         [a.reshape(1, -1, a.shape[-1]) for a in f.A],
                         [d.reshape(1, -1, d.shape[-1]) for d in f.D],
@@ -138,7 +143,10 @@ def iter_projected_group_gradients(
                 j += 1
             chunk = order[i:j]
             rows = torch.as_tensor(np.concatenate([members[g] for g in chunk]), device=task.device)
-            f = project_factors(proj, layer_factors(task, plan, Xt[rows], yt[rows], fn, params))
+            f = project_factors(
+                proj,
+                layer_factors(task, plan, Xt.index_select(0, rows), yt.index_select(0, rows), fn, params),
+            )
             phi = torch.empty(len(chunk), proj.dim, dtype=task.dtype, device=task.device)
             _scatter_groups(proj.feature_plan, f, sizes[chunk], phi)
             yield chunk, phi, proj

@@ -233,6 +233,9 @@ class EKFAC(InfluenceFunction):
         for rows in self._chunks():  # pass 2: eigenvalue correction
             for i, a, ds in self._passes(rows):
                 layer = self.layers[i]
+                if a.shape[1] == 1:  # one position (Linear): DW is rank one, so its square factorises
+                    layer.eigenvalues += ((ds[:, 0] @ layer.QS) ** 2).T @ ((a[:, 0] @ layer.QA) ** 2)
+                    continue
                 DW = torch.einsum("blo,bli->boi", ds, a)
                 layer.eigenvalues += ((layer.QS.T @ DW @ layer.QA) ** 2).sum(0)
         for layer in self.layers:

@@ -37,13 +37,16 @@ import numpy as np
 import torch
 
 from ggda.errors import GGDAError
+from ggda.gradients.fast_factors import fast_enabled
 from ggda.gradients.per_example import iter_per_example_gradients
 from ggda.linalg.arnoldi import LowRankEigen, arnoldi, ihvp_arnoldi
 from ggda.linalg.cg import ihvp_cg
+from ggda.linalg.chain_gn import chain_gn_product
 from ggda.linalg.dense import DenseInverse, dense_from_matvec, factorize
 from ggda.linalg.hvp import gnhvp, hvp
 from ggda.linalg.lissa import ihvp_lissa
 from ggda.methods.base import InnerProductAttributor, register
+from ggda.models.chain import linear_chain
 from ggda.task import AttributionTask
 
 HESSIANS = ("exact", "gn")
@@ -56,6 +59,11 @@ class TrainingCurvature:
 
     Products are accumulated over data chunks of ``chunk_size`` rows and vector blocks of
     ``vector_block`` so memory stays bounded for any n and any number of right-hand sides.
+
+    On a chain model (Linear → activation → … → Linear, :mod:`ggda.models.chain`) the
+    Gauss–Newton product is computed with plain GEMMs over all vectors at once
+    (:mod:`ggda.linalg.chain_gn`); a single Linear layer also takes that path for the exact
+    Hessian, which equals its Gauss–Newton matrix. ``GGDA_FAST_GRADIENTS=0`` forces ``torch.func``.
 
     Args:
         task: the attribution task (model, loss, attributed parameters, device, dtype).
@@ -88,6 +96,14 @@ class TrainingCurvature:
         self.theta = task.flatten(params)
         self.p = self.theta.numel()
         self._shapes = [(name, p.shape, p.numel()) for name, p in params.items()]
+        chain = linear_chain(task) if fast_enabled() else None
+        if chain is not None and kind == "exact" and not (chain.depth == 1 and chain.activations[0] is None):
+            chain = None  # a deeper chain's exact Hessian has second-order terms the GN product lacks
+        self.chain = chain
+        self._params, self._slices = params, task.layer_slices()
+        if chain is not None:  # vectors per block: keep the (rows, T, width) tangents near 64 MB
+            width = max(d_out for d_out, _ in chain.shapes)
+            self.vector_block = max(self.vector_block, int(16 * 2**20 // (self.chunk_size * width)))
 
     def _unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         out, start = {}, 0
@@ -99,6 +115,8 @@ class TrainingCurvature:
     def _rows_product(self, V: torch.Tensor, Xc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
         """Σ over the rows of the (summed-loss) Hessian or GN times V (T, p)."""
         task = self.task
+        if self.chain is not None:
+            return chain_gn_product(self.chain, task, self._params, self._slices, Xc, yc, V)
 
         def model_fn(theta: torch.Tensor) -> torch.Tensor:
             return task.forward(self._unflatten(theta), Xc)

@@ -1,0 +1,75 @@
+"""Gauss–Newton products for chain models (Linear → activation → … → Linear) as plain GEMMs.
+
+For T vectors at once, G V = Σ_i J_iᵀ H_i J_i V is a forward-mode pass (J V), the loss Hessian
+in output space (H_i, tiny), and a reverse pass (Jᵀ ·). On a chain each step is one large
+matrix product per layer over all rows *and* all T vectors:
+
+    ṡ_l = a_{l-1} V_lᵀ + v_{b,l} + ȧ_{l-1} W_lᵀ,   ȧ_l = σ'(s_l) ⊙ ṡ_l          (forward, J V)
+    ∂W_l = Σ_i δ_{l,i} ⊗ a_{l-1,i},   δ_{l-1} = σ'(s_{l-1}) ⊙ (δ_l W_l)          (reverse, Jᵀ U)
+
+where the first-layer term ``a_0 V_1ᵀ`` is a single GEMM against the shared inputs for all T
+vectors. ``vmap(jvp)`` computes the same numbers but batches the T tangents less well; on
+logistic regression with 500 vectors this is ~2.5× faster (``make bench``).
+
+For a single Linear layer (z linear in θ) the Gauss–Newton matrix *is* the exact Hessian, so
+:class:`~ggda.methods.influence.TrainingCurvature` also uses this product for ``hessian="exact"``
+there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import grad, jvp, vmap
+
+from ggda.models.chain import LinearChain
+from ggda.task import AttributionTask, Params
+
+
+def _loss_hessian_product(
+    task: AttributionTask, z: torch.Tensor, y: torch.Tensor, U: torch.Tensor
+) -> torch.Tensor:
+    """H_i u for every row i and vector: z (n, C), U (n, T, C) -> (n, T, C), with H_i = ∇²_z ℓ(z_i, y_i)."""
+    g = grad(lambda zz: task.loss_fn(zz, y).sum())
+
+    def single(u: torch.Tensor) -> torch.Tensor:
+        return jvp(g, (z,), (u,))[1]
+
+    return vmap(single, in_dims=1, out_dims=1)(U)
+
+
+def chain_gn_product(
+    chain: LinearChain,
+    task: AttributionTask,
+    params: Params,
+    slices: dict[str, slice],
+    X: torch.Tensor,
+    y: torch.Tensor,
+    V: torch.Tensor,
+) -> torch.Tensor:
+    """Σ over the rows of (X, y) of J_iᵀ H_i J_i V for V (T, p); returns (T, p)."""
+    T, n = V.shape[0], X.shape[0]
+    inputs, derivs, z = chain.forward(params, X)
+    # forward mode: tangents of every layer's output for all T vectors, (n, T, d_out)
+    tangent = None
+    for k in range(chain.depth):
+        d_out, d_in = chain.shapes[k]
+        Vw = V[:, slices[chain.weights[k]]].reshape(T * d_out, d_in)
+        s_dot = (inputs[k] @ Vw.T).view(n, T, d_out)
+        if chain.biases[k] is not None:
+            s_dot += V[:, slices[chain.biases[k]]][None]
+        if tangent is not None:
+            s_dot += tangent @ params[chain.weights[k]].T
+        tangent = s_dot if derivs[k] is None else s_dot * derivs[k][:, None, :]
+    delta = _loss_hessian_product(task, z, y, tangent)
+    # reverse mode: Jᵀ applied to every vector's output-space result
+    out = torch.empty(T, V.shape[1], dtype=V.dtype, device=V.device)
+    for k in reversed(range(chain.depth)):
+        d_out, d_in = chain.shapes[k]
+        out[:, slices[chain.weights[k]]] = (delta.reshape(n, T * d_out).T @ inputs[k]).view(T, -1)
+        if chain.biases[k] is not None:
+            out[:, slices[chain.biases[k]]] = delta.sum(0)
+        if k > 0:
+            delta = delta @ params[chain.weights[k]]
+            if derivs[k - 1] is not None:  # no activation between two Linear layers: identity
+                delta = delta * derivs[k - 1][:, None, :]
+    return out

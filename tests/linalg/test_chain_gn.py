@@ -1,0 +1,81 @@
+"""The GEMM-only Gauss–Newton product of chain models against torch.func, and preconditioned CG."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ggda.gradients.fast_factors import fast_gradients
+from ggda.linalg.chain_gn import chain_gn_product
+from ggda.methods.influence import TrainingCurvature
+from ggda.models.chain import linear_chain
+from ggda.task import AttributionTask
+
+
+def _data(n=40, d=6, c=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, c, (n,), generator=gen)
+    return X.numpy(), y.numpy()
+
+
+def _model(*layers):
+    torch.manual_seed(0)
+    return nn.Sequential(*layers).double()
+
+
+CHAINS = {
+    "logreg": lambda: _model(nn.Linear(6, 3)),
+    "relu-mlp": lambda: _model(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)),
+    "tanh-no-bias": lambda: _model(nn.Linear(6, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)),
+    "linear-linear": lambda: _model(nn.Linear(6, 5), nn.Linear(5, 3)),
+}
+
+
+def test_chain_detection():
+    for make in CHAINS.values():
+        assert linear_chain(AttributionTask(make())) is not None
+    not_chains = [
+        _model(nn.ReLU(), nn.Linear(6, 3)),  # activation first
+        _model(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)),  # not elementwise
+        _model(nn.Linear(6, 5), nn.ReLU()),  # outputs are not a Linear layer's
+        _model(nn.Linear(6, 5), nn.ReLU(), nn.Tanh(), nn.Linear(5, 3)),  # two activations
+    ]
+    for model in not_chains:
+        assert linear_chain(AttributionTask(model)) is None
+    model = CHAINS["relu-mlp"]()
+    assert linear_chain(AttributionTask(model, layers=["4"])) is None  # frozen earlier layers: not handled
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+@pytest.mark.parametrize("loss", ["classification", "mse"])
+def test_chain_gn_equals_torch_func(name, loss):
+    model = CHAINS[name]()
+    X, y = _data()
+    if loss == "mse":
+        y = np.random.default_rng(0).normal(size=(len(X), 3))
+        task = AttributionTask(model, loss=lambda z, t: ((z - t) ** 2).sum(-1))
+    else:
+        task = AttributionTask(model)
+    V = torch.randn(7, task.n_params, dtype=torch.float64)
+    with fast_gradients(False):
+        reference = TrainingCurvature(task, X, y, "gn", chunk_size=13).matvec(V)
+    fast = TrainingCurvature(task, X, y, "gn", chunk_size=13)
+    assert fast.chain is not None
+    torch.testing.assert_close(fast.matvec(V), reference, rtol=1e-10, atol=1e-10)
+    Xt, yt = task.to_tensor(X, y)
+    direct = chain_gn_product(fast.chain, task, task.params(), task.layer_slices(), Xt, yt, V) / len(X)
+    torch.testing.assert_close(direct, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_exact_hessian_uses_chain_only_when_linear_in_parameters():
+    X, y = _data()
+    task = AttributionTask(CHAINS["logreg"]())
+    V = torch.randn(4, task.n_params, dtype=torch.float64)
+    curvature = TrainingCurvature(task, X, y, "exact")
+    assert curvature.chain is not None  # logistic regression: Hessian = Gauss–Newton
+    with fast_gradients(False):
+        exact = TrainingCurvature(task, X, y, "exact").matvec(V)
+    torch.testing.assert_close(curvature.matvec(V), exact, rtol=1e-10, atol=1e-10)
+    deep = AttributionTask(CHAINS["relu-mlp"]())
+    assert TrainingCurvature(deep, X, y, "exact").chain is None  # second-order terms: torch.func
