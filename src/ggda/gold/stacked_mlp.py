@@ -47,6 +47,8 @@ class _Activation:
 
     forward: Callable[[torch.Tensor, torch.Tensor], object]
     backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]
+    #: the derivative needs only the output, so the activation may overwrite its input
+    from_output: bool = False
 
 
 def _activation(m: nn.Module) -> _Activation | None:
@@ -56,16 +58,19 @@ def _activation(m: nn.Module) -> _Activation | None:
         return _Activation(
             lambda z, a: torch.clamp_min(z, 0, out=a),
             lambda g, z, a: aten.threshold_backward.grad_input(g, a, 0, grad_input=g),
+            True,
         )
     if t is nn.Tanh:
         return _Activation(
             lambda z, a: torch.tanh(z, out=a),
             lambda g, z, a: aten.tanh_backward.grad_input(g, a, grad_input=g),
+            True,
         )
     if t is nn.Sigmoid:
         return _Activation(
             lambda z, a: torch.sigmoid(z, out=a),
             lambda g, z, a: aten.sigmoid_backward.grad_input(g, a, grad_input=g),
+            True,
         )
     if t is nn.GELU:
         ap = m.approximate
@@ -181,6 +186,7 @@ class StackedMLP:
         self.ops = ops
         self.classification = task.loss_fn is cross_entropy
         self.block = block or default_block(task)
+        self.inplace = True
         self._cap = capacity
         self._grads: Params = {}
         self._buffers: dict[tuple, dict] = {}
@@ -210,7 +216,15 @@ class StackedMLP:
                     width = op.fout
                 else:
                     grads.append(None)
-                outs.append(new(width))
+                if (
+                    self.inplace
+                    and not isinstance(op, _Linear)
+                    and op.from_output
+                    and isinstance(self.ops[i - 1], _Linear)
+                ):
+                    outs.append(outs[-1])  # overwrite the Linear's output: its backward never reads it
+                else:
+                    outs.append(new(width))
             buf = {"outs": outs, "grads": grads, "top": new(width)}
             self._buffers[(key, W)] = buf
         return buf
