@@ -101,7 +101,7 @@ def run(quick: bool = True) -> list[Table]:
                 table.add(K, size, "loop of K batched backwards", t, r, m)
         table.notes.append(
             "x floor = median over back-to-back (floor, method) pairs, so both see the same machine load. "
-            "bar: ggda fast <= 1.5x floor for K <= n/10. Blocks are (k, p) tensors of at most 16 MB, "
+            "bar: ggda fast <= 1.5x floor for K <= n/10. Blocks are (k, p) tensors of at most 4 MB, "
             "touched as a consumer (scoring, projection) would; K = n is per-example gradients."
         )
         out.append(table)

@@ -78,11 +78,14 @@ def iter_group_gradients(
     params: Params | None = None,
     max_batch: int = 2048,
     memory_mb: float = 256.0,
+    block_mb: float | None = None,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield ``(group_ids, G)``: complete gradients G (k, p) of the summed ``fn`` of groups ``group_ids``.
 
     Every group is yielded exactly once. Default ``fn`` is the training loss; default grouping is
-    singletons (per-example gradients).
+    singletons (per-example gradients). ``block_mb`` sets the size of the blocks the fast path
+    yields (default 4 MB): a consumer that multiplies each block by a large matrix (a projection)
+    runs its GEMMs more efficiently on taller blocks.
     """
     fn = fn or task.loss_fn
     params = task.params() if params is None else params
@@ -94,7 +97,9 @@ def iter_group_gradients(
     max_rows = max(1, int(memory_mb * 2**20 // bytes_per_grad))  # gradient rows per chunk
     plan = fast_plan(task, Xt, yt, fn, params)
     if plan is not None:
-        yield from iter_group_gradients_fast(task, plan, Xt, yt, grouping, fn, params, max_batch, max_rows)
+        yield from iter_group_gradients_fast(
+            task, plan, Xt, yt, grouping, fn, params, max_batch, max_rows, block_mb=block_mb
+        )
         return
     members = grouping.member_lists()
     sizes = grouping.sizes
