@@ -423,13 +423,18 @@ class _LayerViews:
 
 
 def default_block(task: AttributionTask) -> int:
-    """Runs per sweep: about BLOCK_BYTES of weights, gradients and batch activations per block."""
+    """Runs per sweep: about BLOCK_BYTES of weights, gradients and batch activations per thread.
+
+    More threads split each product of a block, so a block grows with them to keep every
+    thread's share (and the per-block Python overhead) the same.
+    """
     per_run = 0
     for op in _parse(task)[0]:
         if isinstance(op, _Linear):
             per_run += 2 * op.fin * op.fout + 4 * op.fout * 128
     size = torch.finfo(task.dtype).bits // 8
-    return max(1, min(256, BLOCK_BYTES // max(1, per_run * size)))
+    budget = BLOCK_BYTES * max(1, torch.get_num_threads())
+    return max(1, min(256, budget // max(1, per_run * size)))
 
 
 #: Working set aimed at per sweep: well inside a server CPU's L3 cache, so a block's activations
