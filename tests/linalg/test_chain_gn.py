@@ -79,3 +79,13 @@ def test_exact_hessian_uses_chain_only_when_linear_in_parameters():
     torch.testing.assert_close(curvature.matvec(V), exact, rtol=1e-10, atol=1e-10)
     deep = AttributionTask(CHAINS["relu-mlp"]())
     assert TrainingCurvature(deep, X, y, "exact").chain is None  # second-order terms: torch.func
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_model_hessian_is_the_dense_hessian(bias):
+    X, y = _data(n=30)
+    task = AttributionTask(_model(nn.Linear(6, 3, bias=bias)))
+    curvature = TrainingCurvature(task, X, y, "exact", weight_decay=0.1)
+    with fast_gradients(False):
+        reference = TrainingCurvature(task, X, y, "exact", weight_decay=0.1).dense()
+    torch.testing.assert_close(curvature.dense(), reference, rtol=1e-10, atol=1e-10)

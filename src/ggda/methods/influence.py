@@ -41,7 +41,7 @@ from ggda.gradients.fast_factors import fast_enabled
 from ggda.gradients.per_example import iter_per_example_gradients
 from ggda.linalg.arnoldi import LowRankEigen, arnoldi, ihvp_arnoldi
 from ggda.linalg.cg import ihvp_cg
-from ggda.linalg.chain_gn import chain_gn_product
+from ggda.linalg.chain_gn import chain_gn_product, linear_model_hessian
 from ggda.linalg.dense import DenseInverse, dense_from_matvec, factorize
 from ggda.linalg.hvp import gnhvp, hvp
 from ggda.linalg.lissa import ihvp_lissa
@@ -161,7 +161,14 @@ class TrainingCurvature:
         return sample
 
     def dense(self, block_size: int = 256) -> torch.Tensor:
-        """The (p, p) matrix (small models only)."""
+        """The (p, p) matrix (small models only); formed directly for a single Linear layer."""
+        chain = self.chain
+        if chain is not None and chain.depth == 1 and chain.activations[0] is None:
+            H = linear_model_hessian(chain, self.task, self._params, self._slices, self.Xt, self.yt)
+            H /= self.n
+            if self.weight_decay:
+                H.diagonal().add_(self.weight_decay)
+            return H
         return dense_from_matvec(self.matvec, self.p, self.theta.dtype, self.theta.device, block_size)
 
     def top_eigenvalue(self, iterations: int = 30, seed: int = 0) -> float:
