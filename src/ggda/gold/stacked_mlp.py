@@ -426,8 +426,11 @@ def default_block(task: AttributionTask) -> int:
     """Runs per sweep: about BLOCK_BYTES of weights, gradients and batch activations per thread.
 
     More threads split each product of a block, so a block grows with them to keep every
-    thread's share (and the per-block Python overhead) the same.
+    thread's share (and the per-block Python overhead) the same. On a GPU there is no cache to
+    fit and every launch costs, so all runs are one block.
     """
+    if task.device.type != "cpu":
+        return 1 << 30
     per_run = 0
     for op in _parse(task)[0]:
         if isinstance(op, _Linear):
