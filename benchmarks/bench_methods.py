@@ -36,7 +36,7 @@ def method_options(quick: bool, checkpoints) -> dict[str, dict]:
     return {k: v for k, v in opts.items() if k in METHODS}
 
 
-def run(quick: bool = True) -> list[Table]:
+def run(quick: bool = True, only: list[str] | None = None) -> list[Table]:
     n, T = 20_000, 500
     train, test = image_data(n, T)
     model = build_model("mlp-s", 784, 10, seed=0)
@@ -62,6 +62,8 @@ def run(quick: bool = True) -> list[Table]:
     )
     runs = [(name, opts, True) for name, opts in method_options(quick, checkpoints).items()]
     runs.insert(1, ("grad-dot", {}, False))  # the generic torch.func path, for reference
+    if only:
+        runs = [r for r in runs if r[0] in only]
     for name, opts, fast in runs:
         row: list = [name if fast else f"{name} (GGDA_FAST_GRADIENTS=0)"]
         try:
@@ -91,7 +93,7 @@ def run(quick: bool = True) -> list[Table]:
             row += [""] * (len(table.columns) - len(row))
         table.add(*row)
         print(" ", row, flush=True)
-        save("methods", [table])  # partial results survive an interrupted run
+        save("methods" if not only else "methods_" + "_".join(only), [table])  # partial results survive
     table.notes.append("time = grouping + cache + attribute; random grouping (its time is included).")
     print(table.render(), flush=True)
     return [table]
@@ -100,5 +102,6 @@ def run(quick: bool = True) -> list[Table]:
 if __name__ == "__main__":
     import sys
 
-    tables = run(quick="--full" not in sys.argv)
-    print(save("methods", tables))
+    only = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")]
+    tables = run(quick="--full" not in sys.argv, only=only[0].split(",") if only else None)
+    print(save("methods" if not only else "methods_" + only[0].replace(",", "_"), tables))

@@ -327,3 +327,17 @@ def test_kronecker_refuses_unsupported_layers(small_digits):
     model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 10))
     with pytest.raises(GGDAError, match="projection=gaussian"):
         TRAK(AttributionTask(model), proj_dim=64, projection="kronecker").cache(train.subset(np.arange(20)))
+
+
+def test_residuals_read_from_the_gradient_pass_equal_a_separate_forward(small_digits, trained_mlp):
+    train, _ = small_digits
+    task = AttributionTask(trained_mlp)
+    grouping = random_grouping(len(train), 30, seed=1)
+    method = make_method("trak", task, proj_dim=64).cache(train, grouping)
+    separate = method._group_residuals(method.point_residuals(task))
+    np.testing.assert_allclose(method.members[0].residual, separate, rtol=1e-5)
+    from ggda.gradients.fast_factors import fast_gradients
+
+    with fast_gradients(False):  # generic path: values not recorded, falls back to the forward
+        generic = make_method("trak", task, proj_dim=64).cache(train, grouping)
+    np.testing.assert_allclose(generic.members[0].residual, separate, rtol=1e-5)

@@ -127,10 +127,15 @@ def plan_layers(task: AttributionTask) -> LayerPlan | None:
 
 @dataclass
 class Factors:
-    """Per-layer factors of a batch: ``A[l]`` (B, L, d_in) inputs, ``D[l]`` (B, L, d_out) output grads."""
+    """Per-layer factors of a batch: ``A[l]`` (B, L, d_in) inputs, ``D[l]`` (B, L, d_out) output grads.
+
+    ``values`` (B,) holds the per-example function values of the same forward pass, when known
+    (TRAK reads its residual weights from them instead of running another forward).
+    """
 
     A: list[torch.Tensor]
     D: list[torch.Tensor]
+    values: torch.Tensor | None = None
 
 
 def _unfold(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +205,7 @@ def layer_factors(
             d_parts = [torch.zeros(B, 1, spec.d_out, dtype=X.dtype, device=X.device)]
         A.append(torch.cat(a_parts, 1) if len(a_parts) > 1 else a_parts[0])
         D.append(torch.cat(d_parts, 1) if len(d_parts) > 1 else d_parts[0])
-    return Factors(A, D)
+    return Factors(A, D, values.detach())
 
 
 def per_example_from_factors(

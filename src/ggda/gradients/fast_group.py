@@ -76,11 +76,13 @@ def iter_group_gradients_fast(
     max_batch: int = 2048,
     max_rows: int = 1024,
     block_mb: float | None = None,
+    values_out: torch.Tensor | None = None,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield ``(group_ids, G (k, p))`` for every group once, from layer factors.
 
     A chunk holds at most ``max_batch`` training rows and ``max_rows`` groups (the memory cap on
-    the (k, p) block); groups are visited in increasing size so chunks pad little.
+    the (k, p) block); groups are visited in increasing size so chunks pad little. ``values_out``
+    (n,), if given, receives every row's ``fn`` value from the same forward passes.
     """
     max_batch = min(max_batch, plan.max_rows())  # unfolded conv inputs can be large
     sizes = grouping.sizes
@@ -96,11 +98,10 @@ def iter_group_gradients_fast(
             g = torch.zeros(p, dtype=task.dtype, device=task.device)
             for start in range(0, len(m), max_batch):
                 rows = torch.as_tensor(m[start : start + max_batch], device=task.device)
-                _add_single_group(
-                    plan,
-                    layer_factors(task, plan, Xt.index_select(0, rows), yt.index_select(0, rows), fn, params),
-                    g,
-                )
+                f = layer_factors(task, plan, Xt.index_select(0, rows), yt.index_select(0, rows), fn, params)
+                if values_out is not None:
+                    values_out[rows] = f.values.to(values_out.dtype)
+                _add_single_group(plan, f, g)
             yield np.array([gid]), g[None]
             i += 1
             continue
@@ -112,6 +113,8 @@ def iter_group_gradients_fast(
         chunk = order[i:j]
         rows = torch.as_tensor(np.concatenate([members[g] for g in chunk]), device=task.device)
         factors = layer_factors(task, plan, Xt.index_select(0, rows), yt.index_select(0, rows), fn, params)
+        if values_out is not None:  # the forward's per-row values, for callers that need them too
+            values_out[rows] = factors.values.to(values_out.dtype)
         # yield in blocks of <= _BLOCK_BYTES: one forward serves several blocks, and blocks this
         # small are recycled by the allocator instead of page-faulting fresh memory every time
         block_bytes = _BLOCK_BYTES if block_mb is None else int(block_mb * 2**20)

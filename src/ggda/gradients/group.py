@@ -79,13 +79,15 @@ def iter_group_gradients(
     max_batch: int = 2048,
     memory_mb: float = 256.0,
     block_mb: float | None = None,
+    values_out: torch.Tensor | None = None,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield ``(group_ids, G)``: complete gradients G (k, p) of the summed ``fn`` of groups ``group_ids``.
 
     Every group is yielded exactly once. Default ``fn`` is the training loss; default grouping is
     singletons (per-example gradients). ``block_mb`` sets the size of the blocks the fast path
     yields (default 4 MB): a consumer that multiplies each block by a large matrix (a projection)
-    runs its GEMMs more efficiently on taller blocks.
+    runs its GEMMs more efficiently on taller blocks. ``values_out`` (n,): the fast path writes every
+    row's ``fn`` value there (from the forward it runs anyway); the generic path leaves it as is.
     """
     fn = fn or task.loss_fn
     params = task.params() if params is None else params
@@ -98,7 +100,17 @@ def iter_group_gradients(
     plan = fast_plan(task, Xt, yt, fn, params)
     if plan is not None:
         yield from iter_group_gradients_fast(
-            task, plan, Xt, yt, grouping, fn, params, max_batch, max_rows, block_mb=block_mb
+            task,
+            plan,
+            Xt,
+            yt,
+            grouping,
+            fn,
+            params,
+            max_batch,
+            max_rows,
+            block_mb=block_mb,
+            values_out=values_out,
         )
         return
     members = grouping.member_lists()

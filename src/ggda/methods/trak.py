@@ -117,7 +117,8 @@ class TRAK(Attributor):
 
     Args:
         proj_dim: projection dimension k (TRAK uses 1,000–20,000; default 2048).
-        projection: ``gaussian``, ``rademacher``, ``identity`` (exact features, k = p; small models) or
+        projection: ``rademacher`` (default, as in the TRAK library: random ±1/√k, generated 32 signs
+            per random word), ``gaussian``, ``identity`` (exact features, k = p; small models) or
             ``kronecker`` (LoGra-style per-layer P_out ⊗ P_in, computed from layer factors without
             forming gradients; Linear/Conv2d models only; feature dimension ≈ ``proj_dim``).
         seed: projection seed of the first ensemble member; member m uses ``seed + m``.
@@ -146,7 +147,7 @@ class TRAK(Attributor):
         self,
         task: AttributionTask,
         proj_dim: int = 2048,
-        projection: str = "gaussian",
+        projection: str = "rademacher",
         seed: int = 0,
         per_layer: bool = False,
         ridge: float | None = None,
@@ -276,6 +277,13 @@ class TRAK(Attributor):
                 out[rows] = q.cpu().numpy()
         return out
 
+    def _residuals_from_values(self, task: AttributionTask, values: torch.Tensor) -> np.ndarray:
+        """q from output values already computed (same formula as :meth:`point_residuals`)."""
+        if self.output == "margin":
+            return torch.sigmoid(-values).cpu().numpy()
+        _, y = task.to_tensor(self.train.X, self.train.y)
+        return (y.double().reshape(values.shape) - values).cpu().numpy()
+
     def _group_residuals(self, q: np.ndarray) -> np.ndarray:
         K = self.grouping.n_groups
         if self.residual_mode == "none":
@@ -352,13 +360,17 @@ class TRAK(Attributor):
             features[torch.as_tensor(gids, device=task.device)] = phi
         return projector, features
 
-    def _dense_features(self, task: AttributionTask, m: int, params: Params):
+    def _dense_features(
+        self, task: AttributionTask, m: int, params: Params, values: torch.Tensor | None = None
+    ):
         projector = self._projector(task, m)
         K = self.grouping.n_groups
         self._use_dual(K, projector.k)  # refuse an oversized solve before the gradient pass
         features = torch.zeros(K, projector.k, dtype=task.dtype, device=task.device)
         staged: list[tuple[np.ndarray, torch.Tensor]] = []
         rows = 0
+        block_mb = min(256.0, self.memory_mb / 4)
+        stage_rows = max(128, int(block_mb * 2**20 // (task.n_params * torch.finfo(task.dtype).bits // 8)))
 
         def flush() -> None:
             nonlocal rows
@@ -379,12 +391,13 @@ class TRAK(Attributor):
             params=params,
             max_batch=self.max_batch,
             memory_mb=min(256.0, self.memory_mb),
-            block_mb=min(64.0, self.memory_mb / 4),  # taller blocks: the projection GEMMs run faster
+            block_mb=block_mb,  # tall blocks: fewer passes over P, faster projection GEMMs
+            values_out=values,
         ):
-            # large groups come a few per chunk: stage blocks so each projection GEMM has >= 128 rows
+            # large groups come a few per chunk: stage blocks so each pass over P serves many rows
             staged.append((gids, G))
             rows += len(gids)
-            if rows >= 128:
+            if rows >= stage_rows:
                 flush()
         flush()
         return projector, features
@@ -394,12 +407,17 @@ class TRAK(Attributor):
         for m, source in enumerate(self.ensemble):
             task = self._member_task(source)
             params = task.params()
+            values = torch.full((len(self.train),), float("nan"), dtype=torch.float64, device=task.device)
             if self.projection == "kronecker":
                 projector, features = self._kronecker_features(task, m, params)
-            else:
-                projector, features = self._dense_features(task, m, params)
+            else:  # the gradient pass also records every point's output value (no second forward)
+                projector, features = self._dense_features(task, m, params, values)
             chol, ridge, dual = self._factorise(features)
-            residual = self._group_residuals(self.point_residuals(task, params))
+            if bool(torch.isnan(values).any()):
+                q = self.point_residuals(task, params)
+            else:
+                q = self._residuals_from_values(task, values)
+            residual = self._group_residuals(q)
             self.members.append(_Member(task, projector, features, chol, ridge, dual, residual))
 
     # -- target side --------------------------------------------------------------------------
