@@ -271,8 +271,9 @@ def compare_cmd(
     out = out or gold / "compare"
     comp.save(out)
     picks = _pick(len(comp.epochs))
+    width = max([len(n) for n in list(comp.cos) + list(comp.failed)] + [12]) + 2
     header = (
-        "method        "
+        f"{'method':{width}s}"
         + "".join(f"  e={comp.epochs[e]:<12.4g}" for e in picks)
         + "  spearman@first  seconds"
     )
@@ -284,13 +285,13 @@ def compare_cmd(
         mean, sem = mean_sem(comp.cos[name])
         smean, ssem = mean_sem(comp.spearman[name])
         cells = "".join(f"  {mean[e]:6.3f}±{sem[e]:.3f}  " for e in picks)
-        typer.echo(f"{name:14s}{cells}  {smean[0]:6.3f}±{ssem[0]:.3f}  {comp.seconds[name]:7.2f}")
+        typer.echo(f"{name:{width}s}{cells}  {smean[0]:6.3f}±{ssem[0]:.3f}  {comp.seconds[name]:7.2f}")
     for name, why in comp.failed.items():
-        typer.echo(f"{name:14s}skipped: {why}")
+        typer.echo(f"{name:{width}s}skipped: {why}")
     if comp.seed_study:
         typer.echo("seed study (max over epochs of mean cosine):")
         for name, study in comp.seed_study.items():
-            typer.echo(f"{name:14s}" + "  ".join(f"S={k}: {v['max']:.3f}" for k, v in study.items()))
+            typer.echo(f"{name:{width}s}" + "  ".join(f"S={k}: {v['max']:.3f}" for k, v in study.items()))
     typer.echo(f"wrote {out}/compare.csv, compare.json, compare.png")
     (out / "command.json").write_text(
         json.dumps({"methods": names, "options": {k: str(v) for k, v in options.items()}})
