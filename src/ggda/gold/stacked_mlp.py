@@ -186,7 +186,7 @@ class StackedMLP:
         self.ops = ops
         self.classification = task.loss_fn is cross_entropy
         self.block = block or default_block(task)
-        self.inplace = True
+        self.inplace = True  # activations that allow it overwrite the Linear output (benchmarks toggle it)
         self._cap = capacity
         self._grads: Params = {}
         self._buffers: dict[tuple, dict] = {}
