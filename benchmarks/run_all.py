@@ -44,7 +44,8 @@ EXTERNAL = {
         sys.executable,
         "-m",
         "ggda.gold.benchmark",
-        *(["--runs", "20", "--seq-runs", "4"] if quick else []),
+        # the workload: 100 runs of MLP 100-128-128-2, n = 8,000, batch 128, one epoch
+        *(["--runs", "100", "--seq-runs", "10"] if quick else ["--runs", "100", "--seq-runs", "100"]),
     ],
 }
 

@@ -97,7 +97,10 @@ class RandomProjector(Projector):
         stream: sub-stream id, so several projectors with one seed stay independent (layers).
         block_rows: rows of P per generated block; part of P's definition.
         cache_mb: keep the generated blocks when the whole P is at most this size (MB); 0 never
-            caches. Does not change the numbers, only memory vs. regeneration time.
+            caches. Does not change the numbers, only memory vs. regeneration time. Blocks are
+            kept only from the third :meth:`project` call on: generating a Rademacher block costs
+            less than first-touching fresh memory for it, so a P applied once or twice (group
+            features + one target pass) is cheaper to regenerate than to cache.
     """
 
     def __init__(
@@ -123,11 +126,13 @@ class RandomProjector(Projector):
         self.n_blocks = math.ceil(self.p / self.block_rows)
         nbytes = self.p * self.k * torch.finfo(dtype).bits / 8
         self._cache: dict[int, torch.Tensor] | None = {} if nbytes <= cache_mb * 2**20 else None
+        self._passes = 0  # completed project() calls (caching starts with the third)
 
     def block(self, b: int) -> torch.Tensor:
         """Rows ``[b·block_rows, (b+1)·block_rows)`` of P, always the same numbers."""
         if self._cache is not None and b in self._cache:
             return self._cache[b]
+        keep = self._cache is not None and self._passes >= 2
         rows = min(self.block_rows, self.p - b * self.block_rows)
         gen = torch.Generator(device=self.device).manual_seed(block_seed(self.seed, self.stream, b))
         scale = 1.0 / math.sqrt(self.k)
@@ -145,7 +150,7 @@ class RandomProjector(Projector):
             shifts = torch.arange(32, dtype=torch.int32, device=self.device)
             bits = ((words[..., None] >> shifts) & 1).reshape(rows, -1)[:, : self.k]
             P = bits.to(self.dtype).mul_(2 * scale).sub_(scale)
-        if self._cache is not None:
+        if keep:
             self._cache[b] = P
         return P
 
@@ -157,6 +162,7 @@ class RandomProjector(Projector):
             start = b * self.block_rows
             P = self.block(b)
             out.addmm_(G[:, start : start + P.shape[0]], P.to(G.device))
+        self._passes += 1
         return out
 
     def matrix(self) -> torch.Tensor:
