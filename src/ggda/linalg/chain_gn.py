@@ -22,19 +22,41 @@ import torch
 from torch.func import grad, hessian, jvp, vmap
 
 from ggda.models.chain import LinearChain
+from ggda.models.losses import cross_entropy
 from ggda.task import AttributionTask, Params
 
 
 def _loss_hessian_product(
     task: AttributionTask, z: torch.Tensor, y: torch.Tensor, U: torch.Tensor
 ) -> torch.Tensor:
-    """H_i u for every row i and vector: z (n, C), U (n, T, C) -> (n, T, C), with H_i = ∇²_z ℓ(z_i, y_i)."""
+    """H_i u for every row i and vector: z (n, C), U (n, T, C) -> (n, T, C), with H_i = ∇²_z ℓ(z_i, y_i).
+
+    Softmax cross-entropy (ggda's classification loss) in closed form, H_i u = p ⊙ u − p (pᵀu);
+    any other loss through ``torch.func``.
+    """
+    if task.loss_fn is cross_entropy:
+        prob = torch.softmax(z, dim=-1)[:, None, :]  # (n, 1, C)
+        return prob * (U - (U * prob).sum(-1, keepdim=True))
     g = grad(lambda zz: task.loss_fn(zz, y).sum())
 
     def single(u: torch.Tensor) -> torch.Tensor:
         return jvp(g, (z,), (u,))[1]
 
     return vmap(single, in_dims=1, out_dims=1)(U)
+
+
+def split_vectors(
+    chain: LinearChain, slices: dict[str, slice], V: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per layer: V's weight part as a contiguous (T·d_out, d_in) matrix and its bias part (T, d_out)."""
+    T = V.shape[0]
+    out = []
+    for k in range(chain.depth):
+        d_out, d_in = chain.shapes[k]
+        Vw = V[:, slices[chain.weights[k]]].reshape(T * d_out, d_in).contiguous()
+        vb = V[:, slices[chain.biases[k]]] if chain.biases[k] is not None else None
+        out.append((Vw, vb))
+    return out
 
 
 def chain_gn_product(
@@ -45,33 +67,42 @@ def chain_gn_product(
     X: torch.Tensor,
     y: torch.Tensor,
     V: torch.Tensor,
+    layers: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Σ over the rows of (X, y) of J_iᵀ H_i J_i V for V (T, p); returns (T, p)."""
+    """Σ over the rows of (X, y) of J_iᵀ H_i J_i V for V (T, p); returns (T, p).
+
+    ``layers``: :func:`split_vectors` of V, for callers that apply the product to many row chunks;
+    ``out``: a (T, p) tensor to *add* the result to (saves a copy per row chunk).
+    """
     T, n = V.shape[0], X.shape[0]
+    layers = split_vectors(chain, slices, V) if layers is None else layers
     inputs, derivs, z = chain.forward(params, X)
     # forward mode: tangents of every layer's output for all T vectors, (n, T, d_out)
     tangent = None
     for k in range(chain.depth):
         d_out, d_in = chain.shapes[k]
-        Vw = V[:, slices[chain.weights[k]]].reshape(T * d_out, d_in)
+        Vw, vb = layers[k]
         s_dot = (inputs[k] @ Vw.T).view(n, T, d_out)
-        if chain.biases[k] is not None:
-            s_dot += V[:, slices[chain.biases[k]]][None]
+        if vb is not None:
+            s_dot += vb[None]
         if tangent is not None:
             s_dot += tangent @ params[chain.weights[k]].T
-        tangent = s_dot if derivs[k] is None else s_dot * derivs[k][:, None, :]
+        tangent = s_dot if derivs[k] is None else s_dot.mul_(derivs[k][:, None, :])
     delta = _loss_hessian_product(task, z, y, tangent)
     # reverse mode: Jᵀ applied to every vector's output-space result
-    out = torch.empty(T, V.shape[1], dtype=V.dtype, device=V.device)
+    if out is None:
+        out = torch.zeros(T, V.shape[1], dtype=V.dtype, device=V.device)
     for k in reversed(range(chain.depth)):
         d_out, d_in = chain.shapes[k]
-        out[:, slices[chain.weights[k]]] = (delta.reshape(n, T * d_out).T @ inputs[k]).view(T, -1)
+        w = out[:, slices[chain.weights[k]]].view(T, d_out, d_in)
+        w += (delta.reshape(n, T * d_out).T @ inputs[k]).view(T, d_out, d_in)
         if chain.biases[k] is not None:
-            out[:, slices[chain.biases[k]]] = delta.sum(0)
+            out[:, slices[chain.biases[k]]] += delta.sum(0)
         if k > 0:
             delta = delta @ params[chain.weights[k]]
             if derivs[k - 1] is not None:  # no activation between two Linear layers: identity
-                delta = delta * derivs[k - 1][:, None, :]
+                delta.mul_(derivs[k - 1][:, None, :])
     return out
 
 

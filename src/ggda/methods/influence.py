@@ -41,7 +41,7 @@ from ggda.gradients.fast_factors import fast_enabled
 from ggda.gradients.per_example import iter_per_example_gradients
 from ggda.linalg.arnoldi import LowRankEigen, arnoldi, ihvp_arnoldi
 from ggda.linalg.cg import ihvp_cg
-from ggda.linalg.chain_gn import chain_gn_product, linear_model_hessian
+from ggda.linalg.chain_gn import chain_gn_product, linear_model_hessian, split_vectors
 from ggda.linalg.dense import DenseInverse, dense_from_matvec, factorize
 from ggda.linalg.hvp import gnhvp, hvp
 from ggda.linalg.lissa import ihvp_lissa
@@ -135,6 +135,15 @@ class TrainingCurvature:
         for vs in range(0, len(V), self.vector_block):
             block = V[vs : vs + self.vector_block]
             acc = torch.zeros_like(block)
+            if self.chain is not None:  # GEMMs straight into acc; V's layer blocks split once
+                layers = split_vectors(self.chain, self._slices, block)
+                for start in range(0, m, self.chunk_size):
+                    Xc, yc = Xs[start : start + self.chunk_size], ys[start : start + self.chunk_size]
+                    chain_gn_product(
+                        self.chain, self.task, self._params, self._slices, Xc, yc, block, layers, acc
+                    )
+                out[vs : vs + self.vector_block] = acc / m
+                continue
             for start in range(0, m, self.chunk_size):
                 acc += self._rows_product(
                     block, Xs[start : start + self.chunk_size], ys[start : start + self.chunk_size]
