@@ -84,6 +84,18 @@ def main(argv: list[str] | None = None) -> int:
             print(proc.stdout[-6000:], flush=True)
             if proc.returncode != 0:
                 print(f"{name} failed:\n{proc.stderr[-2000:]}", flush=True)
+            else:  # kept with the other sections' results, and in the summary
+                common.RESULTS.mkdir(parents=True, exist_ok=True)
+                (common.RESULTS / f"{name}.txt").write_text(
+                    f"== {name} ({' '.join(EXTERNAL[name](quick)[1:])}) ==\n{proc.stdout.strip()}\n"
+                )
+                jpath = common.RESULTS / f"{name}.json"
+                if not jpath.exists() or name == "gold":  # gold prints one JSON line
+                    try:
+                        data = json.loads(proc.stdout.strip().splitlines()[-1])
+                    except (ValueError, IndexError):
+                        data = {"stdout": proc.stdout[-6000:]}
+                    jpath.write_text(json.dumps(data, indent=1))
             continue
         module = __import__(f"bench_{name}")
         print(f"\n### {name} ({'quick' if quick else 'full'})", flush=True)
@@ -96,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     # the summary collects the latest result of every section, also of sections run separately
     common.RESULTS.mkdir(parents=True, exist_ok=True)
     done = [s for s in SECTIONS if (common.RESULTS / f"{s}.json").exists()]
+    done += [s for s in EXTERNAL if (common.RESULTS / f"{s}.txt").exists()]
     summary = "\n\n".join((common.RESULTS / f"{s}.txt").read_text().strip() for s in done)
     (common.RESULTS / "summary.txt").write_text(summary + "\n")
     (common.RESULTS / "summary.json").write_text(
@@ -103,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "mode": "quick" if quick else "full",
                 "seconds_this_run": timings,
-                "sections": {s: json.loads((common.RESULTS / f"{s}.json").read_text()) for s in done},
+                "sections": {
+                    s: json.loads((common.RESULTS / f"{s}.json").read_text())
+                    for s in done
+                    if (common.RESULTS / f"{s}.json").exists()
+                },
             },
             indent=1,
             default=float,
