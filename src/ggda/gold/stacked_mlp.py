@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ggda.models.chain import chain_or_reason
 from ggda.models.losses import cross_entropy, squared_error
 from ggda.task import AttributionTask, Params
 
@@ -116,41 +117,30 @@ class _Linear:
 
 
 def _parse(task: AttributionTask) -> tuple[list[_Linear | _Activation], str | None]:
-    """(the chain of ops, None) or ([], why the model is not a plain Linear/activation chain)."""
-    cls = type(task)
-    if cls.forward is not AttributionTask.forward or cls.losses is not AttributionTask.losses:
-        return [], "the task overrides forward/losses"
+    """(the chain of ops, None) or ([], why the model is not a plain Linear/activation chain).
+
+    The structure comes from :func:`ggda.models.chain.chain_or_reason` (shared with the
+    curvature products); this kernel adds: the built-in losses only, no buffers, and a fused
+    kernel for every activation.
+    """
     if task.loss_fn not in (cross_entropy, squared_error):
         return [], "the loss is not the built-in cross-entropy or squared error"
-    model = task.model
-    if type(model) is not nn.Sequential:
-        return [], f"the model is a {type(model).__name__}, not an nn.Sequential"
-    if any(True for _ in model.buffers()):
+    if any(True for _ in task.model.buffers()):
         return [], "the model has buffers"
-    names = [n for n, _ in model.named_parameters()]
-    if sorted(names) != sorted(task.param_names):
-        return [], "not every parameter is attributed (layers=...)"
+    chain, why = chain_or_reason(task)
+    if chain is None:
+        return [], why
     ops: list[_Linear | _Activation] = []
-    seen: list[nn.Module] = []
-    for name, m in model._modules.items():  # forward order, repeats included (named_children dedups)
-        if m._forward_hooks or m._forward_pre_hooks or getattr(m, "parametrizations", None) is not None:
-            return [], f"module {name} has hooks or parametrizations"
-        if type(m) is nn.Linear:
-            if any(m is other for other in seen):
-                return [], f"module {name} repeats a Linear layer (shared weights)"
-            seen.append(m)
-            bias = f"{name}.bias" if m.bias is not None else None
-            ops.append(_Linear(f"{name}.weight", bias, m.in_features, m.out_features))
-        elif type(m) is nn.Identity or (type(m) is nn.Dropout and not m.training):
-            continue
-        else:
-            act = _activation(m)
+    for k in range(chain.depth):
+        fout, fin = chain.shapes[k]
+        ops.append(_Linear(chain.weights[k], chain.biases[k], fin, fout))
+        module = chain.activations[k]
+        if module is not None:
+            act = _activation(module)
             if act is None:
-                return [], f"module {name} is a {type(m).__name__} (supported: {SUPPORTED})"
+                return [], f"module {type(module).__name__} has no fused kernel (supported: {SUPPORTED})"
             ops.append(act)
-    if not ops or not isinstance(ops[0], _Linear):
-        return [], "the first module is not an nn.Linear"
-    if task.loss_fn is squared_error and [op for op in ops if isinstance(op, _Linear)][-1].fout != 1:
+    if task.loss_fn is squared_error and chain.shapes[-1][0] != 1:
         return [], "squared error with more than one output"
     return ops, None
 

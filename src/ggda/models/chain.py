@@ -28,7 +28,6 @@ ELEMENTWISE = (
     nn.SiLU,
     nn.ELU,
     nn.Softplus,
-    nn.Identity,
 )
 
 
@@ -74,32 +73,55 @@ class LinearChain:
         return inputs, derivs, a
 
 
-def linear_chain(task: AttributionTask) -> LinearChain | None:
-    """The chain structure of ``task.model`` when every attributed parameter belongs to it, else None."""
+def chain_or_reason(task: AttributionTask) -> tuple[LinearChain | None, str | None]:
+    """(the chain, None) or (None, why ``task`` is not a plain Linear/activation chain).
+
+    Refused: a task that overrides ``forward``/``losses``; a model that is not an
+    ``nn.Sequential`` of exact ``nn.Linear`` and elementwise activation modules (``nn.Identity``
+    and eval-mode ``nn.Dropout`` are skipped); hooks or parametrizations; a Linear layer used twice
+    (shared weights); not every parameter attributed; an activation first, two in a row, or a
+    model that does not end in a Linear layer.
+    """
+    cls = type(task)
+    if cls.forward is not AttributionTask.forward or cls.losses is not AttributionTask.losses:
+        return None, "the task overrides forward/losses"
     model = task.model
     if type(model) is not nn.Sequential:
-        return None
-    mods = list(model.named_children())
+        return None, f"the model is a {type(model).__name__}, not an nn.Sequential"
     weights: list[str] = []
     biases: list[str | None] = []
     acts: list[nn.Module | None] = []
     shapes: list[tuple[int, int]] = []
-    for name, mod in mods:
+    seen: list[nn.Module] = []
+    for name, mod in model._modules.items():  # forward order, repeats included (named_children dedups)
+        if mod._forward_hooks or mod._forward_pre_hooks or getattr(mod, "parametrizations", None) is not None:
+            return None, f"module {name} has hooks or parametrizations"
         if type(mod) is nn.Linear:  # exact type: a subclass may override forward
+            if any(mod is other for other in seen):
+                return None, f"module {name} repeats a Linear layer (shared weights)"
+            seen.append(mod)
             weights.append(f"{name}.weight")
             biases.append(f"{name}.bias" if mod.bias is not None else None)
             acts.append(None)
             shapes.append((mod.out_features, mod.in_features))
+        elif type(mod) is nn.Identity or (type(mod) is nn.Dropout and not mod.training):
+            continue
         elif type(mod) in ELEMENTWISE:
-            if not weights or acts[-1] is not None:
-                return None  # activation first, or two activations in a row
+            if not weights:
+                return None, "the first module is not an nn.Linear"
+            if acts[-1] is not None:
+                return None, f"module {name}: two activations in a row"
             acts[-1] = mod
         else:
-            return None
+            return None, f"module {name} is a {type(mod).__name__}"
     if not weights or acts[-1] is not None:
-        return None  # must end in a Linear layer (the outputs z are its pre-activations)
-    attributed = set(task.param_names)
-    expected = set(weights) | {b for b in biases if b}
-    if attributed != expected:
-        return None
-    return LinearChain(weights, biases, acts, shapes)
+        return None, "the model does not end in an nn.Linear"
+    names = {n for n, _ in model.named_parameters()}
+    if set(task.param_names) != names:
+        return None, "not every parameter is attributed (layers=...)"
+    return LinearChain(weights, biases, acts, shapes), None
+
+
+def linear_chain(task: AttributionTask) -> LinearChain | None:
+    """The chain structure of ``task.model`` (see :func:`chain_or_reason`), or None."""
+    return chain_or_reason(task)[0]
