@@ -46,8 +46,12 @@ def test_chain_detection():
     model = CHAINS["relu-mlp"]()
     assert linear_chain(AttributionTask(model, layers=["4"])) is None  # frozen earlier layers: not handled
     shared = nn.Linear(5, 5)  # used twice: the product would need both uses' contributions
-    assert linear_chain(AttributionTask(_model(nn.Linear(6, 5), nn.ReLU(), shared, nn.Tanh(), shared))) is None
-    skipped = linear_chain(AttributionTask(_model(nn.Linear(6, 5), nn.Identity(), nn.ReLU(), nn.Linear(5, 3))))
+    assert (
+        linear_chain(AttributionTask(_model(nn.Linear(6, 5), nn.ReLU(), shared, nn.Tanh(), shared))) is None
+    )
+    skipped = linear_chain(
+        AttributionTask(_model(nn.Linear(6, 5), nn.Identity(), nn.ReLU(), nn.Linear(5, 3)))
+    )
     assert skipped is not None and skipped.depth == 2  # Identity (and eval-mode Dropout) are skipped
 
 
