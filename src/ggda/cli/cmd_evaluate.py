@@ -213,25 +213,7 @@ def retraining_cmd(
     threads: int = typer.Option(None),
 ) -> None:
     """Retraining score: remove the most helpful top-k% points, retrain, test accuracy (+ baselines)."""
-    _removal_command(
-        "retraining",
-        run,
-        scores,
-        method,
-        grouping,
-        opt,
-        fractions,
-        seeds,
-        fill,
-        backend,
-        workers,
-        mode,
-        epochs,
-        store,
-        out,
-        device,
-        threads,
-    )
+    _removal_command("retraining", **locals())  # every option, by name
 
 
 @evaluate_app.command("prune")
@@ -254,25 +236,7 @@ def prune_cmd(
     threads: int = typer.Option(None),
 ) -> None:
     """Dataset pruning: remove the least valuable points first, retrain, accuracy vs fraction."""
-    _removal_command(
-        "prune",
-        run,
-        scores,
-        method,
-        grouping,
-        opt,
-        fractions,
-        seeds,
-        fill,
-        backend,
-        workers,
-        mode,
-        epochs,
-        store,
-        out,
-        device,
-        threads,
-    )
+    _removal_command("prune", **locals())  # every option, by name
 
 
 @evaluate_app.command("lds")

@@ -112,18 +112,26 @@ class TrainingCurvature:
             start += size
         return out
 
-    def _rows_product(self, V: torch.Tensor, Xc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
-        """Σ over the rows of the (summed-loss) Hessian or GN times V (T, p)."""
+    def _accumulate(
+        self, acc: torch.Tensor, V: torch.Tensor, Xc: torch.Tensor, yc: torch.Tensor, layers
+    ) -> None:
+        """acc += Σ over the rows of the (summed-loss) Hessian or GN times V (T, p).
+
+        ``layers``: V split per layer (:func:`~ggda.linalg.chain_gn.split_vectors`) on the chain path,
+        computed once for all row chunks.
+        """
         task = self.task
-        if self.chain is not None:
-            return chain_gn_product(self.chain, task, self._params, self._slices, Xc, yc, V)
+        if self.chain is not None:  # GEMMs straight into acc
+            chain_gn_product(self.chain, task, self._params, self._slices, Xc, yc, V, layers, acc)
+            return
 
         def model_fn(theta: torch.Tensor) -> torch.Tensor:
             return task.forward(self._unflatten(theta), Xc)
 
         if self.kind == "gn":
-            return gnhvp(model_fn, lambda z: task.loss_fn(z, yc).sum(), self.theta, V)
-        return hvp(lambda theta: task.loss_fn(model_fn(theta), yc).sum(), self.theta, V)
+            acc += gnhvp(model_fn, lambda z: task.loss_fn(z, yc).sum(), self.theta, V)
+        else:
+            acc += hvp(lambda theta: task.loss_fn(model_fn(theta), yc).sum(), self.theta, V)
 
     def product(self, V: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """(mean over ``rows`` (default all) of the per-example curvature) V + wd V, V (T, p)."""
@@ -134,20 +142,11 @@ class TrainingCurvature:
         out = torch.zeros_like(V)
         for vs in range(0, len(V), self.vector_block):
             block = V[vs : vs + self.vector_block]
+            layers = split_vectors(self.chain, self._slices, block) if self.chain is not None else None
             acc = torch.zeros_like(block)
-            if self.chain is not None:  # GEMMs straight into acc; V's layer blocks split once
-                layers = split_vectors(self.chain, self._slices, block)
-                for start in range(0, m, self.chunk_size):
-                    Xc, yc = Xs[start : start + self.chunk_size], ys[start : start + self.chunk_size]
-                    chain_gn_product(
-                        self.chain, self.task, self._params, self._slices, Xc, yc, block, layers, acc
-                    )
-                out[vs : vs + self.vector_block] = acc / m
-                continue
             for start in range(0, m, self.chunk_size):
-                acc += self._rows_product(
-                    block, Xs[start : start + self.chunk_size], ys[start : start + self.chunk_size]
-                )
+                rows_ = slice(start, start + self.chunk_size)
+                self._accumulate(acc, block, Xs[rows_], ys[rows_], layers)
             out[vs : vs + self.vector_block] = acc / m
         if self.weight_decay:
             out += self.weight_decay * V

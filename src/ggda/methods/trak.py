@@ -265,20 +265,18 @@ class TRAK(Attributor):
 
     # -- training side ------------------------------------------------------------------------
     def point_residuals(self, task: AttributionTask, params: Params | None = None) -> np.ndarray:
-        """(n,) per-point q_i: 1 − p_i(correct) = sigmoid(−margin_i), or the residual y_i − f_i."""
+        """(n,) per-point q_i from a forward pass over the training set (:meth:`residuals_from_values`)."""
         params = task.params() if params is None else params
         X, y = task.to_tensor(self.train.X, self.train.y)
-        out = np.zeros(len(X), dtype=np.float64)
+        values = torch.empty(len(X), dtype=torch.float64, device=X.device)
         with torch.no_grad():
             for start in range(0, len(X), self.max_batch):
                 rows = slice(start, start + self.max_batch)
-                value = self.output_fn(task.forward(params, X[rows]), y[rows]).double()
-                q = torch.sigmoid(-value) if self.output == "margin" else y[rows].double() - value
-                out[rows] = q.cpu().numpy()
-        return out
+                values[rows] = self.output_fn(task.forward(params, X[rows]), y[rows]).double()
+        return self.residuals_from_values(task, values)
 
-    def _residuals_from_values(self, task: AttributionTask, values: torch.Tensor) -> np.ndarray:
-        """q from output values already computed (same formula as :meth:`point_residuals`)."""
+    def residuals_from_values(self, task: AttributionTask, values: torch.Tensor) -> np.ndarray:
+        """q_i = 1 − p_i(correct) = sigmoid(−margin_i), or the residual y_i − f_i, from output values (n,)."""
         if self.output == "margin":
             return torch.sigmoid(-values).cpu().numpy()
         _, y = task.to_tensor(self.train.X, self.train.y)
@@ -416,7 +414,7 @@ class TRAK(Attributor):
             if bool(torch.isnan(values).any()):
                 q = self.point_residuals(task, params)
             else:
-                q = self._residuals_from_values(task, values)
+                q = self.residuals_from_values(task, values)
             residual = self._group_residuals(q)
             self.members.append(_Member(task, projector, features, chol, ridge, dual, residual))
 
