@@ -117,3 +117,23 @@ def test_default_cache_keeps_a_trak_sized_matrix():
     assert not proj._cache and torch.equal(proj.project(G), first)  # 1st, 2nd pass: regenerated
     assert torch.equal(proj.project(G), first) and len(proj._cache) == proj.n_blocks  # 3rd: kept
     assert torch.equal(proj.project(G), first)
+
+
+@pytest.mark.parametrize("k", [512, 77])
+def test_rademacher_blocks_are_the_seeded_bits_in_order(k):
+    """Entry (i, 32w + j) of a block is bit j of word (i, w) of the block's generator: the byte
+    lookup that unpacks them must keep exactly that definition (and so every stored sketch)."""
+    import math
+
+    from ggda.gradients.projection import block_seed
+
+    proj = RandomProjector(3000, k, "rademacher", seed=5, block_rows=1024)
+    for b in (0, 2):
+        rows = min(1024, 3000 - b * 1024)
+        gen = torch.Generator().manual_seed(block_seed(5, 0, b))
+        words = torch.randint(-(2**31), 2**31, (rows, -(-k // 32)), generator=gen, dtype=torch.int32)
+        bits = ((words[..., None] >> torch.arange(32, dtype=torch.int32)) & 1).reshape(rows, -1)[:, :k]
+        expected = (bits.float() * 2 - 1) / math.sqrt(k)
+        torch.testing.assert_close(proj.block(b), expected, rtol=0, atol=1e-7)
+        scratch = proj._scratch()  # generating into a reused buffer gives the same numbers
+        torch.testing.assert_close(proj.block(b, scratch), expected, rtol=0, atol=1e-7)

@@ -341,3 +341,21 @@ def test_residuals_read_from_the_gradient_pass_equal_a_separate_forward(small_di
     with fast_gradients(False):  # generic path: values not recorded, falls back to the forward
         generic = make_method("trak", task, proj_dim=64).cache(train, grouping)
     np.testing.assert_allclose(generic.members[0].residual, separate, rtol=1e-5)
+
+
+def test_staged_projection_equals_projecting_each_group_alone(small_digits, trained_mlp):
+    """Blocks are gathered in a stage buffer (several flushes here, groups of mixed sizes, one
+    group taller than the stage): the features must be each group's own Pᵀ g_S."""
+    from ggda.gradients import group_gradients
+
+    train, _ = small_digits
+    task = AttributionTask(trained_mlp)
+    rng = np.random.default_rng(0)
+    labels = np.concatenate([np.arange(300), rng.integers(0, 300, len(train) - 300)])
+    labels[rng.permutation(len(train))[:200]] = 300  # one large group
+    grouping = Grouping(np.unique(labels[rng.permutation(len(train))], return_inverse=True)[1])
+    method = make_method("trak", task, proj_dim=32, memory_mb=0.5, max_batch=128).cache(train, grouping)
+    member = method.members[0]
+    G = group_gradients(task, train.X, train.y, grouping, fn=method.output_fn)
+    expected = member.projector.project(G)
+    torch.testing.assert_close(member.features, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))

@@ -13,7 +13,7 @@ Groups larger than ``max_batch`` are summed over row slices with one GEMM each.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -77,12 +77,14 @@ def iter_group_gradients_fast(
     max_rows: int = 1024,
     block_mb: float | None = None,
     values_out: torch.Tensor | None = None,
+    allocate: Callable[[int], torch.Tensor] | None = None,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield ``(group_ids, G (k, p))`` for every group once, from layer factors.
 
     A chunk holds at most ``max_batch`` training rows and ``max_rows`` groups (the memory cap on
     the (k, p) block); groups are visited in increasing size so chunks pad little. ``values_out``
-    (n,), if given, receives every row's ``fn`` value from the same forward passes.
+    (n,), if given, receives every row's ``fn`` value from the same forward passes; ``allocate(k)``,
+    if given, supplies the (k, p) tensor each block is written into.
     """
     max_batch = min(max_batch, plan.max_rows())  # unfolded conv inputs can be large
     sizes = grouping.sizes
@@ -124,7 +126,10 @@ def iter_group_gradients_fast(
             sub = chunk[b0 : b0 + per_block]
             row1 = row0 + int(sizes[sub].sum())
             part = Factors([a[row0:row1] for a in factors.A], [d[row0:row1] for d in factors.D])
-            G = blocks.empty((len(sub), p), task.dtype, task.device)
+            if allocate is not None:
+                G = allocate(len(sub))
+            else:
+                G = blocks.empty((len(sub), p), task.dtype, task.device)
             _scatter_groups(plan, part, sizes[sub], G)
             yield sub, G
             del G  # no reference left here, so the recycler can tell when the consumer is done

@@ -80,6 +80,7 @@ def iter_group_gradients(
     memory_mb: float = 256.0,
     block_mb: float | None = None,
     values_out: torch.Tensor | None = None,
+    allocate: Callable[[int], torch.Tensor] | None = None,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield ``(group_ids, G)``: complete gradients G (k, p) of the summed ``fn`` of groups ``group_ids``.
 
@@ -88,6 +89,9 @@ def iter_group_gradients(
     yields (default 4 MB): a consumer that multiplies each block by a large matrix (a projection)
     runs its GEMMs more efficiently on taller blocks. ``values_out`` (n,): the fast path writes every
     row's ``fn`` value there (from the forward it runs anyway); the generic path leaves it as is.
+    ``allocate(k)``: on the fast path, a (k, p) tensor to write the next block of k groups into —
+    a consumer that gathers blocks (to project many rows per pass) hands out slices of its own
+    buffer, so no block is copied; it is called after the previous block has been consumed.
     """
     fn = fn or task.loss_fn
     params = task.params() if params is None else params
@@ -111,6 +115,7 @@ def iter_group_gradients(
             max_rows,
             block_mb=block_mb,
             values_out=values_out,
+            allocate=allocate,
         )
         return
     members = grouping.member_lists()

@@ -74,9 +74,17 @@ class DenseInverse:
         return x.T if B.ndim == 2 else x[:, 0]
 
 
-def factorize(H: torch.Tensor, damping: float) -> DenseInverse:
-    """Factorise H + λI once so that every later right-hand side costs only O(p²)."""
-    A = H + damping * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+def factorize(H: torch.Tensor, damping: float, overwrite: bool = False) -> DenseInverse:
+    """Factorise H + λI once so that every later right-hand side costs only O(p²).
+
+    ``overwrite``: add λ to H's diagonal in place (saves a p × p copy when H is not needed after).
+    """
+    if overwrite:
+        A = H
+        A.diagonal().add_(damping)
+    else:
+        A = H.clone()
+        A.diagonal().add_(damping)
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
         return DenseInverse(L, None, True)

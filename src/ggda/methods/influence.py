@@ -45,8 +45,10 @@ from ggda.linalg.chain_gn import chain_gn_product, linear_model_hessian, split_v
 from ggda.linalg.dense import DenseInverse, dense_from_matvec, factorize
 from ggda.linalg.hvp import gnhvp, hvp
 from ggda.linalg.lissa import ihvp_lissa
+from ggda.linalg.multinomial import MultinomialInverse
 from ggda.methods.base import InnerProductAttributor, register
 from ggda.models.chain import linear_chain
+from ggda.models.losses import cross_entropy
 from ggda.task import AttributionTask
 
 HESSIANS = ("exact", "gn")
@@ -179,6 +181,31 @@ class TrainingCurvature:
             return H
         return dense_from_matvec(self.matvec, self.p, self.theta.dtype, self.theta.device, block_size)
 
+    def inverse(self, damping: float, block_size: int = 256) -> DenseInverse | MultinomialInverse:
+        """(H + λI)⁻¹ factorised once: in the reduced basis for softmax regression (exact, ~2× faster,
+        :mod:`ggda.linalg.multinomial`), else the dense (p, p) matrix's Cholesky (LU if indefinite)."""
+        chain, mu = self.chain, float(damping) + self.weight_decay
+        if (
+            chain is not None
+            and chain.depth == 1
+            and chain.activations[0] is None
+            and self.task.loss_fn is cross_entropy
+            and mu > 0
+        ):
+            w, b = chain.weights[0], chain.biases[0]
+            inv = MultinomialInverse(
+                self.Xt,
+                self._params[w].detach(),
+                self._params[b].detach() if b else None,
+                1.0 / self.n,
+                mu,
+                self._slices[w],
+                self._slices[b] if b else None,
+            )
+            if inv.positive_definite:
+                return inv
+        return factorize(self.dense(block_size), damping, overwrite=True)
+
     def top_eigenvalue(self, iterations: int = 30, seed: int = 0) -> float:
         """|largest| eigenvalue by power iteration (used to choose LiSSA's scale)."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -304,9 +331,7 @@ class ExplicitIF(InfluenceFunction):
         self.max_params, self.block_size = int(max_params), int(block_size)
 
     def _fit(self) -> None:
-        H = self.curvature.dense(self.block_size)  # not kept: only the factor is needed (halves memory)
-        self._inverse: DenseInverse = factorize(H, self.lambda_)
-        del H
+        self._inverse = self.curvature.inverse(self.lambda_, self.block_size)  # H itself is not kept
         self.info.update(positive_definite=self._inverse.positive_definite)
         if not self._inverse.positive_definite:
             warnings.warn(

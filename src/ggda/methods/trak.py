@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from ggda.errors import GGDAError
+from ggda.execution.memory import empty_huge
 from ggda.gradients.fast_project import iter_projected_group_gradients
 from ggda.gradients.group import iter_group_gradients
 from ggda.gradients.per_example import iter_per_example_gradients
@@ -96,6 +97,51 @@ def prediction_output(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             "Use output=margin for classifiers."
         )
     return outputs.reshape(y.shape)
+
+
+class _Stage:
+    """Gathers group-gradient blocks into one tall matrix before projecting it.
+
+    Why: each projection pass regenerates (or streams) all of P, and a GEMM with few rows runs
+    below peak, so small blocks (a few large groups per chunk) are projected together. The blocks
+    are written straight into slices of one buffer (``allocate``), so gathering copies nothing and
+    touches no fresh memory beyond the rows used.
+    """
+
+    def __init__(self, rows: int, task: AttributionTask, sink) -> None:
+        self.rows, self.task, self.sink = int(rows), task, sink
+        self.buffer: torch.Tensor | None = None
+        self.used, self.gids = 0, []
+
+    def allocate(self, k: int) -> torch.Tensor:
+        if k >= self.rows:  # tall enough on its own
+            return empty_huge(k, self.task.n_params, dtype=self.task.dtype, device=self.task.device)
+        if self.used + k > self.rows:
+            self.flush()
+        if self.buffer is None:
+            self.buffer = empty_huge(
+                self.rows, self.task.n_params, dtype=self.task.dtype, device=self.task.device
+            )
+        view = self.buffer[self.used : self.used + k]
+        self.used += k
+        return view
+
+    def add(self, gids: np.ndarray, G: torch.Tensor) -> None:
+        in_place = (
+            self.buffer is not None
+            and G.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()
+        )
+        if not in_place:
+            if len(G) >= self.rows:
+                self.sink(gids, G)
+                return
+            self.allocate(len(G)).copy_(G)  # a block made elsewhere (generic path): gather by copy
+        self.gids.append(gids)
+
+    def flush(self) -> None:
+        if self.used:
+            self.sink(np.concatenate(self.gids), self.buffer[: self.used])
+        self.used, self.gids = 0, []
 
 
 @dataclass
@@ -365,21 +411,15 @@ class TRAK(Attributor):
         K = self.grouping.n_groups
         self._use_dual(K, projector.k)  # refuse an oversized solve before the gradient pass
         features = torch.zeros(K, projector.k, dtype=task.dtype, device=task.device)
-        staged: list[tuple[np.ndarray, torch.Tensor]] = []
-        rows = 0
         block_mb = min(256.0, self.memory_mb / 4)
         stage_rows = max(128, int(block_mb * 2**20 // (task.n_params * torch.finfo(task.dtype).bits // 8)))
-
-        def flush() -> None:
-            nonlocal rows
-            if not staged:
-                return
-            gids = np.concatenate([g for g, _ in staged])
-            G = staged[0][1] if len(staged) == 1 else torch.cat([b for _, b in staged])
-            features[torch.as_tensor(gids, device=task.device)] = projector.project(G)
-            staged.clear()
-            rows = 0
-
+        stage = _Stage(
+            stage_rows,
+            task,
+            lambda gids, G: features.index_copy_(
+                0, torch.as_tensor(gids, device=task.device), projector.project(G)
+            ),
+        )
         for gids, G in iter_group_gradients(
             task,
             self.train.X,
@@ -391,13 +431,10 @@ class TRAK(Attributor):
             memory_mb=min(256.0, self.memory_mb),
             block_mb=block_mb,  # tall blocks: fewer passes over P, faster projection GEMMs
             values_out=values,
+            allocate=stage.allocate,  # blocks are written straight into the stage buffer
         ):
-            # large groups come a few per chunk: stage blocks so each pass over P serves many rows
-            staged.append((gids, G))
-            rows += len(gids)
-            if rows >= stage_rows:
-                flush()
-        flush()
+            stage.add(gids, G)
+        stage.flush()
         return projector, features
 
     def _cache(self) -> None:

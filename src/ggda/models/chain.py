@@ -76,8 +76,8 @@ class LinearChain:
 def chain_or_reason(task: AttributionTask) -> tuple[LinearChain | None, str | None]:
     """(the chain, None) or (None, why ``task`` is not a plain Linear/activation chain).
 
-    Refused: a task that overrides ``forward``/``losses``; a model that is not an
-    ``nn.Sequential`` of exact ``nn.Linear`` and elementwise activation modules (``nn.Identity``
+    Refused: a task that overrides ``forward``/``losses``; a model that is neither a bare
+    ``nn.Linear`` nor an ``nn.Sequential`` of exact ``nn.Linear`` and elementwise activation modules (``nn.Identity``
     and eval-mode ``nn.Dropout`` are skipped); hooks or parametrizations; a Linear layer used twice
     (shared weights); not every parameter attributed; an activation first, two in a row, or a
     model that does not end in a Linear layer.
@@ -86,22 +86,27 @@ def chain_or_reason(task: AttributionTask) -> tuple[LinearChain | None, str | No
     if cls.forward is not AttributionTask.forward or cls.losses is not AttributionTask.losses:
         return None, "the task overrides forward/losses"
     model = task.model
-    if type(model) is not nn.Sequential:
-        return None, f"the model is a {type(model).__name__}, not an nn.Sequential"
+    if type(model) is nn.Linear:  # a bare Linear layer (logistic/linear regression): a chain of one
+        modules: list[tuple[str, nn.Module]] = [("", model)]
+    elif type(model) is nn.Sequential:
+        modules = list(model._modules.items())  # forward order, repeats included (named_children dedups)
+    else:
+        return None, f"the model is a {type(model).__name__}, not an nn.Sequential or nn.Linear"
     weights: list[str] = []
     biases: list[str | None] = []
     acts: list[nn.Module | None] = []
     shapes: list[tuple[int, int]] = []
     seen: list[nn.Module] = []
-    for name, mod in model._modules.items():  # forward order, repeats included (named_children dedups)
+    for name, mod in modules:
+        prefix = f"{name}." if name else ""
         if mod._forward_hooks or mod._forward_pre_hooks or getattr(mod, "parametrizations", None) is not None:
             return None, f"module {name} has hooks or parametrizations"
         if type(mod) is nn.Linear:  # exact type: a subclass may override forward
             if any(mod is other for other in seen):
                 return None, f"module {name} repeats a Linear layer (shared weights)"
             seen.append(mod)
-            weights.append(f"{name}.weight")
-            biases.append(f"{name}.bias" if mod.bias is not None else None)
+            weights.append(f"{prefix}weight")
+            biases.append(f"{prefix}bias" if mod.bias is not None else None)
             acts.append(None)
             shapes.append((mod.out_features, mod.in_features))
         elif type(mod) is nn.Identity or (type(mod) is nn.Dropout and not mod.training):
