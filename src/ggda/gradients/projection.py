@@ -125,10 +125,11 @@ class RandomProjector(Projector):
         stream: sub-stream id, so several projectors with one seed stay independent (layers).
         block_rows: rows of P per generated block; part of P's definition.
         cache_mb: keep the generated blocks when the whole P is at most this size (MB); 0 never
-            caches. Does not change the numbers, only memory vs. regeneration time. Blocks are
-            kept only from the third :meth:`project` call on: generating a Rademacher block costs
-            less than first-touching fresh memory for it, so a P applied once or twice (group
-            features + one target pass) is cheaper to regenerate than to cache.
+            caches. Does not change the numbers, only memory vs. regeneration time. A kept P lives
+            in one buffer advised to use huge pages (:mod:`ggda.execution.memory`), which makes
+            first-touching it cheaper than generating it again: the second pass (the target
+            gradients) is then a plain GEMM. Otherwise every pass regenerates the blocks into one
+            reused block-sized buffer.
     """
 
     def __init__(
@@ -153,20 +154,24 @@ class RandomProjector(Projector):
         self.block_rows = int(block_rows)
         self.n_blocks = math.ceil(self.p / self.block_rows)
         nbytes = self.p * self.k * torch.finfo(dtype).bits / 8
-        self._cache: dict[int, torch.Tensor] | None = {} if nbytes <= cache_mb * 2**20 else None
-        self._passes = 0  # completed project() calls (caching starts with the third)
+        self._cacheable = nbytes <= cache_mb * 2**20
+        self._cache: dict[int, torch.Tensor] = {}  # block -> view of _store
+        self._store: torch.Tensor | None = None
 
     def block(self, b: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[b·block_rows, (b+1)·block_rows)`` of P, always the same numbers.
 
-        ``scratch``: a buffer from :meth:`_scratch` to generate into when the block is not kept
-        (the result is then only valid until the next call with the same buffer).
+        ``scratch``: a buffer from :meth:`_scratch` to generate into when P is not kept (the
+        result is then only valid until the next call with the same buffer).
         """
-        if self._cache is not None and b in self._cache:
+        if b in self._cache:
             return self._cache[b]
-        keep = self._cache is not None and self._passes >= 2
-        buf = None if keep else scratch
         rows = min(self.block_rows, self.p - b * self.block_rows)
+        buf = scratch
+        if self._cacheable:
+            if self._store is None:
+                self._store = empty_huge(self.p, self._width(), dtype=self.dtype, device=self.device)
+            buf = self._store[b * self.block_rows : b * self.block_rows + rows]
         gen = torch.Generator(device=self.device).manual_seed(block_seed(self.seed, self.stream, b))
         scale = 1.0 / math.sqrt(self.k)
         if self.kind == "gaussian":
@@ -184,14 +189,20 @@ class RandomProjector(Projector):
             )
             out = None if buf is None else buf.view(-1)[: words.numel() * 32].view(-1, 8)
             P = _unpack_signs(words, scale, self.dtype, out)[:, : self.k]
-        if keep:
+        if self._cacheable:
             self._cache[b] = P
         return P
 
-    def _scratch(self) -> torch.Tensor:
-        """One block's worth of memory, reused for every regenerated block of a pass: generating
-        into memory already touched (and in cache) is ~2× faster than into fresh pages."""
-        return empty_huge(self.block_rows * 32 * -(-self.k // 32), dtype=self.dtype, device=self.device)
+    def _width(self) -> int:
+        return 32 * -(-self.k // 32)  # whole words of signs per row
+
+    def _scratch(self) -> torch.Tensor | None:
+        """One block's worth of memory, reused for every regenerated block of a pass (None when P
+        is kept): generating into memory already touched, and in cache, is ~2× faster than into
+        fresh pages."""
+        if self._cacheable:
+            return None
+        return empty_huge(self.block_rows * self._width(), dtype=self.dtype, device=self.device)
 
     def project(self, G: torch.Tensor) -> torch.Tensor:
         self._check(G)
@@ -202,7 +213,6 @@ class RandomProjector(Projector):
             start = b * self.block_rows
             P = self.block(b, scratch)
             out.addmm_(G[:, start : start + P.shape[0]], P.to(G.device))
-        self._passes += 1
         return out
 
     def matrix(self) -> torch.Tensor:
