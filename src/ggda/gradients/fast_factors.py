@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ggda.execution.memory import empty_huge
 from ggda.task import AttributionTask, Params
 
 ExampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -272,7 +271,7 @@ class BlockRecycler:
                     out = self._pool.pop(i)
                     break
         if out is None:
-            out = empty_huge(*shape, dtype=dtype, device=device)
+            out = torch.empty(shape, dtype=dtype, device=device)
         self._pool.append(out)
         if len(self._pool) > self.size:
             self._pool.pop(0)

@@ -114,7 +114,7 @@ class _Stage:
         self.used, self.gids = 0, []
 
     def allocate(self, k: int) -> torch.Tensor:
-        if k >= self.rows:  # tall enough on its own
+        if k > self.rows:  # taller than the stage: projected on its own
             return empty_huge(k, self.task.n_params, dtype=self.task.dtype, device=self.task.device)
         if self.used + k > self.rows:
             self.flush()
@@ -132,7 +132,7 @@ class _Stage:
             and G.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()
         )
         if not in_place:
-            if len(G) >= self.rows:
+            if len(G) > self.rows:
                 self.sink(gids, G)
                 return
             self.allocate(len(G)).copy_(G)  # a block made elsewhere (generic path): gather by copy
