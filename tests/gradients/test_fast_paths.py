@@ -240,3 +240,26 @@ def test_recycled_blocks_never_overwrite_what_the_consumer_holds(data, trained_m
         B = r.empty((3, 4), torch.float32, torch.device("cpu"))
         ptrs.append(B.data_ptr())
     assert len(set(ptrs)) < 6
+
+
+@pytest.mark.parametrize("small_bytes", [0, None])  # 0: every layer multiplied block by block
+@pytest.mark.parametrize("sizes", ["equal", "mixed"])
+def test_chunk_blocks_equal_reference(data, trained_mlp, monkeypatch, small_bytes, sizes):
+    """Blocks of a chunk (one group each, or all at once) = the generic path, whichever layers are
+    precomputed for the whole chunk and whether the chunk's groups need padding."""
+    from ggda.gradients.fast_group import ChunkGroups
+
+    if small_bytes is not None:
+        monkeypatch.setattr(ChunkGroups, "_SMALL_BYTES", small_bytes)
+    X, y, _ = data
+    task = AttributionTask(trained_mlp)
+    grouping = random_grouping(len(X), 20, seed=1) if sizes == "equal" else mixed_grouping(len(X))
+    assert (sizes == "equal") == bool((grouping.sizes == grouping.sizes[0]).all())
+    ref = reference(task, X, y, grouping)
+    for block_mb in [None, 1e-6]:  # one block per chunk; one group per block
+        blocks = list(iter_group_gradients(task, X, y, grouping, max_batch=64, block_mb=block_mb))
+        assert block_mb is None or all(len(g) == 1 for g, _ in blocks)
+        fast = torch.zeros_like(ref)
+        for gids, G in blocks:
+            fast[torch.as_tensor(gids)] = G
+        assert close(fast, ref)

@@ -18,40 +18,118 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from ggda.gradients.fast_factors import BlockRecycler, ExampleFn, Factors, LayerPlan, layer_factors
+from ggda.gradients.fast_factors import BlockRecycler, ExampleFn, Factors, LayerPlan, LayerSpec, layer_factors
 from ggda.groups.grouping import Grouping
 from ggda.task import AttributionTask, Params
 
 _BLOCK_BYTES = 4 * 2**20  # recycled blocks this small stay in the L3 cache between producer and consumer
 
 
-def _scatter_groups(plan: LayerPlan, factors: Factors, sizes: np.ndarray, out: torch.Tensor) -> None:
-    """Write the k group gradients of a chunk (rows grouped contiguously, ``sizes`` rows each)."""
+class ChunkGroups:
+    """The group gradients of one chunk's groups (rows grouped contiguously, ``sizes`` rows each),
+    written into output blocks of consecutive groups.
+
+    Why per chunk: when the chunk's groups have equal sizes, the bias sums and the weight
+    gradients of small layers (an MLP's last layer) cost one call for the whole chunk instead of
+    one per block (a 4 MB block holds only ~10 groups of a 100k-parameter model, and a tiny ``bmm``
+    costs its call overhead, not its FLOPs). Large layers are multiplied block by block, straight
+    into the block, so their output stays in cache for the consumer. Groups of mixed sizes are
+    padded with zero rows per block, so a large group never pads a whole chunk.
+    """
+
+    _SMALL_BYTES = 2 * 2**20  # a layer whose gradients for the whole chunk fit here is done at once
+
+    def __init__(self, plan: LayerPlan, factors: Factors, sizes: np.ndarray) -> None:
+        self.plan = plan
+        self.factors = factors
+        self.sizes = sizes
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])
+        self.equal = bool((sizes == sizes[0]).all())
+        self.layers: list[
+            tuple[LayerSpec, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+        ] = []
+        if not self.equal:
+            return
+        k, s = len(sizes), int(sizes[0])
+        for spec, a, d in zip(plan.layers, factors.A, factors.D, strict=True):
+            ap = a.reshape(k, s * a.shape[1], spec.d_in)
+            dp = d.reshape(k, s * d.shape[1], spec.d_out)
+            weight = None
+            if spec.weight is not None and k * spec.d_out * spec.d_in * a.element_size() <= self._SMALL_BYTES:
+                weight = _outer_sums(dp, ap).reshape(k, -1)
+            bias = dp.sum(1) if spec.bias is not None else None
+            self.layers.append((spec, ap, dp, weight, bias))
+
+    def write(self, g0: int, g1: int, out: torch.Tensor) -> None:
+        """Write the gradients of the chunk's groups ``g0:g1`` into ``out`` (g1 - g0, p)."""
+        if not self.equal:
+            r0, r1 = int(self.starts[g0]), int(self.starts[g1])
+            part = Factors([a[r0:r1] for a in self.factors.A], [d[r0:r1] for d in self.factors.D])
+            _scatter_padded(self.plan, part, self.sizes[g0:g1], out)
+            return
+        k = g1 - g0
+        for spec, ap, dp, weight, bias in self.layers:
+            if spec.weight is not None:
+                w = out[:, self.plan.slices[spec.weight]]
+                if weight is not None:
+                    w.copy_(weight[g0:g1])
+                else:  # written straight into the block: rows are strided views, no temporary
+                    _outer_sums(dp[g0:g1], ap[g0:g1], out=w.view(k, spec.d_out, spec.d_in))
+            if bias is not None:
+                out[:, self.plan.slices[spec.bias]] = bias[g0:g1]
+
+
+def _scatter_padded(plan: LayerPlan, factors: Factors, sizes: np.ndarray, out: torch.Tensor) -> None:
+    """Group gradients of groups of mixed sizes: each padded to the largest with a zero row."""
     k = len(sizes)
     s_max = int(sizes.max())
-    equal = bool((sizes == s_max).all())
-    if not equal:
-        B = int(sizes.sum())
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        offs = np.arange(s_max)[None, :]
-        index = np.where(offs < sizes[:, None], starts[:, None] + offs, B)  # B = the zero row
-        idx = torch.as_tensor(index.reshape(-1), device=out.device)
+    B = int(sizes.sum())
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    offs = np.arange(s_max)[None, :]
+    index = np.where(offs < sizes[:, None], starts[:, None] + offs, B)  # B = the zero row
+    idx = torch.as_tensor(index.reshape(-1), device=out.device)
     for spec, a, d in zip(plan.layers, factors.A, factors.D, strict=True):
         L = a.shape[1]
-        if not equal:
-            a = torch.cat([a, a.new_zeros(1, *a.shape[1:])])[idx]
-            d = torch.cat([d, d.new_zeros(1, *d.shape[1:])])[idx]
+        a = torch.cat([a, a.new_zeros(1, *a.shape[1:])]).index_select(0, idx)
+        d = torch.cat([d, d.new_zeros(1, *d.shape[1:])]).index_select(0, idx)
         ap = a.reshape(k, s_max * L, spec.d_in)
         dp = d.reshape(k, s_max * L, spec.d_out)
         if spec.weight is not None:
-            # written straight into the (k, p) block: rows are strided views, no temporary
             w = out[:, plan.slices[spec.weight]].view(k, spec.d_out, spec.d_in)
-            if s_max * L == 1:
-                torch.mul(dp[:, 0, :, None], ap[:, 0, None, :], out=w)
-            else:
-                torch.bmm(dp.transpose(1, 2), ap, out=w)
+            _outer_sums(dp, ap, out=w)
         if spec.bias is not None:
             out[:, plan.slices[spec.bias]] = dp.sum(1)
+
+
+def _outer_sums(dp: torch.Tensor, ap: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(k, d_out, d_in) = Σ_r dp[:, r, :, None] · ap[:, r, None, :]: one bmm (a product if r = 1)."""
+    if dp.shape[1] == 1:
+        return torch.mul(dp[:, 0, :, None], ap[:, 0, None, :], out=out)
+    return torch.bmm(dp.transpose(1, 2), ap, out=out)
+
+
+def _scatter_groups(plan: LayerPlan, factors: Factors, sizes: np.ndarray, out: torch.Tensor) -> None:
+    """Write the k group gradients of a chunk (rows grouped contiguously, ``sizes`` rows each)."""
+    ChunkGroups(plan, factors, sizes).write(0, len(sizes), out)
+
+
+class _RowGather:
+    """Row gathers of the training inputs into one reused buffer.
+
+    Why: a fresh chunk-sized tensor per chunk is page-faulted in on first write (the allocator
+    hands multi-MB blocks back to the OS between chunks), which costs more than the copy itself.
+    The previous chunk's rows are dead when the next gather runs: its factors are only read
+    while that chunk's blocks are written.
+    """
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def rows(self, X: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        buf = self._buf
+        if buf is None or buf.shape[1:] != X.shape[1:] or len(buf) < len(rows) or buf.dtype != X.dtype:
+            buf = self._buf = torch.empty((len(rows), *X.shape[1:]), dtype=X.dtype, device=X.device)
+        return torch.index_select(X, 0, rows, out=buf[: len(rows)])
 
 
 def _add_single_group(plan: LayerPlan, factors: Factors, out: torch.Tensor) -> None:
@@ -92,6 +170,7 @@ def iter_group_gradients_fast(
     order = np.argsort(sizes, kind="stable")
     p = plan.n_params
     blocks = BlockRecycler()
+    gather = _RowGather()
     i = 0
     while i < len(order):
         gid = order[i]
@@ -114,24 +193,22 @@ def iter_group_gradients_fast(
             j += 1
         chunk = order[i:j]
         rows = torch.as_tensor(np.concatenate([members[g] for g in chunk]), device=task.device)
-        factors = layer_factors(task, plan, Xt.index_select(0, rows), yt.index_select(0, rows), fn, params)
+        factors = layer_factors(task, plan, gather.rows(Xt, rows), yt.index_select(0, rows), fn, params)
         if values_out is not None:  # the forward's per-row values, for callers that need them too
             values_out[rows] = factors.values.to(values_out.dtype)
         # yield in blocks of <= _BLOCK_BYTES: one forward serves several blocks, and blocks this
         # small are recycled by the allocator instead of page-faulting fresh memory every time
         block_bytes = _BLOCK_BYTES if block_mb is None else int(block_mb * 2**20)
         per_block = max(1, block_bytes // (p * Xt.element_size()))
-        row0 = 0
+        groups = ChunkGroups(plan, factors, sizes[chunk])
+        del factors
         for b0 in range(0, len(chunk), per_block):
             sub = chunk[b0 : b0 + per_block]
-            row1 = row0 + int(sizes[sub].sum())
-            part = Factors([a[row0:row1] for a in factors.A], [d[row0:row1] for d in factors.D])
             if allocate is not None:
                 G = allocate(len(sub))
             else:
                 G = blocks.empty((len(sub), p), task.dtype, task.device)
-            _scatter_groups(plan, part, sizes[sub], G)
+            groups.write(b0, b0 + len(sub), G)
             yield sub, G
             del G  # no reference left here, so the recycler can tell when the consumer is done
-            row0 = row1
         i = j
