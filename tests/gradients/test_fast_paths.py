@@ -207,6 +207,31 @@ def test_factor_scoring_streams_and_preconditioned_subclass(small_digits, traine
     assert np.allclose(m.attribute(prop), 3.0 * expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_targets", [1, 2, 5])
+def test_preconditioned_groups_scored_through_factors_or_streamed(small_digits, trained_mlp, n_targets):
+    """K group gradients larger than the factors: a preconditioned method caches factors and scores
+    few targets through them, more targets against streamed group gradients; same scores."""
+    train, test = small_digits
+    task = AttributionTask(trained_mlp)
+    grouping = random_grouping(len(train), len(train) // 2, seed=0)  # K x p > factor bytes
+
+    class Scaled(GradDot):
+        def precondition(self, target_grads):
+            return -2.0 * target_grads
+
+    prop = ExampleLoss(test.X[:n_targets], test.y[:n_targets])
+    m = Scaled(task).cache(train, grouping)
+    assert m._factor_mode and m._G is None
+    with fast_gradients(False):
+        ref = Scaled(task).cache(train, grouping)
+        assert not ref._factor_mode
+        expected = ref.attribute(prop)
+    assert np.allclose(
+        expected, -2.0 * GradDot(task).cache(train, grouping).attribute(prop), rtol=1e-4, atol=1e-6
+    )
+    assert np.allclose(m.attribute(prop), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
 def test_if_cg_unchanged_by_fast_path(small_digits, trained_mlp):
     train, test = small_digits
     task = AttributionTask(trained_mlp, layers=["2"])

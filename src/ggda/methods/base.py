@@ -180,10 +180,10 @@ class InnerProductAttributor(Attributor):
             return False
         fbytes = fast_inner.factor_bytes(plan, n, Xt.element_size())
         gbytes = K * p * Xt.element_size()
-        if self._identity_precondition():
+        if self._identity_precondition() or not singleton:
             if not (singleton or fbytes <= gbytes):
                 return False
-        elif not (singleton and gbytes > self.memory_mb * 2**20):
+        elif gbytes <= self.memory_mb * 2**20:
             return False
         first = fast_inner.layer_factors(self.task, plan, Xt[:2], yt[:2], self.task.loss_fn, params)
         if not fast_inner.is_rank_one(first):
@@ -229,14 +229,13 @@ class InnerProductAttributor(Attributor):
             [torch.cat([f.D[i] for f in parts]) for i in range(len(parts[0].D))],
         )
 
-    def _attribute_factors(self, prop: Property) -> np.ndarray:
+    def _attribute_factors(self, prop: Property, Gf: torch.Tensor | None = None) -> np.ndarray:
         from ggda.gradients import fast_inner
 
         plan = self._plan
-        targets = self._rank_one_targets(prop)
-        Gf = None
+        targets = None if Gf is not None else self._rank_one_targets(prop)
         if targets is None:
-            Gf = self.precondition(prop.gradients(self.task))
+            Gf = self.precondition(prop.gradients(self.task)) if Gf is None else Gf
             T = Gf.shape[0]
             t_norm = Gf.norm(dim=1) if self.normalize else None
         else:
@@ -258,10 +257,23 @@ class InnerProductAttributor(Attributor):
             scores = scores / t_norm.clamp_min(1e-30)[:, None]
         return scores.cpu().numpy()
 
+    # Dense preconditioned targets scored through factors cost n·p MACs each; streaming the K
+    # group gradients again costs about two passes of n·p plus K·p per target. Above this many
+    # targets (and below K = n) the group gradients are the cheaper route.
+    _FACTOR_MAX_TARGETS: ClassVar[int] = 2
+
     def _attribute(self, prop: Property) -> np.ndarray:
         if getattr(self, "_factor_mode", False):
-            return self._attribute_factors(prop)
-        Gf = self.precondition(prop.gradients(self.task))
+            if self._identity_precondition():
+                return self._attribute_factors(prop)
+            Gf = self.precondition(prop.gradients(self.task))
+            if self.grouping.n_groups == len(self.train) or len(Gf) <= self._FACTOR_MAX_TARGETS:
+                return self._attribute_factors(prop, Gf)
+            return self._dense_scores(Gf)
+        return self._dense_scores(self.precondition(prop.gradients(self.task)))
+
+    def _dense_scores(self, Gf: torch.Tensor) -> np.ndarray:
+        """(T, K) scores of (preconditioned) target gradients against the group gradients."""
         if self.normalize:
             Gf = Gf / Gf.norm(dim=1, keepdim=True).clamp_min(1e-30)
         scores = torch.zeros(Gf.shape[0], self.grouping.n_groups, dtype=Gf.dtype, device=Gf.device)
