@@ -31,6 +31,7 @@ def method_options(quick: bool, checkpoints) -> dict[str, dict]:
         "if-arnoldi": {"damping_scale": 0.1, "rank": 20 if quick else 50, "iterations": 40 if quick else 200},
         "datainf": {"damping_scale": 0.1},
         "ekfac": {},
+        "if-group-fisher": {"damping_scale": 0.1},
         "trak": {"proj_dim": 512},
     }
     return {k: v for k, v in opts.items() if k in METHODS}
