@@ -173,6 +173,30 @@ def test_verification_catches_batch_interaction(data):
     assert any("generic path" in str(m.message) for m in w)
 
 
+def test_verification_remembered_per_task_and_mode(data):
+    """The check runs once per task, loss and module modes: a model switched to train mode (where
+    it mixes examples, as batch norm does) is checked again and rejected."""
+
+    class MixWhenTraining(nn.Module):
+        def forward(self, h):
+            return h - h.mean(0, keepdim=True) if self.training else h
+
+    X, y, _ = data
+    model = nn.Sequential(nn.Linear(64, 16), MixWhenTraining(), nn.ReLU(), nn.Linear(16, 10))
+    task = AttributionTask(model)
+    Xt, yt = task.to_tensor(X, y)
+    first = fast_plan(task, Xt, yt, task.loss_fn, task.params())
+    assert first is not None and first.row_bytes > 0
+    again = fast_plan(task, Xt[:5], yt[:5], task.loss_fn, task.params())
+    assert again is not None and again.row_bytes == first.row_bytes  # remembered, not re-derived
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert fast_plan(task, Xt, yt, task.loss_fn, task.params()) is None
+    model.eval()
+    assert fast_plan(task, Xt, yt, task.loss_fn, task.params()) is not None
+
+
 @pytest.mark.parametrize("cls", [GradDot, GradCos])
 def test_factor_scoring_equals_dense(small_digits, trained_mlp, cls):
     train, test = small_digits

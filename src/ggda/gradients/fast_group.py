@@ -166,8 +166,14 @@ def iter_group_gradients_fast(
     """
     max_batch = min(max_batch, plan.max_rows())  # unfolded conv inputs can be large
     sizes = grouping.sizes
-    members = grouping.member_lists()
     order = np.argsort(sizes, kind="stable")
+    # all rows in visiting order (groups by increasing size, members by position): every chunk's
+    # rows are then one contiguous slice, found without a Python list of K member arrays
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    perm = torch.as_tensor(np.argsort(rank[grouping.labels], kind="stable"), device=task.device)
+    sorted_sizes = sizes[order]
+    ends = np.cumsum(sorted_sizes)
     p = plan.n_params
     blocks = BlockRecycler()
     gather = _RowGather()
@@ -175,10 +181,10 @@ def iter_group_gradients_fast(
     while i < len(order):
         gid = order[i]
         if sizes[gid] > max_batch:  # one large group: summed over row slices
-            m = members[gid]
+            m = perm[int(ends[i] - sorted_sizes[i]) : int(ends[i])]
             g = torch.zeros(p, dtype=task.dtype, device=task.device)
             for start in range(0, len(m), max_batch):
-                rows = torch.as_tensor(m[start : start + max_batch], device=task.device)
+                rows = m[start : start + max_batch]
                 f = layer_factors(task, plan, Xt.index_select(0, rows), yt.index_select(0, rows), fn, params)
                 if values_out is not None:
                     values_out[rows] = f.values.to(values_out.dtype)
@@ -188,11 +194,11 @@ def iter_group_gradients_fast(
             continue
         # greedy chunk of consecutive (size-sorted) groups within both budgets
         total, j = 0, i
-        while j < len(order) and j - i < max_rows and total + sizes[order[j]] <= max_batch:
-            total += sizes[order[j]]
+        while j < len(order) and j - i < max_rows and total + sorted_sizes[j] <= max_batch:
+            total += sorted_sizes[j]
             j += 1
         chunk = order[i:j]
-        rows = torch.as_tensor(np.concatenate([members[g] for g in chunk]), device=task.device)
+        rows = perm[int(ends[i] - sorted_sizes[i]) : int(ends[j - 1])]
         factors = layer_factors(task, plan, gather.rows(Xt, rows), yt.index_select(0, rows), fn, params)
         if values_out is not None:  # the forward's per-row values, for callers that need them too
             values_out[rows] = factors.values.to(values_out.dtype)
