@@ -123,9 +123,13 @@ class InnerProductAttributor(Attributor):
     smaller (always for per-point attribution). Scores are then inner products of factors
     (:mod:`ggda.gradients.fast_inner`), summed into groups; with the identity ``precondition``
     and per-example targets, ⟨δ_i a_iᵀ, δ_t a_tᵀ⟩ = (δ_iᵀδ_t)(a_iᵀa_t) makes per-point Grad-Dot
-    cost about one forward pass. Subclasses that override ``precondition`` get factor scoring
-    for per-point attribution when the n × p gradients do not fit ``memory_mb``; subclasses that
-    override ``_group_blocks`` always get the dense path.
+    cost about one forward pass. Subclasses that override ``precondition`` (influence functions)
+    get factor scoring for per-point attribution when the n × p gradients do not fit
+    ``memory_mb``, and for groups whenever the factors are smaller than the K × p gradients: a
+    property with at most ``_FACTOR_MAX_TARGETS`` targets is then scored through the factors,
+    one with more against group gradients streamed again (dense targets cost n·p each through
+    the factors, K·p each against group gradients). Subclasses that override ``_group_blocks``
+    always get the dense path.
     """
 
     normalize: ClassVar[bool] = False  # cosine instead of dot product
