@@ -8,6 +8,7 @@ import torch
 from ggda.data.dataset import Dataset
 from ggda.errors import GGDAError
 from ggda.gradients import per_example_gradients
+from ggda.gradients.fast_factors import fast_gradients
 from ggda.methods import make_method
 from ggda.properties import ExampleLoss
 from ggda.task import AttributionTask
@@ -46,9 +47,18 @@ def module_blocks(task):
     return [np.concatenate(v) for v in blocks.values()]
 
 
-def test_matches_explicit_average_of_inverses(setup):
+@pytest.fixture(params=[True, False], ids=["factors", "per-example"])
+def path(request):
+    """Both training-side paths: layer factors (MLPs) and materialised per-example gradients."""
+    with fast_gradients(request.param):
+        yield request.param
+
+
+def test_matches_explicit_average_of_inverses(setup, path):
     task, train, prop = setup
-    scores = make_method("datainf", task).cache(train).attribute(prop)
+    m = make_method("datainf", task).cache(train)
+    assert (m._members is not None) == path
+    scores = m.attribute(prop)
     assert np.allclose(scores, brute_force(task, train, prop, module_blocks(task)), rtol=1e-9, atol=1e-12)
     streamed = (
         make_method("datainf", task, memory_mb=1e-4, chunk_size=7, max_batch=4).cache(train).attribute(prop)
@@ -56,7 +66,7 @@ def test_matches_explicit_average_of_inverses(setup):
     assert np.allclose(streamed, scores, rtol=1e-10, atol=1e-14)
 
 
-def test_layer_by_tensor_and_fixed_damping(setup):
+def test_layer_by_tensor_and_fixed_damping(setup, path):
     task, train, prop = setup
     blocks = [np.arange(sl.start, sl.stop) for sl in task.layer_slices().values()]
     scores = make_method("datainf", task, layer_by="tensor", damping=0.05).cache(train).attribute(prop)
@@ -76,3 +86,16 @@ def test_sign_is_helpful_positive_and_tracks_grad_dot(setup):
     graddot = make_method("grad-dot", task).cache(train).attribute(prop)
     assert np.allclose(scores * len(train) * lam, graddot, rtol=1e-3, atol=1e-3 * np.abs(graddot).max())
     assert np.corrcoef(scores.ravel(), graddot.ravel())[0, 1] > 0.9999
+
+
+def test_group_scores_are_sums_of_member_scores(setup, path):
+    """DataInf is linear in the group gradient: a group's score is the sum of its members'."""
+    from ggda.groups import random_grouping
+
+    task, train, prop = setup
+    grouping = random_grouping(len(train), 7, seed=2)
+    per_point = make_method("datainf", task).cache(train).attribute(prop)
+    groups = make_method("datainf", task).cache(train, grouping).attribute(prop)
+    summed = np.zeros_like(groups)
+    np.add.at(summed.T, grouping.labels, per_point.T)
+    assert np.allclose(groups, summed, rtol=1e-9, atol=1e-12)
