@@ -96,6 +96,12 @@ def run(quick: bool = True, only: list[str] | None = None) -> list[Table]:
         print(" ", row, flush=True)
         save("methods" if not only else "methods_" + "_".join(only), [table])  # partial results survive
     table.notes.append("time = grouping + cache + attribute; random grouping (its time is included).")
+    p = task.n_params
+    table.notes.append(
+        f"if-explicit not run: this MLP's dense Hessian is p x p = {p:,}^2 floats ({p * p * 4 / 2**30:.0f} GB); "
+        "it is timed on logistic regression in the dattri table. if-group-fisher per point solves an "
+        "n x n system (its peak memory)."
+    )
     print(table.render(), flush=True)
     return [table]
 
