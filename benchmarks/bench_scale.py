@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -45,11 +44,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # job functions must be importable by spawned workers as benchmarks.*
     sys.path.insert(0, str(ROOT))
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+from common import peak_rss_mb  # noqa: E402
 
 
 def rss_mb() -> float:

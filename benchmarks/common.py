@@ -70,6 +70,16 @@ def trained_model(name: str, train, epochs: int = 2, seed: int = 0) -> torch.nn.
 
 
 # -- measurement ----------------------------------------------------------------------------------
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the parent
+    across fork + exec, so a benchmark started by a large process would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -26,19 +26,6 @@ def build(arch: str) -> nn.Module:
     return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
-def _peak_rss_mb() -> float:
-    """This process's own peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the
-    parent across fork + exec, so a worker started by a large benchmark process would report the
-    parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def main(job_path: str, out_path: str) -> None:
     from dattri.algorithm import IFAttributorCG, IFAttributorExplicit, TracInAttributor, TRAKAttributor
     from dattri.task import AttributionTask
@@ -102,7 +89,9 @@ def main(job_path: str, out_path: str) -> None:
     else:
         raise SystemExit(f"unknown method {method}")
     seconds = time.perf_counter() - t0
-    peak_mb = _peak_rss_mb()
+    from common import peak_rss_mb  # this folder is on sys.path: the worker runs as a script
+
+    peak_mb = peak_rss_mb()
     np.savez(out_path, scores=scores.detach().numpy(), seconds=seconds, peak_mb=peak_mb)
 
 
