@@ -71,6 +71,12 @@ def test_chain_gn_equals_torch_func(name, loss):
     fast = TrainingCurvature(task, X, y, "gn", chunk_size=13)
     assert fast.chain is not None
     torch.testing.assert_close(fast.matvec(V), reference, rtol=1e-10, atol=1e-10)
+    assert fast._forwards is not None and len(fast._forwards) == -(-len(X) // 13)  # forwards kept ...
+    torch.testing.assert_close(fast.matvec(V), reference, rtol=1e-10, atol=1e-10)  # ... and reused
+    rows = torch.arange(5, 40)  # a row subset (LiSSA's mini-batches) is never served from the cache
+    with fast_gradients(False):
+        sub = TrainingCurvature(task, X, y, "gn", chunk_size=13).product(V, rows)
+    torch.testing.assert_close(fast.product(V, rows), sub, rtol=1e-10, atol=1e-10)
     Xt, yt = task.to_tensor(X, y)
     direct = chain_gn_product(fast.chain, task, task.params(), task.layer_slices(), Xt, yt, V) / len(X)
     torch.testing.assert_close(direct, reference, rtol=1e-10, atol=1e-10)

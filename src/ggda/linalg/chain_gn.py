@@ -69,15 +69,18 @@ def chain_gn_product(
     V: torch.Tensor,
     layers: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     out: torch.Tensor | None = None,
+    forward: tuple[list[torch.Tensor], list[torch.Tensor | None], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Σ over the rows of (X, y) of J_iᵀ H_i J_i V for V (T, p); returns (T, p).
 
     ``layers``: :func:`split_vectors` of V, for callers that apply the product to many row chunks;
-    ``out``: a (T, p) tensor to *add* the result to (saves a copy per row chunk).
+    ``out``: a (T, p) tensor to *add* the result to (saves a copy per row chunk);
+    ``forward``: ``chain.forward(params, X)``, for callers that multiply the same rows many times
+    (a CG solve): with few vectors the forward pass is a third of the product's cost.
     """
     T, n = V.shape[0], X.shape[0]
     layers = split_vectors(chain, slices, V) if layers is None else layers
-    inputs, derivs, z = chain.forward(params, X)
+    inputs, derivs, z = chain.forward(params, X) if forward is None else forward
     # forward mode: tangents of every layer's output for all T vectors, (n, T, d_out)
     tangent = None
     for k in range(chain.depth):
