@@ -231,13 +231,23 @@ class EKFAC(InfluenceFunction):
             layer.QS = torch.linalg.eigh(0.5 * (Si + Si.T))[1]
             layer.eigenvalues = torch.zeros(layer.out_features, layer.in_aug, dtype=dtype, device=device)
         for rows in self._chunks():  # pass 2: eigenvalue correction
+            # Linear layers (one position): DW is rank one, so its square factorises, and (a Q_A)² is
+            # the same for every cotangent — sum the (ds Q_S)² over cotangents, then one product
+            rotated: dict[int, torch.Tensor] = {}
+            out_sq: dict[int, torch.Tensor] = {}
             for i, a, ds in self._passes(rows):
                 layer = self.layers[i]
-                if a.shape[1] == 1:  # one position (Linear): DW is rank one, so its square factorises
-                    layer.eigenvalues += ((ds[:, 0] @ layer.QS) ** 2).T @ ((a[:, 0] @ layer.QA) ** 2)
+                if a.shape[1] == 1:
+                    if i not in rotated:
+                        rotated[i] = (a[:, 0] @ layer.QA) ** 2
+                        out_sq[i] = (ds[:, 0] @ layer.QS) ** 2
+                    else:
+                        out_sq[i] += (ds[:, 0] @ layer.QS) ** 2
                     continue
                 DW = torch.einsum("blo,bli->boi", ds, a)
                 layer.eigenvalues += ((layer.QS.T @ DW @ layer.QA) ** 2).sum(0)
+            for i, r in rotated.items():
+                self.layers[i].eigenvalues += out_sq[i].T @ r
         for layer in self.layers:
             layer.eigenvalues /= self.n
         self.info.update(layers=[ly.name for ly in self.layers])
