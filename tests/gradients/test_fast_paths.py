@@ -197,6 +197,19 @@ def test_verification_remembered_per_task_and_mode(data):
     assert fast_plan(task, Xt, yt, task.loss_fn, task.params()) is not None
 
 
+def test_batch_norm_in_train_mode_falls_back_instead_of_raising(data):
+    """A model that mutates state in its forward (batch norm updating running statistics) cannot
+    be checked by torch.func at all: the fast path is refused (the generic path is used)."""
+    X, y, _ = data
+    model = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    task = AttributionTask(model, layers=["0", "3"])
+    model.train()
+    Xt, yt = task.to_tensor(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # warned once per model class and parameter names
+        assert fast_plan(task, Xt, yt, task.loss_fn, task.params()) is None
+
+
 @pytest.mark.parametrize("cls", [GradDot, GradCos])
 def test_factor_scoring_equals_dense(small_digits, trained_mlp, cls):
     train, test = small_digits
