@@ -69,40 +69,58 @@ def rank_one_scores(plan: LayerPlan, train: Factors, target: Factors) -> torch.T
     return out
 
 
-def rank_one_sq_norms(plan: LayerPlan, factors: Factors) -> torch.Tensor:
-    """(B,) squared gradient norms ‖g_i‖² = Σ_l ‖δ_i‖² (‖a_i‖² [+ 1 for the bias])."""
-    out = None
+def rank_one_param_sq_norms(plan: LayerPlan, factors: Factors) -> dict[str, torch.Tensor]:
+    """Per attributed parameter, (B,) squared norms of its part of each per-example gradient:
+    ‖δ_i‖²‖a_i‖² for a weight, ‖δ_i‖² for a bias (squeezed factors)."""
+    out = {}
     for spec, a, d in zip(plan.layers, factors.A, factors.D, strict=True):
         dn = d.pow(2).sum(1)
-        an = a.pow(2).sum(1) if spec.weight is not None else torch.zeros_like(dn)
-        term = dn * (an + (1.0 if spec.bias is not None else 0.0))
-        out = term if out is None else out + term
+        if spec.weight is not None:
+            out[spec.weight] = dn * a.pow(2).sum(1)
+        if spec.bias is not None:
+            out[spec.bias] = dn
+    return out
+
+
+def rank_one_sq_norms(plan: LayerPlan, factors: Factors) -> torch.Tensor:
+    """(B,) squared gradient norms ‖g_i‖² = Σ_l ‖δ_i‖² (‖a_i‖² [+ 1 for the bias])."""
+    return sum(rank_one_param_sq_norms(plan, factors).values())
+
+
+def dense_target_param_scores(
+    plan: LayerPlan, train: Factors, Gf: torch.Tensor, max_mb: float = 64.0
+) -> dict[str, torch.Tensor]:
+    """Per attributed parameter, (T, B) inner products of its block of the dense targets Gf (T, p)
+    with the same block of the per-example gradients in ``train``.
+
+    ``Σ_o δ_{i,o} (W_t a_i)_o`` for a weight (summed over positions, any L), ``δ_iᵀ b_t`` for a
+    bias; never forms per-example gradients; rows are processed in slices so the (rows, T·d_out)
+    product stays under ``max_mb``.
+    """
+    T = Gf.shape[0]
+    B = train.A[0].shape[0]
+    out = {}
+    for spec, a, d in zip(plan.layers, train.A, train.D, strict=True):
+        L = a.shape[1]
+        if spec.weight is not None:
+            W = Gf[:, plan.slices[spec.weight]].reshape(T * spec.d_out, spec.d_in)
+            scores = torch.empty(T, B, dtype=Gf.dtype, device=Gf.device)
+            step = max(1, int(max_mb * 2**20 // (4 * max(1, L * T * spec.d_out))))
+            for s in range(0, B, step):
+                z = (a[s : s + step] @ W.T).view(-1, L, T, spec.d_out)  # (b, L, T, d_out)
+                scores[:, s : s + step] = torch.einsum("bltd,bld->tb", z, d[s : s + step])
+            out[spec.weight] = scores
+        if spec.bias is not None:
+            out[spec.bias] = Gf[:, plan.slices[spec.bias]] @ d.sum(1).T
     return out
 
 
 def dense_target_scores(
     plan: LayerPlan, train: Factors, Gf: torch.Tensor, max_mb: float = 64.0
 ) -> torch.Tensor:
-    """(T, B) inner products of dense targets Gf (T, p) with the per-example gradients in ``train``.
-
-    ``Σ_l Σ_o δ_{i,o} (W_t a_i)_o`` (+ bias): works for any L (sums over positions) and never
-    forms per-example gradients; rows are processed in slices so the (rows, T·d_out) product
-    stays under ``max_mb``.
-    """
-    T = Gf.shape[0]
-    B = train.A[0].shape[0]
-    out = torch.zeros(T, B, dtype=Gf.dtype, device=Gf.device)
-    for spec, a, d in zip(plan.layers, train.A, train.D, strict=True):
-        L = a.shape[1]
-        if spec.weight is not None:
-            W = Gf[:, plan.slices[spec.weight]].reshape(T * spec.d_out, spec.d_in)
-            step = max(1, int(max_mb * 2**20 // (4 * max(1, L * T * spec.d_out))))
-            for s in range(0, B, step):
-                z = (a[s : s + step] @ W.T).view(-1, L, T, spec.d_out)  # (b, L, T, d_out)
-                out[:, s : s + step] += torch.einsum("bltd,bld->tb", z, d[s : s + step])
-        if spec.bias is not None:
-            out += Gf[:, plan.slices[spec.bias]] @ d.sum(1).T
-    return out
+    """(T, B) inner products of dense targets Gf (T, p) with the per-example gradients in ``train``
+    (the sum of :func:`dense_target_param_scores` over parameters)."""
+    return sum(dense_target_param_scores(plan, train, Gf, max_mb).values())
 
 
 def segment_sum(scores: torch.Tensor, labels: torch.Tensor, n_groups: int, out: torch.Tensor | None = None):

@@ -167,7 +167,6 @@ class InnerProductAttributor(Attributor):
     def _choose_factor_mode(self) -> bool:
         """Cache layer factors instead of group gradients when that is exact and cheaper."""
         from ggda.gradients import fast_inner
-        from ggda.gradients.fast_factors import fast_plan
 
         self._plan = None
         self._factors: list | None = None
@@ -177,25 +176,41 @@ class InnerProductAttributor(Attributor):
         singleton = K == n
         if self.normalize and not singleton:
             return False  # the norm of a group gradient does not factorise
+        plan = self._factor_plan()
+        if plan is None:
+            return False
+        itemsize = torch.finfo(self.task.dtype).bits // 8
+        gbytes = K * p * itemsize
+        if singleton:  # per point: factors, unless a preconditioned method can hold n × p gradients
+            if not self._identity_precondition() and gbytes <= self.memory_mb * 2**20:
+                return False
+        elif fast_inner.factor_bytes(plan, n, itemsize) > gbytes:
+            return False
+        self._use_factors(plan)
+        return True
+
+    def _factor_plan(self):
+        """The layer plan when every training gradient is a rank-one outer product of layer
+        factors (an MLP), else None (convolutions, sequences, unsupported modules)."""
+        from ggda.gradients import fast_inner
+        from ggda.gradients.fast_factors import fast_plan
+
         Xt, yt = self.task.to_tensor(self.train.X, self.train.y)
         params = self.task.params()
         plan = fast_plan(self.task, Xt[:8], yt[:8], self.task.loss_fn, params)
         if plan is None:
-            return False
-        fbytes = fast_inner.factor_bytes(plan, n, Xt.element_size())
-        gbytes = K * p * Xt.element_size()
-        if self._identity_precondition() or not singleton:
-            if not (singleton or fbytes <= gbytes):
-                return False
-        elif gbytes <= self.memory_mb * 2**20:
-            return False
+            return None
         first = fast_inner.layer_factors(self.task, plan, Xt[:2], yt[:2], self.task.loss_fn, params)
-        if not fast_inner.is_rank_one(first):
-            return False  # convolutions / sequences: dense group gradients
+        return plan if fast_inner.is_rank_one(first) else None
+
+    def _use_factors(self, plan) -> None:
+        """Serve the training side from ``plan``'s factors: cached when they fit ``memory_mb``."""
+        from ggda.gradients import fast_inner
+
         self._plan = plan
-        if fbytes <= self.memory_mb * 2**20:
+        itemsize = torch.finfo(self.task.dtype).bits // 8
+        if fast_inner.factor_bytes(plan, len(self.train), itemsize) <= self.memory_mb * 2**20:
             self._factors = list(self._factor_chunks())
-        return True
 
     def _factor_chunks(self):
         """(rows, squeezed factors) of the training loss over the training set, cached or streamed."""

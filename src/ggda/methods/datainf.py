@@ -137,78 +137,55 @@ class DataInf(InnerProductAttributor):
         self.info.update(damping={k: float(v) for k, v in zip(self.layer_names, lam, strict=True)})
 
     # -- factor path (MLPs) -------------------------------------------------------------------
-    def _factor_members(self) -> list[list[tuple[int, str]]] | None:
-        """Per DataInf layer, its (plan layer, "weight" | "bias") parts, when the training
-        gradients are rank-one outer products of cached factors; else None."""
-        from ggda.gradients import fast_inner
-        from ggda.gradients.fast_factors import fast_plan
-
-        plan = self._plan
-        if plan is None:  # the scoring side chose dense group gradients: plan the factors here
-            Xt, yt = self.task.to_tensor(self.train.X, self.train.y)
-            params = self.task.params()
-            plan = fast_plan(self.task, Xt[:8], yt[:8], self.task.loss_fn, params)
+    def _factor_members(self) -> list[list[str]] | None:
+        """The parameter names of every DataInf layer when the training gradients are rank-one
+        outer products of layer factors (then served from them), else None."""
+        if self._plan is None:  # the scoring side chose dense group gradients: plan factors here
+            plan = self._factor_plan()
             if plan is None:
                 return None
-            first = fast_inner.layer_factors(self.task, plan, Xt[:2], yt[:2], self.task.loss_fn, params)
-            if not fast_inner.is_rank_one(first):
-                return None
-            self._plan = plan
-            if fast_inner.factor_bytes(plan, len(Xt), Xt.element_size()) <= self.memory_mb * 2**20:
-                self._factors = list(self._factor_chunks())
-        where = {}
-        for i, spec in enumerate(plan.layers):
-            if spec.weight is not None:
-                where[spec.weight] = (i, "weight")
-            if spec.bias is not None:
-                where[spec.bias] = (i, "bias")
-        return [[where[name] for name in names] for names in self._block_params]
+            self._use_factors(plan)
+        return self._block_params
 
     def _factor_layer_sq(self, f) -> torch.Tensor:
-        """(b, L) per-layer squared gradient norms from squeezed factors: ‖δ‖²(‖a‖² [+ 1])."""
-        out = torch.zeros(f.A[0].shape[0], len(self._members), dtype=f.A[0].dtype, device=f.A[0].device)
-        for k, parts in enumerate(self._members):
-            for i, part in parts:
-                dn = f.D[i].pow(2).sum(1)
-                out[:, k] += dn * f.A[i].pow(2).sum(1) if part == "weight" else dn
-        return out
+        """(b, L) per-layer squared gradient norms from squeezed factors."""
+        from ggda.gradients import fast_inner
+
+        parts = fast_inner.rank_one_param_sq_norms(self._plan, f)
+        return torch.stack([sum(parts[name] for name in names) for names in self._members], 1)
 
     def _precondition_factors(self, target_grads: torch.Tensor) -> torch.Tensor:
-        """Σ_i coef_{t,i,l} g_{i,l} for every layer, from the factors (T, p)."""
+        """Σ_i coef_{t,i,l} g_{i,l} for every layer l, from the factors (T, p)."""
+        from ggda.gradients import fast_inner
+
         plan, T = self._plan, target_grads.shape[0]
+        owner = {}  # parameter name -> (plan layer index, "weight" | "bias")
+        for i, spec in enumerate(plan.layers):
+            owner.update({spec.weight: (i, "weight"), spec.bias: (i, "bias")})
         acc = torch.zeros_like(target_grads)
-        sq_all, start = self._sq_norms, 0
+        start = 0
         for _, f in self._factor_chunks():
             b = f.A[0].shape[0]
-            sq = sq_all[start : start + b]
+            unsqueezed = fast_inner.Factors([a[:, None] for a in f.A], [d[:, None] for d in f.D])
+            parts = fast_inner.dense_target_param_scores(plan, unsqueezed, target_grads)  # ∇f_l · g_{i,l}
+            dots = torch.stack([sum(parts[name] for name in names) for names in self._members], -1)
+            coef = dots / (self._lam + self._sq_norms[start : start + b])[None]  # (T, b, L)
             start += b
-            # rows per slice so the (rows, T·d_out) products stay under ~64 MB
-            width = T * max(s.d_out for s in plan.layers)
-            step = max(1, int(16 * 2**20 // max(1, width)))
+            # Σ_i coef_{t,i} δ_i a_iᵀ (and Σ_i coef_{t,i} δ_i), in row slices so the (T, rows, d_out)
+            # products stay near 64 MB
+            step = max(1, int(16 * 2**20 // max(1, T * max(s.d_out for s in plan.layers))))
             for r0 in range(0, b, step):
-                r1 = min(b, r0 + step)
-                A = [a[r0:r1] for a in f.A]
-                D = [d[r0:r1] for d in f.D]
-                dots = torch.zeros(T, r1 - r0, len(self._members), dtype=acc.dtype, device=acc.device)
-                for k, parts in enumerate(self._members):  # ∇f_l · g_{i,l}
-                    for i, part in parts:
-                        spec = plan.layers[i]
-                        if part == "weight":
-                            Wt = target_grads[:, plan.slices[spec.weight]].reshape(T * spec.d_out, spec.d_in)
-                            z = (A[i] @ Wt.T).view(-1, T, spec.d_out)  # (rows, T, d_out)
-                            dots[..., k] += torch.einsum("rtd,rd->tr", z, D[i])
-                        else:
-                            dots[..., k] += target_grads[:, plan.slices[spec.bias]] @ D[i].T
-                coef = dots / (self._lam + sq[r0:r1])[None]  # (T, rows, L)
-                for k, parts in enumerate(self._members):  # Σ_i coef_{t,i} δ_i a_iᵀ (+ Σ_i coef δ_i)
-                    for i, part in parts:
-                        spec = plan.layers[i]
-                        cd = coef[..., k, None] * D[i][None]  # (T, rows, d_out)
+                for k, names in enumerate(self._members):
+                    for name in names:
+                        i, part = owner[name]
+                        spec, D = plan.layers[i], f.D[i][r0 : r0 + step]
+                        cd = coef[:, r0 : r0 + step, k, None] * D[None]  # (T, rows, d_out)
                         if part == "weight":  # one GEMM: (T·d_out, rows) @ (rows, d_in)
-                            w = acc[:, plan.slices[spec.weight]].view(T, spec.d_out, spec.d_in)
-                            w += (cd.transpose(1, 2).reshape(T * spec.d_out, -1) @ A[i]).view(w.shape)
+                            w = acc[:, plan.slices[name]].view(T, spec.d_out, spec.d_in)
+                            prod = cd.transpose(1, 2).reshape(T * spec.d_out, -1) @ f.A[i][r0 : r0 + step]
+                            w += prod.view(w.shape)
                         else:
-                            acc[:, plan.slices[spec.bias]] += cd.sum(1)
+                            acc[:, plan.slices[name]] += cd.sum(1)
         return acc
 
     def precondition(self, target_grads: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,8 @@ class TrainingCurvature:
             chain = None  # a deeper chain's exact Hessian has second-order terms the GN product lacks
         self.chain = chain
         self._params, self._slices = params, task.layer_slices()
+        self._forwards: list | None = None  # per-chunk chain forwards, built on the first product
+        self._forwards_built = False
         if chain is not None:  # vectors per block: keep the (rows, T, width) tangents near 64 MB
             width = max(d_out for d_out, _ in chain.shapes)
             self.vector_block = max(self.vector_block, int(16 * 2**20 // (self.chunk_size * width)))
@@ -164,7 +166,8 @@ class TrainingCurvature:
         views of the data): a CG or Arnoldi solve multiplies the same rows at every iteration."""
         if self.chain is None:
             return None
-        if not hasattr(self, "_forwards"):
+        if not self._forwards_built:
+            self._forwards_built = True
             chain = self.chain
             per_row = sum(d_in for _, d_in in chain.shapes[1:]) + sum(
                 d_out
