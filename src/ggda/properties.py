@@ -22,6 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ggda.data.batches import as_inputs, iter_rows
 from ggda.errors import GGDAError
 from ggda.task import AttributionTask, Params
 
@@ -46,15 +47,32 @@ class Property(ABC):
         """(n_targets, p) gradients of :meth:`values` w.r.t. the attributed parameters."""
 
 
-class ExampleProperty(Property):
-    """A property that is one per-example function over a set of target examples."""
+def target_data(X, y) -> tuple:
+    """Target inputs and labels from arrays, or from any data source (``y`` omitted): a ggda
+    ``Dataset``, torch ``Dataset``/``DataLoader`` or Hugging Face dataset (read lazily)."""
+    if y is None:
+        from ggda.data.sources import as_dataset
 
-    def __init__(self, X: np.ndarray, y: np.ndarray) -> None:
-        if len(X) != len(y):
-            raise GGDAError(f"Targets: X has {len(X)} rows but y has {len(y)}; pass one label per row.")
-        if len(X) == 0:
-            raise GGDAError("The property needs at least one target example.")
-        self.X, self.y = np.asarray(X), np.asarray(y)
+        data = as_dataset(X)
+        X, y = data.X, data.y
+    X, y = as_inputs(X), np.asarray(y)
+    if len(X) != len(y):
+        raise GGDAError(f"Targets: X has {len(X)} rows but y has {len(y)}; pass one label per row.")
+    if len(X) == 0:
+        raise GGDAError("The property needs at least one target example.")
+    return X, y
+
+
+class ExampleProperty(Property):
+    """A property that is one per-example function over a set of target examples.
+
+    ``X, y``: target inputs and labels, or one data source as ``X`` (``ExampleLoss(test_loader)``).
+    """
+
+    chunk_size: int = 1024
+
+    def __init__(self, X, y: np.ndarray | None = None) -> None:
+        self.X, self.y = target_data(X, y)
 
     @property
     def n_targets(self) -> int:
@@ -71,7 +89,11 @@ class ExampleProperty(Property):
         params = task.params() if params is None else params
         X, y = task.to_tensor(self.X, self.y)
         with torch.no_grad():
-            return self.example_value(task, task.forward(params, X), y)
+            parts = [
+                self.example_value(task, task.forward(params, xb), y[rows])
+                for rows, xb in iter_rows(X, self.chunk_size)
+            ]
+        return torch.cat(parts)
 
     def gradients(
         self, task: AttributionTask, params: Params | None = None, chunk_size: int = 512
@@ -115,7 +137,7 @@ class MeanLoss(Property):
 
     name = "mean-test-loss"
 
-    def __init__(self, X: np.ndarray, y: np.ndarray) -> None:
+    def __init__(self, X, y: np.ndarray | None = None) -> None:
         self.inner = ExampleLoss(X, y)
 
     @property
@@ -149,7 +171,7 @@ class CallableProperty(Property):
         self._n: int | None = None
 
     def _eval(self, task: AttributionTask, params: Params) -> torch.Tensor:
-        out = self.fn(lambda X: task.forward(params, task.to_tensor(X)[0]))
+        out = self.fn(lambda X: task.forward(params, task.batch(X)))
         out = torch.as_tensor(out).reshape(-1)
         return self.sign * out
 
@@ -177,7 +199,7 @@ class CallableProperty(Property):
 PROPERTIES = {"test-loss": ExampleLoss, "mean-test-loss": MeanLoss, "margin": Margin}
 
 
-def make_property(name: str, X: np.ndarray, y: np.ndarray) -> Property:
+def make_property(name: str, X, y: np.ndarray | None = None) -> Property:
     """Build a named property over target examples (CLI entry point)."""
     if name not in PROPERTIES:
         raise GGDAError(f"Unknown property '{name}'; choose one of {', '.join(PROPERTIES)}.")

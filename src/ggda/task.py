@@ -18,9 +18,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ggda.data.batches import ExampleInputs, InputView, is_batch, take, to_device
 from ggda.errors import GGDAError
 from ggda.models.checkpoint import load_into, load_state
-from ggda.models.losses import PerExampleLoss, loss_for
+from ggda.models.losses import LOSS_KINDS, PerExampleLoss, loss_for, loss_kind_of
 from ggda.models.training import resolve_device
 
 Params = dict[str, torch.Tensor]
@@ -30,15 +31,23 @@ class AttributionTask:
     """Model + per-example training loss + the parameters attribution differentiates.
 
     Args:
-        model: any ``nn.Module`` mapping a batch of flattened inputs to outputs.
-        loss: per-example loss ``(outputs, targets) -> (B,)``, or ``"classification"``,
+        model: any ``nn.Module``. A batch of inputs reaches it as ``model(x)`` for a tensor,
+            ``model(*x)`` for a tuple and ``model(**x)`` for a dict (token ids + attention mask);
+            an output with ``.logits`` (Hugging Face) gives its logits.
+        loss: per-example loss ``(outputs, targets) -> (B,)`` (e.g.
+            ``nn.CrossEntropyLoss(reduction="none")``), or ``"classification"``,
             ``"regression"``, ``"cross-entropy"``, ``"mse"``.
+        loss_kind: what the loss computes, so closed forms (Gauss–Newton products, TRAK's
+            output, the stacked further-training kernel) apply to a user's loss object:
+            ``"cross-entropy"`` (softmax cross-entropy on logits), ``"squared-error"``
+            (½‖out − y‖²) or ``"custom"``. Default: recognised from ``loss`` (ggda's losses and an
+            unweighted ``nn.CrossEntropyLoss(reduction="none")``), else ``"custom"``. A declared
+            kind is checked against the closed form on the first batch.
         layers: names (or name prefixes, e.g. ``"2"`` or ``"fc2"``) of the parameters to attribute
             through; the others are held fixed. Default: every trainable parameter.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
 
-    Subclass and override :meth:`forward` for models that need more than ``model(X)`` (dict
-    inputs, attention masks).
+    Subclass and override :meth:`forward` for models that need more than the call above.
     """
 
     def __init__(
@@ -47,10 +56,19 @@ class AttributionTask:
         loss: PerExampleLoss | str = "classification",
         layers: Iterable[str] | None = None,
         device: str | torch.device | None = "cpu",
+        loss_kind: str | None = None,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise GGDAError(f"The model is a {type(model).__name__}; pass an nn.Module.")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.loss_fn: PerExampleLoss = loss_for(loss) if isinstance(loss, str) else loss
+        if not callable(self.loss_fn):
+            raise GGDAError(f"The loss is a {type(loss).__name__}; pass a callable (outputs, targets) -> (B,).")
+        if loss_kind is not None and loss_kind not in LOSS_KINDS:
+            raise GGDAError(f"Unknown loss_kind '{loss_kind}'; choose one of {', '.join(LOSS_KINDS)}.")
+        self.loss_kind: str = loss_kind or loss_kind_of(self.loss_fn)
+        self._loss_checked = loss_kind is None and self.loss_kind != "custom"  # ggda's own losses
         named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if not named:
             raise GGDAError(
@@ -109,18 +127,67 @@ class AttributionTask:
         return out
 
     # -- functional model ---------------------------------------------------------------------
-    def forward(self, params: Params, X: torch.Tensor) -> torch.Tensor:
-        """Model outputs at ``params`` (attributed parameters; others fixed) for inputs ``X``."""
-        return functional_call(self.model, {**self.fixed(), **params}, (X,))
+    def forward(self, params: Params, X) -> torch.Tensor:
+        """Model outputs at ``params`` (attributed parameters; others fixed) for a batch ``X``."""
+        state = {**self.fixed(), **params}
+        if isinstance(X, dict):
+            out = functional_call(self.model, state, (), dict(X))
+        elif isinstance(X, (tuple, list)):
+            out = functional_call(self.model, state, tuple(X))
+        else:
+            out = functional_call(self.model, state, (X,))
+        return model_output(out)
 
-    def losses(self, params: Params, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def losses(self, params: Params, X, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.forward(params, X), y)
 
-    def to_tensor(self, X, y=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        Xt = torch.as_tensor(X, device=self.device)
-        Xt = Xt.to(self.dtype) if Xt.is_floating_point() else Xt
+    def check_loss(self, outputs: torch.Tensor, y: torch.Tensor) -> None:
+        """Once per task: the loss is per example, and equals its declared closed form."""
+        if getattr(self, "_loss_checked", True):
+            return
+        with torch.no_grad():
+            values = self.loss_fn(outputs, y)
+            if not isinstance(values, torch.Tensor) or values.shape != (len(y),):
+                shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+                raise GGDAError(
+                    f"The loss returned {shape} for a batch of {len(y)}; return one loss per example "
+                    "(e.g. nn.CrossEntropyLoss(reduction='none'))."
+                )
+            if self.loss_kind != "custom":
+                ref = loss_for(self.loss_kind)(outputs, y)
+                if not torch.allclose(values.to(ref.dtype), ref, rtol=1e-4, atol=1e-5):
+                    raise GGDAError(
+                        f"The loss does not compute loss_kind='{self.loss_kind}' "
+                        f"({'softmax cross-entropy' if self.loss_kind == 'cross-entropy' else '0.5*(out-y)^2'}) "
+                        "on a check batch; declare loss_kind='custom'."
+                    )
+        self._loss_checked = True
+
+    def to_tensor(self, X, y=None):
+        """Inputs (and targets) on the task's device: a whole-set tensor for in-memory arrays, an
+        :class:`~ggda.data.batches.InputView` (``view[rows]`` fetches a batch) for lazy inputs,
+        or the moved batch for a batch (tensor, tuple or dict)."""
+        if isinstance(X, ExampleInputs):
+            Xt = InputView(X, self.device, self.dtype)
+        elif isinstance(X, InputView):
+            Xt = X
+        elif is_batch(X) and not isinstance(X, torch.Tensor):
+            Xt = to_device(X, self.device, self.dtype)
+        else:
+            Xt = torch.as_tensor(X, device=self.device)
+            Xt = Xt.to(self.dtype) if Xt.is_floating_point() else Xt
         yt = None if y is None else torch.as_tensor(y, device=self.device)
+        if yt is not None and not getattr(self, "_loss_checked", True) and len(yt):
+            k = min(4, len(yt))
+            head = Xt[:k] if isinstance(Xt, (torch.Tensor, InputView)) else take(Xt, slice(0, k))
+            with torch.no_grad():
+                self.check_loss(self.forward(self.params(), head), yt[:k])
         return Xt, yt
+
+    def batch(self, X):
+        """A (small) collection of inputs as one batch on the device: what ``forward`` takes."""
+        Xt, _ = self.to_tensor(X)
+        return Xt[:] if isinstance(Xt, InputView) else Xt
 
     # -- checkpoints --------------------------------------------------------------------------
     def at(self, state: dict | str | Path) -> AttributionTask:
@@ -137,3 +204,18 @@ class AttributionTask:
 
     def describe(self) -> str:
         return f"{type(self.model).__name__}, {self.n_params:,} attributed parameters ({len(self.param_names)} tensors), {self.device}"
+
+
+def model_output(out):
+    """The output tensor of a model call: Hugging Face outputs give ``.logits``, tuples their first."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise GGDAError(
+        f"The model returned {type(out).__name__}; return a tensor (or an object with .logits), or "
+        "subclass AttributionTask and override forward()."
+    )

@@ -1,7 +1,10 @@
 """The data set abstraction every other module consumes.
 
-A :class:`Dataset` is features ``X`` (n × d, float32, flattened), targets ``y`` and *stable integer
-ids*. Ids survive subsetting, splitting and shuffling, so an attribution score, a grouping or a
+A :class:`Dataset` is inputs ``X``, targets ``y`` and *stable integer ids*. ``X`` is either an
+in-memory (n × d, float32, flattened) matrix — the array adapter — or lazily fetched
+:class:`~ggda.data.batches.ExampleInputs` (a torch ``Dataset``, a ``DataLoader``'s data set, a
+Hugging Face ``datasets.Dataset``; see :mod:`ggda.data.sources`), read a batch at a time. Labels,
+ids and group ids are always held (O(n)). Ids survive subsetting, splitting and shuffling, so an attribution score, a grouping or a
 left-out set always refers to the same training point, whatever order the arrays are in.
 Validation happens once, here, so downstream code can trust the arrays.
 """
@@ -13,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 
+from ggda.data.batches import ExampleInputs, HFInputs, TorchInputs
 from ggda.errors import GGDAError
 
 TaskKind = Literal["classification", "regression"]
@@ -23,7 +27,8 @@ class Dataset:
     """Features, targets and stable ids of a set of examples.
 
     Attributes:
-        X: (n, d) float32 features. Images are stored flattened; ``input_shape`` restores them.
+        X: (n, d) float32 features (images stored flattened; ``input_shape`` restores them), or
+            lazily fetched :class:`~ggda.data.batches.ExampleInputs` of any batch structure.
         y: (n,) int64 class labels 0..C-1 (classification) or float32 targets (regression).
         ids: (n,) int64 stable ids, unique within the data set.
         name: a short name used in reports and file names.
@@ -48,6 +53,9 @@ class Dataset:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.X, ExampleInputs):
+            self._check_targets(len(self.X))
+            return
         X = np.asarray(self.X)
         if X.ndim == 1:
             X = X[:, None]
@@ -61,20 +69,28 @@ class Dataset:
                 "categorical columns (load_file(..., categorical=[...]) does it) before building a Dataset."
             )
         self.X = np.ascontiguousarray(X, dtype=np.float32)
-        y = np.asarray(self.y)
-        if y.ndim != 1:
-            y = y.reshape(len(y), -1)
-            if y.shape[1] != 1:
-                raise GGDAError(f"Targets of '{self.name}' have shape {y.shape}; pass a 1-D label vector.")
-            y = y[:, 0]
-        if len(y) != len(self.X):
-            raise GGDAError(f"X has {len(self.X)} rows but y has {len(y)}; pass one label per row of X.")
         if not np.isfinite(self.X).all():
             bad = int((~np.isfinite(self.X)).any(axis=1).sum())
             raise GGDAError(
                 f"{bad} rows of '{self.name}' contain NaN or inf features; drop or impute them "
                 "(e.g. pandas .dropna() or .fillna()) before loading."
             )
+        self._check_targets(len(self.X))
+
+    @property
+    def lazy(self) -> bool:
+        """Whether the inputs are fetched in batches (not one in-memory matrix)."""
+        return isinstance(self.X, ExampleInputs)
+
+    def _check_targets(self, n_rows: int) -> None:
+        y = self.y.cpu().numpy() if hasattr(self.y, "cpu") else np.asarray(self.y)
+        if y.ndim != 1:
+            y = y.reshape(len(y), -1)
+            if y.shape[1] != 1:
+                raise GGDAError(f"Targets of '{self.name}' have shape {y.shape}; pass a 1-D label vector.")
+            y = y[:, 0]
+        if len(y) != n_rows:
+            raise GGDAError(f"X has {n_rows} rows but y has {len(y)}; pass one label per row of X.")
         if self.kind == "classification":
             if y.dtype.kind == "f":
                 if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
@@ -123,7 +139,39 @@ class Dataset:
 
     @property
     def n_features(self) -> int:
+        """Input width of a flat feature matrix (lazy single-tensor inputs: elements per example)."""
+        if self.lazy:
+            shape = self.X.shape
+            if len(shape) < 2:
+                raise GGDAError(
+                    f"'{self.name}' has structured inputs (tuples/dicts); it has no single feature width — "
+                    "build your own model instead of a zoo model."
+                )
+            return int(np.prod(shape[1:]))
         return int(self.X.shape[1])
+
+    def as_torch(self):
+        """The examples as a map-style torch ``Dataset`` in the user's own item format.
+
+        What a user training function receives: for a torch source, a ``Subset`` of the user's
+        dataset at these positions; for a Hugging Face source, ``dataset.select(positions)``; for
+        arrays, a ``TensorDataset`` of (x, y) rows (x reshaped to ``input_shape`` when known).
+        """
+        import torch
+        from torch.utils.data import Subset, TensorDataset
+
+        X = self.X
+        if isinstance(X, TorchInputs):
+            idx = np.arange(X.n_source) if X.index is None else X.index
+            return X.dataset if X.index is None else Subset(X.dataset, idx.tolist())
+        if isinstance(X, HFInputs):
+            return X.dataset if X.index is None else X.dataset.select(X.index.tolist())
+        if isinstance(X, ExampleInputs):
+            raise GGDAError(f"{type(X).__name__} has no torch Dataset form; pass the data as a torch Dataset.")
+        Xt = torch.as_tensor(X)
+        if self.input_shape is not None:
+            Xt = Xt.reshape(len(Xt), *self.input_shape)
+        return TensorDataset(Xt, torch.as_tensor(self.y))
 
     @property
     def n_outputs(self) -> int:
@@ -160,7 +208,8 @@ class Dataset:
         return pos
 
     def describe(self) -> str:
-        base = f"{self.name}: n={len(self)}, d={self.n_features}, {self.kind}"
+        width = f"inputs {self.X.describe()}" if self.lazy else f"d={self.n_features}"
+        base = f"{self.name}: n={len(self)}, {width}, {self.kind}"
         if self.kind == "classification":
             counts = np.bincount(self.y, minlength=self.n_classes)
             base += f", C={self.n_classes}, class sizes {counts.min()}..{counts.max()}"

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from ggda.data.batches import as_inputs, iter_rows
 from ggda.errors import GGDAError
 from ggda.groups.grouping import Grouping
 from ggda.methods.base import Attributor
@@ -44,7 +45,7 @@ class GroupLoss(Property):
 
     def __init__(self, X: np.ndarray, y: np.ndarray, grouping: Grouping) -> None:
         grouping.check_matches(len(X), "the property's examples")
-        self.X, self.y, self.grouping = np.asarray(X), np.asarray(y), grouping
+        self.X, self.y, self.grouping = as_inputs(X), np.asarray(y), grouping
 
     @property
     def n_targets(self) -> int:
@@ -54,7 +55,7 @@ class GroupLoss(Property):
         params = task.params() if params is None else params
         X, y = task.to_tensor(self.X, self.y)
         with torch.no_grad():
-            losses = task.losses(params, X, y)
+            losses = torch.cat([task.losses(params, xb, y[rows]) for rows, xb in iter_rows(X, 1024)])
         labels = torch.as_tensor(self.grouping.labels, device=losses.device)
         return torch.zeros(self.n_targets, dtype=losses.dtype, device=losses.device).index_add_(
             0, labels, losses

@@ -140,7 +140,7 @@ def _parse(task: AttributionTask) -> tuple[list[_Linear | _Activation], str | No
             if act is None:
                 return [], f"module {type(module).__name__} has no fused kernel (supported: {SUPPORTED})"
             ops.append(act)
-    if task.loss_fn is squared_error and chain.shapes[-1][0] != 1:
+    if task.loss_kind == "squared-error" and chain.shapes[-1][0] != 1:
         return [], "squared error with more than one output"
     return ops, None
 
@@ -174,7 +174,7 @@ class StackedMLP:
         if why is not None:
             raise ValueError(f"StackedMLP cannot run this task: {why}")
         self.ops = ops
-        self.classification = task.loss_fn is cross_entropy
+        self.classification = task.loss_kind == "cross-entropy"
         self.block = block or default_block(task)
         self.inplace = True  # activations that allow it overwrite the Linear output (benchmarks toggle it)
         self._cap = capacity

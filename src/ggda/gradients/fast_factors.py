@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ggda.data.batches import input_signature, take, unsqueeze
 from ggda.task import AttributionTask, Params
 
 ExampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -188,7 +189,7 @@ def layer_factors(
         for h in handles:
             h.remove()
     A, D, k = [], [], 0
-    B = X.shape[0]
+    B = len(y)
     for i, spec in enumerate(plan.layers):
         a_parts, d_parts = [], []
         for a, probe in zip(inputs[i], probes[i], strict=True):
@@ -202,8 +203,8 @@ def layer_factors(
             a_parts.append(a)
             d_parts.append(d)
         if not a_parts:  # layer not reached: zero gradient
-            a_parts = [torch.zeros(B, 1, spec.d_in, dtype=X.dtype, device=X.device)]
-            d_parts = [torch.zeros(B, 1, spec.d_out, dtype=X.dtype, device=X.device)]
+            a_parts = [torch.zeros(B, 1, spec.d_in, dtype=task.dtype, device=task.device)]
+            d_parts = [torch.zeros(B, 1, spec.d_out, dtype=task.dtype, device=task.device)]
         A.append(torch.cat(a_parts, 1) if len(a_parts) > 1 else a_parts[0])
         D.append(torch.cat(d_parts, 1) if len(d_parts) > 1 else d_parts[0])
     return Factors(A, D, values.detach())
@@ -300,22 +301,22 @@ def verify(
     """
     from torch.func import grad, vmap
 
-    m = min(rows, X.shape[0])
+    m = min(rows, len(y))
     if m == 0:
         return True
-    Xs, ys = X[:m], y[:m]
+    Xs, ys = X[:m], y[:m]  # a batch (tensor, tuple or dict), whatever X is
     factors = layer_factors(task, plan, Xs, ys, fn, params)
     plan.row_bytes = sum(t[0].numel() * t.element_size() for t in factors.A + factors.D)
     fast = per_example_from_factors(plan, factors)
 
     def value(p, x, t):
-        return fn(task.forward(p, x[None]), t[None])[0]
+        return fn(task.forward(p, unsqueeze(x)), t[None])[0]
 
     try:
         ref = task.flatten(vmap(grad(value), in_dims=(None, 0, 0))(params, Xs, ys), batch_dims=1)
     except RuntimeError:  # fn not vmappable (data-dependent ops): one grad per example
         try:
-            ref = torch.stack([task.flatten(grad(value)(params, Xs[i], ys[i])) for i in range(m)])
+            ref = torch.stack([task.flatten(grad(value)(params, take(Xs, i), ys[i])) for i in range(m)])
         except RuntimeError:  # not even per example (e.g. batch norm updating its statistics)
             ref = None
     ok = ref is not None
@@ -339,7 +340,7 @@ def fast_plan(
     task: AttributionTask, X: torch.Tensor, y: torch.Tensor, fn: ExampleFn, params: Params
 ) -> LayerPlan | None:
     """The plan to use for this task and function, or None for the generic path."""
-    if not fast_enabled() or X.shape[0] == 0:
+    if not fast_enabled() or len(y) == 0:
         return None
     plan = plan_layers(task)
     if plan is None:
@@ -350,7 +351,7 @@ def fast_plan(
     key = None
     if fn is task.loss_fn:
         modes = tuple(m.training for m in task.model.modules())
-        key = (modes, X.dtype, tuple(X.shape[1:]), tuple(task.param_names))
+        key = (modes, input_signature(X), tuple(task.param_names))
         known = _VERIFIED_TASKS.get(task, {}).get(key)
         if known is not None:
             ok, plan.row_bytes = known

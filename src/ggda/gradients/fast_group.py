@@ -125,7 +125,9 @@ class _RowGather:
     def __init__(self) -> None:
         self._buf: torch.Tensor | None = None
 
-    def rows(self, X: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def rows(self, X, rows: torch.Tensor):
+        if not isinstance(X, torch.Tensor):  # lazy inputs: the view fetches just these rows
+            return X[rows]
         buf = self._buf
         if buf is None or buf.shape[1:] != X.shape[1:] or len(buf) < len(rows) or buf.dtype != X.dtype:
             buf = self._buf = torch.empty((len(rows), *X.shape[1:]), dtype=X.dtype, device=X.device)
@@ -205,7 +207,7 @@ def iter_group_gradients_fast(
         # yield in blocks of <= _BLOCK_BYTES: one forward serves several blocks, and blocks this
         # small are recycled by the allocator instead of page-faulting fresh memory every time
         block_bytes = _BLOCK_BYTES if block_mb is None else int(block_mb * 2**20)
-        per_block = max(1, block_bytes // (p * Xt.element_size()))
+        per_block = max(1, block_bytes // (p * (torch.finfo(task.dtype).bits // 8)))
         groups = ChunkGroups(plan, factors, sizes[chunk])
         del factors
         for b0 in range(0, len(chunk), per_block):

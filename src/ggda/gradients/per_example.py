@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
+from ggda.data.batches import unsqueeze
 from ggda.gradients.fast_factors import BlockRecycler, fast_plan, layer_factors, per_example_from_factors
 from ggda.task import AttributionTask, Params
 
@@ -21,7 +22,7 @@ ExampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _one_example_grad(task: AttributionTask, fn: ExampleFn):
     def value(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return fn(task.forward(params, x[None]), y[None])[0]
+        return fn(task.forward(params, unsqueeze(x)), y[None])[0]
 
     return vmap(grad(value), in_dims=(None, 0, 0))
 
@@ -39,10 +40,11 @@ def iter_per_example_gradients(
     params = task.params() if params is None else params
     Xt, yt = task.to_tensor(X, y)
     plan = fast_plan(task, Xt, yt, fn, params)
+    n = len(yt)
     if plan is not None:
         blocks = BlockRecycler()
-        for start in range(0, len(Xt), chunk_size):  # chunk_size rows per yielded block
-            rows = slice(start, min(start + chunk_size, len(Xt)))
+        for start in range(0, n, chunk_size):  # chunk_size rows per yielded block
+            rows = slice(start, min(start + chunk_size, n))
             factors = layer_factors(task, plan, Xt[rows], yt[rows], fn, params)
             out = blocks.empty((rows.stop - rows.start, task.n_params), task.dtype, task.device)
             per_example_from_factors(plan, factors, out=out)
@@ -50,8 +52,8 @@ def iter_per_example_gradients(
             del out  # see BlockRecycler
         return
     per_grad = _one_example_grad(task, fn)
-    for start in range(0, len(Xt), chunk_size):
-        rows = slice(start, min(start + chunk_size, len(Xt)))
+    for start in range(0, n, chunk_size):
+        rows = slice(start, min(start + chunk_size, n))
         grads = per_grad(params, Xt[rows], yt[rows])
         yield rows, task.flatten(grads, batch_dims=1)
 

@@ -24,15 +24,44 @@ import numpy as np
 import torch
 from torch import nn
 
+from ggda.data.batches import ExampleInputs
 from ggda.errors import GGDAError
 from ggda.task import AttributionTask
 
 GRADIENT_FEATURES = ("last-layer", "logits", "projected")
 
 
+#: Lazy inputs wider than this are clustered through a seeded Gaussian projection to this width
+#: (distances kept up to a small distortion), so K-Means on images never holds the n × d inputs.
+LAZY_INPUT_DIM = 256
+
+
+def _lazy_input_features(X: ExampleInputs, batch_size: int = 1024) -> np.ndarray:
+    parts, proj = [], None
+    for _, batch in X.iter_batches(batch_size):
+        if not isinstance(batch, torch.Tensor):
+            raise GGDAError(
+                "K-Means on inputs needs one tensor per example; these inputs are tuples/dicts — "
+                "use repr-kmeans or grad-kmeans."
+            )
+        F = batch.reshape(len(batch), -1).float()
+        if F.shape[1] > LAZY_INPUT_DIM:
+            if proj is None:
+                gen = torch.Generator().manual_seed(0)
+                proj = torch.randn(F.shape[1], LAZY_INPUT_DIM, generator=gen) / LAZY_INPUT_DIM**0.5
+            F = F @ proj
+        parts.append(F.numpy())
+    return np.concatenate(parts)
+
+
 def input_features(X: np.ndarray, standardize: bool = True) -> np.ndarray:
-    """Flattened inputs, z-scored per column (constant columns become 0) so no feature dominates."""
-    F = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
+    """Flattened inputs, z-scored per column (constant columns become 0) so no feature dominates.
+
+    Lazy inputs are read a batch at a time (projected to ``LAZY_INPUT_DIM`` when wider)."""
+    if isinstance(X, ExampleInputs):
+        F = _lazy_input_features(X)
+    else:
+        F = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
     if not standardize:
         return np.ascontiguousarray(F)
     mean = F.mean(axis=0, dtype=np.float64)
@@ -65,9 +94,8 @@ def find_output_layer(task: AttributionTask, X: np.ndarray) -> OutputLayer:
         if isinstance(m, nn.Linear)
     ]
     try:
-        Xt, _ = task.to_tensor(X[:2])
         with torch.no_grad():
-            output = task.model(Xt)
+            output = task.forward(task.params(), task.batch(X[:2]))
     finally:
         for h in handles:
             h.remove()
@@ -119,7 +147,7 @@ def representation_features(
     try:
         with torch.no_grad():
             for rows in _chunks(len(X), chunk_size):
-                task.model(task.to_tensor(X[rows])[0])
+                task.forward(task.params(), task.batch(X[rows]))
     finally:
         handle.remove()
     return np.ascontiguousarray(torch.cat(store).numpy())
@@ -128,13 +156,12 @@ def representation_features(
 # -- output-layer gradients ---------------------------------------------------------------------
 def _closed_form_delta(task: AttributionTask, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
     """∂ℓ/∂o for the library's own losses without autograd; ``None`` for any other loss."""
-    from ggda.models.losses import cross_entropy, squared_error
 
-    if task.loss_fn is cross_entropy:
+    if task.loss_kind == "cross-entropy":
         delta = torch.softmax(out, dim=1)
         delta[torch.arange(len(y), device=out.device), y.long()] -= 1.0
         return delta
-    if task.loss_fn is squared_error:
+    if task.loss_kind == "squared-error":
         return out - y.to(out.dtype).reshape(out.shape)
     return None
 
@@ -155,12 +182,12 @@ def _layer_io_and_delta(
     try:
         if direct:
             with torch.no_grad():
-                out = task.model(Xb)
+                out = task.forward(task.params(), Xb)
             delta = _closed_form_delta(task, out, yb)
             if delta is not None:
                 return captured["h"], delta.detach()
         with torch.enable_grad():
-            out = task.model(Xb)
+            out = task.forward(task.params(), Xb)
             total = task.loss_fn(out, yb).sum()  # Σ_i ℓ_i: its gradient w.r.t. o_i is ∂ℓ_i/∂o_i
             (delta,) = torch.autograd.grad(total, captured["o"])
         return captured["h"], delta.detach()

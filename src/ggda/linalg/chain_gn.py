@@ -22,7 +22,6 @@ import torch
 from torch.func import grad, hessian, jvp, vmap
 
 from ggda.models.chain import LinearChain
-from ggda.models.losses import cross_entropy
 from ggda.task import AttributionTask, Params
 
 
@@ -34,7 +33,7 @@ def _loss_hessian_product(
     Softmax cross-entropy (ggda's classification loss) in closed form, H_i u = p ⊙ u − p (pᵀu);
     any other loss through ``torch.func``.
     """
-    if task.loss_fn is cross_entropy:
+    if task.loss_kind == "cross-entropy":
         prob = torch.softmax(z, dim=-1)[:, None, :]  # (n, 1, C)
         return prob * (U - (U * prob).sum(-1, keepdim=True))
     g = grad(lambda zz: task.loss_fn(zz, y).sum())

@@ -48,7 +48,6 @@ from ggda.linalg.lissa import ihvp_lissa
 from ggda.linalg.multinomial import MultinomialInverse
 from ggda.methods.base import InnerProductAttributor, register
 from ggda.models.chain import linear_chain
-from ggda.models.losses import cross_entropy
 from ggda.task import AttributionTask
 
 HESSIANS = ("exact", "gn")
@@ -221,7 +220,7 @@ class TrainingCurvature:
             chain is not None
             and chain.depth == 1
             and chain.activations[0] is None
-            and self.task.loss_fn is cross_entropy
+            and self.task.loss_kind == "cross-entropy"
             and mu > 0
         ):
             w, b = chain.weights[0], chain.biases[0]

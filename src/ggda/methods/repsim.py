@@ -98,8 +98,7 @@ class RepSim(Attributor):
             params = self.task.params()
             with torch.no_grad():
                 for start in range(0, len(X), self.batch_size):
-                    Xt, _ = self.task.to_tensor(X[start : start + self.batch_size])
-                    self.task.forward(params, Xt)
+                    self.task.forward(params, self.task.batch(X[start : start + self.batch_size]))
         finally:
             handle.remove()
         return torch.cat(captured)

@@ -66,7 +66,6 @@ from ggda.gradients.projection import (
 )
 from ggda.methods.base import Attributor, register
 from ggda.models.checkpoint import Checkpoint
-from ggda.models.losses import cross_entropy, squared_error
 from ggda.properties import ExampleLoss, ExampleProperty, Margin, MeanLoss, Property
 from ggda.task import AttributionTask, Params
 
@@ -241,9 +240,9 @@ class TRAK(Attributor):
     def _resolve_output(self, output: str) -> str:
         if output != "auto":
             return output
-        if self.task.loss_fn is cross_entropy:
+        if self.task.loss_kind == "cross-entropy":
             return "margin"
-        if self.task.loss_fn is squared_error:
+        if self.task.loss_kind == "squared-error":
             return "prediction"
         raise GGDAError(
             "TRAK cannot infer the model output from a custom loss; pass output=margin (classifier) "

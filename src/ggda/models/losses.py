@@ -22,6 +22,24 @@ def squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 LOSSES: dict[str, PerExampleLoss] = {"cross-entropy": cross_entropy, "mse": squared_error}
+LOSS_KINDS = ("cross-entropy", "squared-error", "custom")
+
+
+def loss_kind_of(loss: PerExampleLoss) -> str:
+    """The closed-form kind of a loss: ggda's own, or an unweighted per-example
+    ``nn.CrossEntropyLoss``; anything else is ``"custom"`` (declare it with ``loss_kind=``)."""
+    if loss is cross_entropy:
+        return "cross-entropy"
+    if loss is squared_error:
+        return "squared-error"
+    if (
+        isinstance(loss, torch.nn.CrossEntropyLoss)
+        and loss.reduction == "none"
+        and loss.weight is None
+        and loss.label_smoothing == 0.0
+    ):
+        return "cross-entropy"
+    return "custom"
 
 
 def loss_for(kind: str) -> PerExampleLoss:
@@ -32,4 +50,6 @@ def loss_for(kind: str) -> PerExampleLoss:
         return squared_error
     if kind in LOSSES:
         return LOSSES[kind]
+    if kind == "squared-error":
+        return squared_error
     raise GGDAError(f"Unknown loss '{kind}'; choose one of {', '.join(LOSSES)} or pass a callable.")
