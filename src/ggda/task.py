@@ -64,7 +64,9 @@ class AttributionTask:
         self.model = model.to(self.device).eval()
         self.loss_fn: PerExampleLoss = loss_for(loss) if isinstance(loss, str) else loss
         if not callable(self.loss_fn):
-            raise GGDAError(f"The loss is a {type(loss).__name__}; pass a callable (outputs, targets) -> (B,).")
+            raise GGDAError(
+                f"The loss is a {type(loss).__name__}; pass a callable (outputs, targets) -> (B,)."
+            )
         if loss_kind is not None and loss_kind not in LOSS_KINDS:
             raise GGDAError(f"Unknown loss_kind '{loss_kind}'; choose one of {', '.join(LOSS_KINDS)}.")
         self.loss_kind: str = loss_kind or loss_kind_of(self.loss_fn)

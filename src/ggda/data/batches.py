@@ -76,7 +76,10 @@ def batch_len(batch: Batch) -> int:
 
 
 def take(batch: Batch, index) -> Batch:
-    """Rows ``index`` (slice, int positions, or an N-D index giving leading dims) of every leaf."""
+    """Rows ``index`` (slice, int positions, or an N-D index giving leading dims) of every leaf;
+    of an :class:`InputView`, the fetched batch."""
+    if isinstance(batch, InputView):
+        return batch[index]
     if isinstance(index, torch.Tensor) and index.ndim == 1:
         return tree_map(lambda t: t.index_select(0, index.to(t.device)), batch)
     return tree_map(lambda t: t[index], batch)

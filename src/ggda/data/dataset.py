@@ -167,7 +167,9 @@ class Dataset:
         if isinstance(X, HFInputs):
             return X.dataset if X.index is None else X.dataset.select(X.index.tolist())
         if isinstance(X, ExampleInputs):
-            raise GGDAError(f"{type(X).__name__} has no torch Dataset form; pass the data as a torch Dataset.")
+            raise GGDAError(
+                f"{type(X).__name__} has no torch Dataset form; pass the data as a torch Dataset."
+            )
         Xt = torch.as_tensor(X)
         if self.input_shape is not None:
             Xt = Xt.reshape(len(Xt), *self.input_shape)

@@ -304,7 +304,7 @@ def verify(
     m = min(rows, len(y))
     if m == 0:
         return True
-    Xs, ys = X[:m], y[:m]  # a batch (tensor, tuple or dict), whatever X is
+    Xs, ys = take(X, slice(0, m)), y[:m]  # a batch (tensor, tuple or dict), whatever X is
     factors = layer_factors(task, plan, Xs, ys, fn, params)
     plan.row_bytes = sum(t[0].numel() * t.element_size() for t in factors.A + factors.D)
     fast = per_example_from_factors(plan, factors)

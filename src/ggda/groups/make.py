@@ -172,7 +172,8 @@ def make_grouping(
     seed: int = 0,
     **options,
 ) -> Grouping:
-    """Group the training set ``train`` (a :class:`~ggda.data.Dataset`) with ``method``.
+    """Group the training set ``train`` (a :class:`~ggda.data.Dataset` or any data source that
+    :func:`~ggda.data.sources.as_dataset` reads) with ``method``.
 
     Args:
         method: ``random``, ``kmeans``, ``repr-kmeans``, ``grad-kmeans``, ``given`` or ``singleton``.
@@ -186,6 +187,9 @@ def make_grouping(
             (``auto``/``kmeans``/``minibatch``), ``n_init``, ``max_iter``, ``batch_size``,
             ``empty`` (``reseed``/``merge``); ``values``, ``column`` for ``given``.
     """
+    from ggda.data.sources import as_dataset
+
+    train = as_dataset(train)
     if method not in GROUPING_METHODS:
         raise GGDAError(f"Unknown grouping method '{method}'; choose one of {', '.join(GROUPING_METHODS)}.")
     unknown = sorted(set(options) - set(METHOD_OPTIONS[method]))

@@ -88,7 +88,14 @@ class Attributor(ABC):
         self.grouping: Grouping | None = None
 
     def cache(self, train: Dataset, grouping: Grouping | None = None) -> Attributor:
-        """Remember the training set and grouping and do the training-side precomputation."""
+        """Remember the training set and grouping and do the training-side precomputation.
+
+        ``train``: a ggda :class:`~ggda.data.Dataset`, ``(X, y)`` arrays, a map-style torch
+        ``Dataset``, an unshuffled ``DataLoader`` or a Hugging Face ``datasets.Dataset``.
+        """
+        from ggda.data.sources import as_dataset
+
+        train = as_dataset(train)
         grouping = grouping or Grouping.singleton(len(train))
         grouping.check_matches(len(train), f"training set '{train.name}'")
         self.train, self.grouping = train, grouping
