@@ -6,81 +6,27 @@ machines oversubscription slows small-model training by an order of magnitude (D
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from ggda.errors import GGDAError
-from ggda.execution.store import ResultStore
+from ggda.execution.jobs import Executor, Job, JobFn, call_job, job_key, limit_threads
 
-JobFn = Callable[..., dict[str, np.ndarray]]
-
-
-@dataclass(frozen=True)
-class Job:
-    """One idempotent unit of work: ``fn(**kwargs)`` returning a dict of arrays, stored under ``key``.
-
-    ``fn`` must be a module-level function (picklable) and deterministic given ``kwargs``.
-    """
-
-    key: str
-    fn: JobFn
-    kwargs: dict = field(default_factory=dict, hash=False, compare=False)
-    meta: dict = field(default_factory=dict, hash=False, compare=False)
-
-
-def job_key(config: dict | None = None, **parts: object) -> str:
-    """Stable key: readable parts (``seed=3``) plus a short hash of the configuration."""
-    digest = hashlib.sha1(json.dumps(config or {}, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    readable = "_".join(f"{k}={v}" for k, v in parts.items())
-    return ResultStore.check_key(f"{digest}_{readable}" if readable else digest)
-
-
-def limit_threads(threads: int) -> None:
-    """Per-process thread cap, applied in every worker before any work."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def _call(job_fn: JobFn, kwargs: dict) -> tuple[dict[str, np.ndarray], float]:
-    t0 = time.perf_counter()
-    out = job_fn(**kwargs)
-    if not isinstance(out, dict):
-        raise GGDAError(
-            f"Job function {job_fn.__name__} must return a dict of arrays, got {type(out).__name__}."
-        )
-    return out, time.perf_counter() - t0
-
-
-class Executor(ABC):
-    """Runs jobs into a store. ``run`` returns the number of jobs it executed (not skipped)."""
-
-    retries: int = 2
-
-    def pending(self, jobs: Sequence[Job], store: ResultStore) -> list[Job]:
-        keys = [j.key for j in jobs]
-        if len(set(keys)) != len(keys):
-            raise GGDAError("Two jobs share a key; build keys with job_key(config, unit=..., seed=...).")
-        return [j for j in jobs if not store.has(j.key)]
-
-    @abstractmethod
-    def run(self, jobs: Sequence[Job], store: ResultStore, progress: bool = False) -> int: ...
-
-    @staticmethod
-    def _store(store: ResultStore, job: Job, result: dict, seconds: float) -> None:
-        store.put(job.key, result, {**job.meta, "seconds": seconds})
+__all__ = [
+    "BACKENDS",
+    "Executor",
+    "Job",
+    "JobFn",
+    "LocalExecutor",
+    "SerialExecutor",
+    "job_key",
+    "limit_threads",
+    "make_executor",
+]
 
 
 class SerialExecutor(Executor):
@@ -94,7 +40,7 @@ class SerialExecutor(Executor):
         for job in tqdm(todo, desc="jobs", disable=not progress, leave=False):
             for attempt in range(self.retries + 1):
                 try:
-                    result, seconds = _call(job.fn, job.kwargs)
+                    result, seconds = call_job(job.fn, job.kwargs)
                     break
                 except GGDAError:
                     raise
@@ -140,7 +86,7 @@ class LocalExecutor(Executor):
                 with ProcessPoolExecutor(
                     self.workers, mp_context=ctx, initializer=limit_threads, initargs=(self.threads,)
                 ) as pool:
-                    running = {pool.submit(_call, j.fn, j.kwargs): j for j in queue}
+                    running = {pool.submit(call_job, j.fn, j.kwargs): j for j in queue}
                     queue = []
                     while running:
                         done, _ = wait(running, return_when=FIRST_COMPLETED)

@@ -38,7 +38,7 @@ from ray.exceptions import RayError, RayTaskError
 from tqdm.auto import tqdm
 
 from ggda.errors import GGDAError
-from ggda.execution.executor import Executor, Job, JobFn, _call, limit_threads
+from ggda.execution.jobs import Executor, Job, JobFn, call_job, limit_threads
 from ggda.execution.store import ResultStore
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -64,7 +64,7 @@ def _ray_task(
         store = ResultStore(store_root)
         if store.has(key):  # a retry after the result was already written
             return None, float(store.get(key)[1].get("seconds", 0.0))
-    result, seconds = _call(fn, dict(zip(names, values, strict=True)))
+    result, seconds = call_job(fn, dict(zip(names, values, strict=True)))
     if store_root is None:
         return result, seconds
     ResultStore(store_root).put(key, result, {**meta, "seconds": seconds})
