@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from ggda.data.batches import ExampleInputs, InputView, is_batch, take, to_device
 from ggda.errors import GGDAError
+from ggda.models.calling import call_args, model_output
 from ggda.models.checkpoint import load_into, load_state
 from ggda.models.losses import LOSS_KINDS, PerExampleLoss, loss_for, loss_kind_of
 from ggda.models.training import resolve_device
@@ -131,14 +132,8 @@ class AttributionTask:
     # -- functional model ---------------------------------------------------------------------
     def forward(self, params: Params, X) -> torch.Tensor:
         """Model outputs at ``params`` (attributed parameters; others fixed) for a batch ``X``."""
-        state = {**self.fixed(), **params}
-        if isinstance(X, dict):
-            out = functional_call(self.model, state, (), dict(X))
-        elif isinstance(X, (tuple, list)):
-            out = functional_call(self.model, state, tuple(X))
-        else:
-            out = functional_call(self.model, state, (X,))
-        return model_output(out)
+        args, kwargs = call_args(X)
+        return model_output(functional_call(self.model, {**self.fixed(), **params}, args, kwargs))
 
     def losses(self, params: Params, X, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.forward(params, X), y)
@@ -206,18 +201,3 @@ class AttributionTask:
 
     def describe(self) -> str:
         return f"{type(self.model).__name__}, {self.n_params:,} attributed parameters ({len(self.param_names)} tensors), {self.device}"
-
-
-def model_output(out):
-    """The output tensor of a model call: Hugging Face outputs give ``.logits``, tuples their first."""
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise GGDAError(
-        f"The model returned {type(out).__name__}; return a tensor (or an object with .logits), or "
-        "subclass AttributionTask and override forward()."
-    )

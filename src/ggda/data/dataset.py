@@ -170,10 +170,7 @@ class Dataset:
             raise GGDAError(
                 f"{type(X).__name__} has no torch Dataset form; pass the data as a torch Dataset."
             )
-        Xt = torch.as_tensor(X)
-        if self.input_shape is not None:
-            Xt = Xt.reshape(len(Xt), *self.input_shape)
-        return TensorDataset(Xt, torch.as_tensor(self.y))
+        return TensorDataset(torch.as_tensor(X), torch.as_tensor(self.y))
 
     @property
     def n_outputs(self) -> int:

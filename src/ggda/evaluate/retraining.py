@@ -11,27 +11,34 @@ removal set and seed, so
 * different evaluations sharing a store share retrains (the no-removal runs, identical subsets);
 * a distributed backend only has to implement ``Executor.run``.
 
+How a model is built and trained is a :class:`~ggda.models.recipe.TrainingRecipe`: ggda's zoo
+(:class:`~ggda.models.recipe.ZooRecipe`) or the user's model factory and training function
+(:class:`~ggda.models.recipe.UserRecipe`), on arrays or on any lazy data source.
+
 Job functions are module-level and rebuild the data from a :class:`~ggda.runs.DataSpec` (cached
-once per worker process) or receive the arrays, so they run in spawned workers and on other hosts.
+once per worker process), receive the arrays, or — for user recipes and lazy data — load one
+payload file (recipe, train, test) written once next to the store, so they run in spawned
+workers and on other hosts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from ggda.data.batches import ExampleInputs
 from ggda.data.dataset import Dataset
 from ggda.errors import GGDAError
 from ggda.execution import Executor, Job, ResultStore, job_key, make_executor
-from ggda.models.losses import loss_for
-from ggda.models.training import TrainConfig, predict, train_model
-from ggda.models.zoo import ModelSpec, build_model
+from ggda.models.recipe import TrainingRecipe, UserRecipe, ZooRecipe
+from ggda.models.training import TrainConfig
+from ggda.models.zoo import ModelSpec
 from ggda.runs import DataSpec, prepare_data
 
 MODES = ("subset", "weight")
@@ -42,8 +49,10 @@ class RetrainSpec:
     """What all retrains of one evaluation share.
 
     Args:
-        model: architecture to rebuild (fresh initialisation per seed).
-        train_config: training recipe; its ``seed`` is replaced by each job's seed.
+        model: zoo architecture to rebuild (fresh initialisation per seed); or give ``recipe``.
+        train_config: zoo training settings; its ``seed`` is replaced by each job's seed.
+        recipe: any :class:`~ggda.models.recipe.TrainingRecipe` (a user model factory and
+            training function); default ``ZooRecipe(model, train_config)``.
         data: how to rebuild (train, test) in a worker; ``None`` = pass arrays to the Retrainer.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (resolved inside the worker).
         mode: ``subset`` trains on the kept points only (retraining from scratch on D \\ S, the
@@ -51,23 +60,30 @@ class RetrainSpec:
             weight 0 (same number of steps; lower variance across removal sets).
     """
 
-    model: ModelSpec
+    model: ModelSpec | None = None
     train_config: TrainConfig = field(default_factory=TrainConfig)
     data: DataSpec | None = None
     device: str = "cpu"
     mode: str = "subset"
+    recipe: TrainingRecipe | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise GGDAError(f"Unknown retraining mode '{self.mode}'; choose one of {', '.join(MODES)}.")
+        if self.recipe is None:
+            if self.model is None:
+                raise GGDAError(
+                    "RetrainSpec needs a zoo model or a recipe (UserRecipe(model_factory, train_fn))."
+                )
+            self.recipe = ZooRecipe(self.model, self.train_config)
+        if self.mode == "weight" and not self.recipe.supports_weights:
+            raise GGDAError(
+                f"{type(self.recipe).__name__} trains on the kept examples only; use mode='subset'."
+            )
 
     def to_dict(self) -> dict:
-        train = self.train_config.to_dict()
-        train.pop("seed", None)  # every job sets its own
-        train.pop("checkpoint_every", None)  # retrains write no checkpoints
         return {
-            "model": self.model.to_dict(),
-            "train": train,
+            **self.recipe.describe(),
             "data": None if self.data is None else self.data.to_dict(),
             "device": self.device,
             "mode": self.mode,
@@ -88,40 +104,50 @@ def _worker_data(data_spec: dict) -> tuple[Dataset, Dataset]:
     return _DATA_CACHE[key]
 
 
+_PAYLOADS: dict[str, tuple[TrainingRecipe, Dataset, Dataset]] = {}
+
+
+def _payload(file: str) -> tuple[TrainingRecipe, Dataset, Dataset]:
+    """(recipe, train, test) written by the Retrainer, loaded once per process."""
+    if file not in _PAYLOADS:
+        with open(file, "rb") as fh:
+            _PAYLOADS[file] = pickle.load(fh)
+    return _PAYLOADS[file]
+
+
 def retrain_job(
     spec: dict,
     removed: np.ndarray,
     seed: int,
     arrays: dict | None = None,
+    payload: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Train a fresh model (init + shuffling seeded by ``seed``) without ``removed`` and test it.
 
     Returns per-test-point ``losses`` (T,) and, for classification, ``correct`` (T,) bool.
     """
-    if arrays is not None:
-        kind = arrays["kind"]
-        train = Dataset(arrays["train_X"], arrays["train_y"], kind=kind, n_classes=arrays["n_classes"])
-        test = Dataset(arrays["test_X"], arrays["test_y"], kind=kind, n_classes=arrays["n_classes"])
+    if payload is not None:
+        recipe, train, test = _payload(payload)
     else:
-        train, test = _worker_data(spec["data"])
+        recipe = ZooRecipe(ModelSpec.from_dict(spec["model"]), TrainConfig(**spec["train"]))
+        if arrays is not None:
+            kind = arrays["kind"]
+            train = Dataset(arrays["train_X"], arrays["train_y"], kind=kind, n_classes=arrays["n_classes"])
+            test = Dataset(arrays["test_X"], arrays["test_y"], kind=kind, n_classes=arrays["n_classes"])
+        else:
+            train, test = _worker_data(spec["data"])
     n = len(train)
     removed = np.asarray(removed, dtype=np.int64)
     keep = np.ones(n, dtype=bool)
     keep[removed] = False
     if not keep.any():
         raise GGDAError("A removal set removes every training point; lower the removal fraction.")
-    model = build_model(ModelSpec.from_dict(spec["model"]), seed=int(seed))
-    config = TrainConfig(**spec["train"], seed=int(seed))
+    model = recipe.build(int(seed))
     if spec["mode"] == "subset":
-        train_model(model, train.subset(np.flatnonzero(keep)), config, device=spec["device"])
+        recipe.fit(model, train.subset(np.flatnonzero(keep)), int(seed), device=spec["device"])
     else:
-        train_model(model, train, config, device=spec["device"], sample_weight=keep.astype(np.float32))
-    out = torch.as_tensor(predict(model, test.X, spec["device"]))
-    losses = loss_for(test.kind)(out, torch.as_tensor(test.y)).numpy().astype(np.float64)
-    result = {"losses": losses}
-    if test.kind == "classification":
-        result["correct"] = out.argmax(1).numpy() == test.y
-    return result
+        recipe.fit(model, train, int(seed), device=spec["device"], sample_weight=keep.astype(np.float32))
+    return recipe.evaluate(model, test, spec["device"])
 
 
 # -- driver side ------------------------------------------------------------------------------
@@ -145,9 +171,12 @@ class Outcomes:
         return self.losses.mean(axis=2)
 
 
-def _digest(*arrays: np.ndarray) -> str:
+def _digest(*arrays) -> str:
     h = hashlib.sha1()
     for a in arrays:
+        if isinstance(a, ExampleInputs):  # lazy inputs: their own digest (no full pass)
+            h.update(a.fingerprint().encode())
+            continue
         a = np.ascontiguousarray(a)
         h.update(str((a.dtype, a.shape)).encode())
         h.update(a.tobytes())
@@ -191,7 +220,11 @@ class Retrainer:
         self.train, self.test = train, test
         self.n_train = len(train)
         self._arrays = None
-        if spec.data is None:
+        self._payload: str | None = None
+        self._config = {**spec.to_dict(), "data_digest": _digest(train.X, train.y, test.X, test.y)}
+        if isinstance(spec.recipe, UserRecipe) or train.lazy or test.lazy:
+            self._payload = self._write_payload()
+        elif spec.data is None:
             self._arrays = {
                 "train_X": train.X,
                 "train_y": train.y,
@@ -200,10 +233,35 @@ class Retrainer:
                 "kind": train.kind,
                 "n_classes": train.n_classes,
             }
-        self._config = {
-            **spec.to_dict(),
-            "data_digest": _digest(train.X, train.y, test.X, test.y),
-        }
+
+    def _write_payload(self) -> str:
+        """(recipe, train, test) pickled once beside the store; jobs carry only its path."""
+        key = hashlib.sha1(json.dumps(self._config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        file = self.store.root / "payloads" / f"{key}.pkl"
+        payload = (self.spec.recipe, self.train, self.test)
+        _PAYLOADS[str(file)] = payload  # in-process jobs need no file
+        if file.exists():
+            return str(file)
+        try:
+            blob = pickle.dumps(payload)
+        except Exception as exc:  # lambdas, local functions
+            if self._serial():
+                return str(file)
+            raise GGDAError(
+                f"The training recipe or data cannot be sent to worker processes ({type(exc).__name__}: "
+                f"{exc}); define the model factory and training function at module level, or use "
+                "backend='serial'."
+            ) from exc
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".part")
+        tmp.write_bytes(blob)
+        tmp.replace(file)
+        return str(file)
+
+    def _serial(self) -> bool:
+        from ggda.execution import SerialExecutor
+
+        return isinstance(self.executor, SerialExecutor) or getattr(self.executor, "workers", 0) == 1
 
     @property
     def classification(self) -> bool:
@@ -215,6 +273,8 @@ class Retrainer:
             raise GGDAError(f"Removal positions must lie in 0..{self.n_train - 1}.")
         key = job_key({**self._config, "removed": _digest(removed)}, removed=len(removed), seed=int(seed))
         kwargs = {"spec": self._config, "removed": removed, "seed": int(seed), "arrays": self._arrays}
+        if self._payload is not None:
+            kwargs = {**kwargs, "arrays": None, "payload": self._payload}
         return Job(key, retrain_job, kwargs, meta={"n_removed": len(removed), "seed": int(seed)})
 
     def run_pairs(self, pairs: Sequence[tuple[np.ndarray, int]]) -> Outcomes:
@@ -226,6 +286,8 @@ class Retrainer:
         unique = list({j.key: j for j in jobs}.values())
         self.executed += self.executor.run(unique, self.store, progress=self.progress)
         results = [self.store.get(j.key)[0] for j in jobs]
+        if isinstance(self.spec.recipe, UserRecipe):
+            _check_removal_honoured(pairs, results)
         T = len(self.test)
         losses = np.asarray([r["losses"] for r in results], dtype=np.float64).reshape(len(jobs), 1, T)
         correct = None
@@ -242,3 +304,17 @@ class Retrainer:
             flat.losses.reshape(S, R, T),
             None if flat.correct is None else flat.correct.reshape(S, R, T),
         )
+
+
+def _check_removal_honoured(pairs: Sequence[tuple[np.ndarray, int]], results: list[dict]) -> None:
+    """A user training function that ignores its data gives bit-identical test losses with and
+    without a removal under the same seed: refuse such results instead of reporting them."""
+    full = {int(s): r["losses"] for (removed, s), r in zip(pairs, results, strict=True) if len(removed) == 0}
+    for (removed, s), r in zip(pairs, results, strict=True):
+        ref = full.get(int(s))
+        if len(removed) and ref is not None and np.array_equal(ref, r["losses"]):
+            raise GGDAError(
+                f"Training without {len(removed)} examples gave exactly the model trained on all of them "
+                f"(seed {int(s)}): the training function ignores its data argument; train on the "
+                "dataset it is given."
+            )

@@ -17,9 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ggda.data.batches import ExampleInputs, InputView
+from ggda.data.dataset import Dataset
 from ggda.errors import GGDAError
 from ggda.gold.config import GoldConfig
 from ggda.gold.units import Units
+from ggda.models.recipe import TrainingRecipe
 from ggda.properties import Property
 from ggda.task import AttributionTask
 
@@ -34,7 +37,7 @@ class GoldProblem:
     """Everything a further-training job reads. ``path`` is the engine actually used."""
 
     task: AttributionTask
-    X: torch.Tensor
+    X: torch.Tensor | InputView  # the whole-set tensor, or a batch-fetching view of lazy inputs
     y: torch.Tensor
     prop: Property
     units: Units
@@ -42,6 +45,8 @@ class GoldProblem:
     path: str
     chunk: int
     fingerprint: str = ""
+    recipe: TrainingRecipe | None = None  # path "recipe": the user's training function further-trains
+    data: Dataset | None = None  # the training set as a Dataset (what a recipe trains on)
 
     @property
     def n(self) -> int:
@@ -92,7 +97,11 @@ def fingerprint(problem: GoldProblem) -> str:
     for k in sorted(state):
         h.update(k.encode())
         _hash_arrays(h, state[k].detach().cpu().numpy())
-    _hash_arrays(h, problem.X.cpu().numpy(), problem.y.cpu().numpy())
+    if isinstance(problem.X, InputView):
+        h.update(problem.X.inputs.fingerprint().encode())
+    else:
+        _hash_arrays(h, problem.X.cpu().numpy())
+    _hash_arrays(h, problem.y.cpu().numpy())
     for m in problem.units.members:
         _hash_arrays(h, m)
     desc = {
@@ -104,6 +113,7 @@ def fingerprint(problem: GoldProblem) -> str:
         "units": problem.units.kind,
         "device": problem.task.device.type,
         "engine": ENGINE_VERSION,
+        "recipe": None if problem.recipe is None else problem.recipe.describe(),
     }
     h.update(json.dumps(desc, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
@@ -118,13 +128,16 @@ def make_problem(
     config: GoldConfig,
     path: str,
     chunk: int,
+    recipe: TrainingRecipe | None = None,
+    data: Dataset | None = None,
 ) -> GoldProblem:
-    task = build_task(task, config.dtype)
+    if recipe is None:  # a recipe trains the user's model in its own precision
+        task = build_task(task, config.dtype)
     Xt, yt = task.to_tensor(X, y)
     for k, members in enumerate(units.members):
         if len(members) and (members.min() < 0 or members.max() >= len(yt)):
             raise GGDAError(f"Unit {int(units.ids[k])} has members outside the {len(yt)} training points.")
-    problem = GoldProblem(task, Xt, yt, prop, units, config, path, chunk)
+    problem = GoldProblem(task, Xt, yt, prop, units, config, path, chunk, recipe=recipe, data=data)
     problem.fingerprint = fingerprint(problem)
     return problem
 
@@ -132,11 +145,8 @@ def make_problem(
 def save_problem(problem: GoldProblem, file: Path) -> None:
     """Write the problem for worker processes (atomic)."""
     payload = {
-        "model": problem.task.model,
-        "loss_fn": problem.task.loss_fn,
-        "layers": problem.task.layers,
-        "device": str(problem.task.device),
-        "X": problem.X.cpu(),
+        "task": problem.task,  # the task itself: a subclass's forward and the loss kind travel too
+        "X": problem.X.inputs if isinstance(problem.X, InputView) else problem.X.cpu(),
         "y": problem.y.cpu(),
         "prop": problem.prop,
         "units": problem.units,
@@ -144,6 +154,8 @@ def save_problem(problem: GoldProblem, file: Path) -> None:
         "path": problem.path,
         "chunk": problem.chunk,
         "fingerprint": problem.fingerprint,
+        "recipe": problem.recipe,
+        "data": problem.data,
     }
     tmp = file.with_suffix(".part")
     try:
@@ -167,10 +179,10 @@ def load_problem(file: str) -> GoldProblem:
     if cached is not None:
         return cached
     payload = torch.load(file, map_location="cpu", weights_only=False)
-    task = AttributionTask(
-        payload["model"], loss=payload["loss_fn"], layers=payload["layers"], device=payload["device"]
-    )
-    Xt, yt = task.to_tensor(payload["X"].numpy(), payload["y"].numpy())
+    task = payload["task"]
+    task.model.to(task.device)
+    X = payload["X"]
+    Xt, yt = task.to_tensor(X if isinstance(X, ExampleInputs) else X.numpy(), payload["y"].numpy())
     problem = GoldProblem(
         task,
         Xt,
@@ -181,6 +193,8 @@ def load_problem(file: str) -> GoldProblem:
         payload["path"],
         payload["chunk"],
         payload["fingerprint"],
+        recipe=payload.get("recipe"),
+        data=payload.get("data"),
     )
     _CACHE[file] = problem
     return problem

@@ -22,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ggda.data.dataset import Dataset
 from ggda.errors import GGDAError
 from ggda.execution import Executor, Job, ResultStore, SerialExecutor, job_key
 from ggda.gold.config import VECTORISE_LIMIT, GoldConfig
 from ggda.gold.problem import GoldProblem, load_problem, make_problem, register_problem, save_problem
 from ggda.gold.removal import record_steps, steps_per_epoch
 from ggda.gold.units import Units
+from ggda.models.recipe import TrainingRecipe
 from ggda.properties import Property
 from ggda.task import AttributionTask
 
@@ -57,7 +59,11 @@ def gold_job(problem_file: str, seed: int, start: int, stop: int, full: bool) ->
     else:
         runs = list(problem.runs(start, stop))
         labels = [problem.unit_label(k) for k in range(start, stop)]
-    if problem.path == "vectorised":
+    if problem.path == "recipe":
+        from ggda.gold.recipe_path import train_with_recipe
+
+        values = train_with_recipe(problem, seed, runs, labels)
+    elif problem.path == "vectorised":
         from ggda.gold.vectorised import train_vectorised
 
         values = train_vectorised(problem, seed, runs, labels)
@@ -172,7 +178,7 @@ class GoldResult:
 def compute_gold(
     task: AttributionTask,
     X: np.ndarray,
-    y: np.ndarray,
+    y: np.ndarray | None,
     prop: Property,
     units: Units,
     config: GoldConfig,
@@ -180,13 +186,15 @@ def compute_gold(
     executor: Executor | None = None,
     progress: bool = False,
     meta: dict | None = None,
+    recipe: TrainingRecipe | None = None,
 ) -> GoldResult:
     """Further-train θ^f (the task's model) with and without each unit; return the gold standard.
 
     Args:
         task: the final model θ^f and its per-example training loss (all its attributed
             parameters are further-trained; the others stay fixed).
-        X, y: the training set D the units refer to (positions).
+        X, y: the training set D the units refer to (positions): arrays, lazy inputs, or a ggda
+            ``Dataset`` / any data source as ``X`` with ``y=None``.
         prop: the property f (e.g. ``ExampleLoss(test targets)``), recorded after every epoch.
         units: the left-out set I (:func:`ggda.gold.select_units`).
         config: further-training and removal settings.
@@ -194,7 +202,18 @@ def compute_gold(
             store (nothing kept, nothing resumed).
         executor: how jobs run (default serial, in process).
         meta: extra provenance stored in ``gold.json`` (e.g. the run directory, target ids).
+        recipe: further-train with this :class:`~ggda.models.recipe.TrainingRecipe` (a user's
+            own training loop, from a copy of θ^f, for ``config.epochs`` epochs, on the kept
+            examples; needs ``removal="sampler"``) instead of ggda's functional engines. Any
+            module works either way; the engines hold batch-norm statistics and dropout in
+            eval mode, a recipe trains as the user's loop does.
     """
+    data = None
+    if y is None:
+        from ggda.data.sources import as_dataset
+
+        data = as_dataset(X)
+        X, y = data.X, data.y
     if len(X) != len(y):
         raise GGDAError(f"X has {len(X)} rows but y has {len(y)}.")
     tmpdir = None
@@ -205,8 +224,19 @@ def compute_gold(
     out.mkdir(parents=True, exist_ok=True)
     executor = executor or SerialExecutor()
     try:
-        path, chunk = resolve_path_and_chunk(config, task.n_params, len(units))
-        problem = make_problem(task, X, y, prop, units, config, path, chunk)
+        if recipe is not None:
+            if config.removal != "sampler" or config.record_every:
+                raise GGDAError(
+                    "A training recipe trains on the kept examples and records once per epoch; use "
+                    "removal='sampler' and record_every=0."
+                )
+            if data is None:
+                kind = "regression" if task.loss_kind == "squared-error" else "classification"
+                data = Dataset(X, y, kind=kind)
+            path, chunk = "recipe", config.chunk or 1
+        else:
+            path, chunk = resolve_path_and_chunk(config, task.n_params, len(units))
+        problem = make_problem(task, X, y, prop, units, config, path, chunk, recipe=recipe, data=data)
         problem_file = str(out / "problem.pt")
         if isinstance(executor, SerialExecutor) or getattr(executor, "workers", 0) == 1:
             register_problem(problem_file, problem)

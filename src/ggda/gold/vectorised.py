@@ -51,7 +51,8 @@ def resolve_kernel(problem: GoldProblem, kernel: str | None = None) -> str:
         raise GGDAError(f"Unknown gold kernel '{kernel}'; choose one of {', '.join(KERNELS)}.")
     if kernel == "vmap":
         return kernel
-    why = ineligible_reason(problem.task) if problem.X.ndim == 2 else "inputs are not flat (n, d)"
+    flat = isinstance(problem.X, torch.Tensor) and problem.X.ndim == 2
+    why = ineligible_reason(problem.task) if flat else "inputs are not one flat (n, d) matrix"
     if why is None:
         return "mlp"
     if kernel == "mlp":

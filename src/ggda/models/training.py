@@ -11,6 +11,7 @@ points while keeping every other point's batches exactly as in the reference run
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,8 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ggda.data.batches import ExampleInputs, InputView
 from ggda.data.dataset import Dataset
 from ggda.errors import GGDAError
+from ggda.models.calling import call_model
 from ggda.models.checkpoint import Checkpoint, save_model
 from ggda.models.losses import PerExampleLoss, loss_for
 
@@ -96,6 +99,7 @@ def train_model(
     checkpoint_dir: str | Path | None = None,
     sample_weight: np.ndarray | None = None,
     progress: bool = False,
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` and return it with its checkpoints.
 
@@ -106,7 +110,7 @@ def train_model(
     loss_fn = loss_fn or loss_for(data.kind)
     model.to(dev)
     dtype = next(model.parameters()).dtype
-    X = torch.as_tensor(data.X, dtype=dtype, device=dev)
+    X = device_inputs(data.X, dev, dtype)
     y = torch.as_tensor(data.y, device=dev)
     w = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=dtype, device=dev)
     if w is not None and len(w) != len(data):
@@ -123,7 +127,7 @@ def train_model(
         total, seen = 0.0, 0
         for batch in epoch_batches(len(data), config.batch_size, generator):
             batch = batch.to(dev)
-            losses = loss_fn(model(X[batch]), y[batch])
+            losses = loss_fn(call_model(model, X[batch]), y[batch])
             loss = (losses * w[batch]).sum() / len(batch) if w is not None else losses.mean()
             if not torch.isfinite(loss):
                 raise GGDAError(
@@ -147,22 +151,31 @@ def train_model(
             )
             result.checkpoints.append(Checkpoint(path, epoch, step, float(optimizer.param_groups[0]["lr"])))
         epochs.set_postfix(loss=f"{result.losses[-1]:.4f}")
+        if on_epoch is not None:  # e.g. the gold standard records its property here
+            on_epoch(epoch, model)
+            model.train()
     model.eval()
     return result
+
+
+def device_inputs(X, device: torch.device, dtype: torch.dtype):
+    """Training inputs on ``device``: the whole matrix for arrays, a batch-fetching view for lazy
+    inputs (``X[rows]`` is a batch either way)."""
+    if isinstance(X, ExampleInputs):
+        return InputView(X, device, dtype)
+    return torch.as_tensor(X, dtype=dtype, device=device)
 
 
 @torch.no_grad()
 def predict(
     model: nn.Module, X: np.ndarray, device: str | torch.device = "cpu", batch_size: int = 4096
 ) -> np.ndarray:
-    """Model outputs for ``X`` in chunks (eval mode)."""
+    """Model outputs for ``X`` (arrays or lazy inputs) in chunks (eval mode)."""
     dev = resolve_device(device)
     model.eval().to(dev)
     dtype = next(model.parameters()).dtype
-    outs = [
-        model(torch.as_tensor(X[i : i + batch_size], dtype=dtype, device=dev)).cpu()
-        for i in range(0, len(X), batch_size)
-    ]
+    Xd = device_inputs(X, dev, dtype)
+    outs = [call_model(model, Xd[i : i + batch_size]).cpu() for i in range(0, len(X), batch_size)]
     return torch.cat(outs).numpy() if outs else np.zeros((0,))
 
 
