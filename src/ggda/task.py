@@ -100,6 +100,18 @@ class AttributionTask:
         state.update({n: b for n, b in self.model.named_buffers()})
         return state
 
+    def with_params(self, names: Iterable[str]) -> AttributionTask:
+        """The same task attributing only the parameters ``names`` (the others held fixed)."""
+        import copy
+
+        names = list(names)
+        unknown = [n for n in names if n not in self.param_names]
+        if unknown or not names:
+            raise GGDAError(f"Parameters {unknown or names} are not attributed by this task.")
+        clone = copy.copy(self)
+        clone.param_names = names
+        return clone
+
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.params().values())

@@ -99,8 +99,15 @@ def test_eigenvalue_correction_is_exact_for_conv2d():
 def test_layer_subset_and_unsupported_modules(blobs):
     train, prop, d, C = blobs
     model = torch.nn.Sequential(torch.nn.Linear(d, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, C)).double()
-    with pytest.raises(GGDAError, match="layers="):
-        make_method("ekfac", AttributionTask(model))
+    # a normalisation layer is skipped with a notice (as Kronfluence does): the same scores as a
+    # task restricted to the Linear layers
+    with pytest.warns(RuntimeWarning, match="skips 2 parameter tensors"):
+        skipping = make_method("ekfac", AttributionTask(model), damping=1e-3).cache(train)
+    restricted = AttributionTask(model, layers=["0", "2"])
+    expect = make_method("ekfac", restricted, damping=1e-3).cache(train).attribute(prop)
+    assert np.allclose(skipping.attribute(prop), expect, rtol=1e-10, atol=1e-12)
+    with pytest.raises(GGDAError, match="if-cg"):
+        make_method("ekfac", AttributionTask(model, layers=["1"]))
     task = AttributionTask(model, layers=["2"])
     ekfac = make_method("ekfac", task, damping=1e-3).cache(train)
     assert [ly.name for ly in ekfac.layers] == ["2"]

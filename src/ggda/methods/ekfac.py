@@ -23,6 +23,7 @@ helpful, damping λ = damping_scale × λ₀ by default.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -128,13 +129,46 @@ def kronecker_layers(task: AttributionTask) -> list[KroneckerLayer]:
             )
         )
         covered |= {w, b}
-    missing = [n for n in task.param_names if n not in covered]
-    if missing:
+    if not layers:
         raise GGDAError(
-            f"EK-FAC covers nn.Linear and nn.Conv2d parameters only, but {missing[:3]} belong to other "
-            "modules; restrict the task to supported layers (AttributionTask(layers=...)) or use --method if-cg."
+            "EK-FAC covers nn.Linear and nn.Conv2d parameters only and the task attributes none; "
+            "use --method if-cg."
         )
     return layers
+
+
+def supported_task(task: AttributionTask) -> AttributionTask:
+    """The task restricted to its Linear/Conv2d parameters, with a notice naming what is skipped
+    (normalisation layers, embeddings: Kronfluence skips them the same way)."""
+    covered = {s for layer in kronecker_layers_of(task) for s in layer}
+    missing = [n for n in task.param_names if n not in covered]
+    if not missing:
+        return task
+    if len(missing) == len(task.param_names):
+        raise GGDAError(
+            "EK-FAC covers nn.Linear and nn.Conv2d parameters only and the task attributes none; "
+            "use --method if-cg."
+        )
+    warnings.warn(
+        f"ggda: EK-FAC skips {len(missing)} parameter tensors outside nn.Linear/nn.Conv2d (e.g. "
+        f"{', '.join(missing[:3])}); its scores cover the other {len(task.param_names) - len(missing)}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return task.with_params([n for n in task.param_names if n in covered])
+
+
+def kronecker_layers_of(task: AttributionTask) -> list[tuple[str, ...]]:
+    """Parameter names of each Linear/Conv2d module whose parameters the task attributes."""
+    names = set(task.param_names)
+    out = []
+    for mname, module in task.model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            prefix = f"{mname}." if mname else ""
+            owned = tuple(n for n in (f"{prefix}weight", f"{prefix}bias") if n in names)
+            if owned:
+                out.append(owned)
+    return out
 
 
 @register("ekfac")
@@ -155,11 +189,11 @@ class EKFAC(InfluenceFunction):
                 "EK-FAC approximates the Gauss-Newton matrix only; drop --opt hessian or use if-cg."
             )
         options["hessian"] = "gn"
-        super().__init__(task, **options)
+        super().__init__(supported_task(task), **options)
         if fisher not in FISHERS:
             raise GGDAError(f"Unknown fisher '{fisher}'; choose expected or empirical.")
         self.fisher = fisher
-        self.layers = kronecker_layers(task)
+        self.layers = kronecker_layers(self.task)
 
     # -- per-chunk passes ---------------------------------------------------------------------
     def _cotangents(self, z: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
