@@ -197,6 +197,27 @@ def test_labels_of_wrong_length_are_refused(arrays):
         from_torch(ds, labels=np.zeros(3))
 
 
+def test_loader_workers_and_collate_are_used(arrays):
+    """A DataLoader with worker processes and its own collate function (here: inputs doubled):
+    the scores equal those of the doubled arrays, so every batch went through the collate."""
+    train, test, model = arrays
+
+    ds = TensorDataset(torch.as_tensor(train.X), torch.as_tensor(train.y))
+    data = from_loader(DataLoader(ds, batch_size=5, num_workers=2, collate_fn=doubling_collate))
+    assert data.X.num_workers == 2 and data.X.collate_fn is doubling_collate
+    prop = ExampleLoss(test.X, test.y)
+    task = AttributionTask(model)
+    want = make_method("grad-dot", task).cache(Dataset(2 * train.X, train.y)).attribute(prop)
+    got = make_method("grad-dot", task, max_batch=16).cache(data).attribute(prop)
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert np.array_equal(data.y, train.y)
+
+
+def doubling_collate(items):
+    x, y = torch.utils.data.default_collate(items)
+    return 2 * x, y
+
+
 class CountingDataset(torch.utils.data.Dataset):
     """Records the largest batch of items read between two collations, to prove no whole-set
     tensor is built."""
