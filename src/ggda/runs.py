@@ -1,7 +1,11 @@
 """Run directories: the named on-disk artifacts that connect the pipeline stages.
 
-``ggda train`` writes a run directory; every later command (attribute, group, gold, evaluate)
-reads it back. The data are *not* copied: ``run.json`` records how to rebuild them exactly
+:class:`Run` is the one writer and reader of a run directory: ``Run.create`` (``ggda train``,
+``ggda experiment``) trains and saves one, ``Run.load`` (every later command: attribute, group,
+gold, compare, evaluate, features) reads it back, and the run hands out what later stages need —
+``run.data()``, ``run.task(device)``, ``run.method(name, **overrides)`` (with the options a run
+provides, such as its weight decay and checkpoints, offered in one place) and
+``run.executor(backend)``. The data are *not* copied: ``run.json`` records how to rebuild them exactly
 (data source, split seed, standardisation, label noise), and ``split.npz`` pins the ids.
 
 Layout::
@@ -14,9 +18,13 @@ Layout::
 
 from __future__ import annotations
 
+import copy
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import nn
@@ -26,8 +34,14 @@ from ggda.data.dataset import Dataset
 from ggda.data.files import load_file
 from ggda.data.preprocess import Standardizer, flip_labels, train_test_split
 from ggda.errors import GGDAError
-from ggda.models.checkpoint import Checkpoint, load_model, load_state
-from ggda.models.training import TrainConfig
+from ggda.models.checkpoint import Checkpoint, load_into, load_model, load_state, save_model
+from ggda.models.training import TrainConfig, accuracy, resolve_device, train_model
+from ggda.models.zoo import ModelSpec, build_model
+
+if TYPE_CHECKING:
+    from ggda.execution import Executor
+    from ggda.methods.base import Attributor
+    from ggda.task import AttributionTask
 
 
 @dataclass
@@ -89,9 +103,29 @@ def prepare_data(spec: DataSpec) -> tuple[Dataset, Dataset, Standardizer | None]
     return train, test, scaler
 
 
+def offered_options(name: str, provided: dict, overrides: dict) -> dict:
+    """Keyword options for method ``name``: ``overrides``, plus each ``provided`` option that the
+    method's constructor accepts, is not ``None`` and the overrides do not set.
+
+    The one place where what a trained model provides (its training weight decay, its
+    checkpoints) reaches a method, whichever command or application builds it.
+    """
+    import ggda.methods  # noqa: F401  (registers every method)
+    from ggda.methods.base import METHODS, method_options
+
+    accepts = method_options(METHODS[name]) if name in METHODS else set()
+    options = {k: v for k, v in provided.items() if k in accepts and v is not None and k not in overrides}
+    options.update(overrides)
+    return options
+
+
 @dataclass
 class Run:
-    """A trained run read back from disk."""
+    """A trained run: its data, final model and checkpoints, and the record in ``run.json``.
+
+    ``config`` holds ``data`` (a :class:`DataSpec`), ``model`` (a :class:`ModelSpec`), ``train``
+    (a :class:`TrainConfig`) and ``metrics``.
+    """
 
     path: Path
     config: dict
@@ -100,43 +134,152 @@ class Run:
     model: nn.Module
     checkpoints: list[Checkpoint]
 
+    # -- writing ------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        data: DataSpec,
+        model: str,
+        train: TrainConfig,
+        device: str = "cpu",
+        progress: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> Run:
+        """Prepare the data, build the model (initialisation seeded by ``train.seed``), train it
+        with checkpoints under ``PATH/checkpoints`` and save the run directory."""
+        path = Path(path)
+        resolve_device(device)
+        train_data, test_data, _ = prepare_data(data)
+        if log is not None:
+            log(f"data  {train_data.describe()}; test n={len(test_data)}")
+        mspec = ModelSpec(model, train_data.n_features, train_data.n_outputs, train_data.input_shape)
+        net = build_model(mspec, seed=train.seed)
+        t0 = time.perf_counter()
+        result = train_model(
+            net, train_data, train, device=device, checkpoint_dir=path / "checkpoints", progress=progress
+        )
+        metrics = {"train_seconds": time.perf_counter() - t0, "final_train_loss": result.losses[-1]}
+        if train_data.kind == "classification":
+            metrics["train_accuracy"] = accuracy(net, train_data, device)
+            metrics["test_accuracy"] = accuracy(net, test_data, device)
+        config = {
+            "data": data.to_dict(),
+            "model": mspec.to_dict(),
+            "train": train.to_dict(),
+            "metrics": metrics,
+        }
+        run = cls(path, config, train_data, test_data, net, list(result.checkpoints))
+        return run.save()
+
+    def save(self) -> Run:
+        """Write ``model.pt``, ``split.npz`` and ``run.json`` (last, atomically: a run directory
+        with a ``run.json`` is complete). Checkpoints are written by training."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_model(self.path / "model.pt", self.model, epoch=self.config["train"].get("epochs"))
+        split = {"train_ids": self.train.ids, "test_ids": self.test.ids}
+        if self.train.noisy is not None:
+            split["noisy"] = self.train.noisy
+        np.savez(self.path / "split.npz", **split)
+        tmp = self.path / "run.json.part"
+        tmp.write_text(json.dumps(self.config, indent=2, default=str))
+        tmp.replace(self.path / "run.json")
+        return self
+
+    # -- reading ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> Run:
+        """Rebuild a run's data (checked against the saved ids) and load its model and checkpoints."""
+        path = Path(path)
+        cfg_file = path / "run.json"
+        if not cfg_file.exists():
+            raise GGDAError(
+                f"{path} is not a ggda run directory (no run.json); create one with `ggda train`."
+            )
+        config = json.loads(cfg_file.read_text())
+        train, test, _ = prepare_data(DataSpec(**config["data"]))
+        split = dict(np.load(path / "split.npz"))
+        if not np.array_equal(split["train_ids"], train.ids) or not np.array_equal(
+            split["test_ids"], test.ids
+        ):
+            raise GGDAError(
+                f"The data of {path} no longer match the ids it was trained on; re-run `ggda train`."
+            )
+        if "noisy" in split:  # which labels were flipped
+            train = replace(train, noisy=split["noisy"])
+        model = load_model(path / "model.pt")
+        ckpts = []
+        for f in sorted((path / "checkpoints").glob("epoch_*.pt")):
+            meta = load_state(f)["meta"]
+            ckpts.append(Checkpoint(f, int(meta["epoch"]), int(meta["step"]), float(meta["lr"])))
+        return cls(path, config, train, test, model, ckpts)
+
+    # -- what later stages need ---------------------------------------------------------------
     @property
     def kind(self) -> str:
         return self.config["data"].get("kind", "classification")
 
+    @property
+    def data_spec(self) -> DataSpec:
+        return DataSpec(**self.config["data"])
 
-def write_run_config(path: Path, config: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "run.json.part"
-    tmp.write_text(json.dumps(config, indent=2, default=str))
-    tmp.replace(path / "run.json")
+    @property
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec.from_dict(self.config["model"])
 
+    @property
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**self.config["train"])
 
-def load_run(path: str | Path) -> Run:
-    """Rebuild a run's data and load its final model and checkpoints."""
-    path = Path(path)
-    cfg_file = path / "run.json"
-    if not cfg_file.exists():
-        raise GGDAError(f"{path} is not a ggda run directory (no run.json); create one with `ggda train`.")
-    config = json.loads(cfg_file.read_text())
-    spec = DataSpec(**config["data"])
-    train, test, _ = prepare_data(spec)
-    split = np.load(path / "split.npz")
-    if not np.array_equal(split["train_ids"], train.ids) or not np.array_equal(split["test_ids"], test.ids):
-        raise GGDAError(f"The data of {path} no longer match the ids it was trained on; re-run `ggda train`.")
-    model = load_model(path / "model.pt")
-    ckpts = []
-    for f in sorted((path / "checkpoints").glob("epoch_*.pt")):
-        meta = load_state(f)["meta"]
-        ckpts.append(Checkpoint(f, int(meta["epoch"]), int(meta["step"]), float(meta["lr"])))
-    return Run(path, config, train, test, model, ckpts)
+    @property
+    def weight_decay(self) -> float:
+        """The L2 coefficient of training (the objective had a (wd/2)‖θ‖² term)."""
+        return float(self.config["train"].get("weight_decay", 0.0) or 0.0)
 
+    def data(self) -> tuple[Dataset, Dataset]:
+        """(train, test), as the model was trained and tested."""
+        return self.train, self.test
 
-def train_config_of(run: Run) -> TrainConfig:
-    return TrainConfig(**run.config["train"])
+    def model_at(self, checkpoint: str | Path | None = None) -> nn.Module:
+        """The final model, or a copy holding another saved state of the same architecture."""
+        if checkpoint is None:
+            return self.model
+        model = copy.deepcopy(self.model)
+        load_into(model, load_state(checkpoint)["state_dict"], source=str(checkpoint))
+        return model
 
+    def task(self, device: str = "cpu", checkpoint: str | Path | None = None) -> AttributionTask:
+        """The attribution task: the final model (or ``checkpoint``) with the run's loss."""
+        from ggda.task import AttributionTask
 
-def with_noise_mask(train: Dataset, split: dict) -> Dataset:
-    if "noisy" in split:
-        return replace(train, noisy=split["noisy"])
-    return train
+        return AttributionTask(self.model_at(checkpoint), loss=self.kind, device=device)
+
+    def provided_options(self) -> dict:
+        """What this run offers methods: its training weight decay (influence methods add
+        wd·I to the curvature) and its checkpoints (TracInCP, TRAK ensembles)."""
+        return {"weight_decay": self.weight_decay or None, "checkpoints": self.checkpoints or None}
+
+    def method_options(self, name: str, offer: dict | None = None, **overrides) -> dict:
+        """The keyword options ``run.method`` passes to method ``name``.
+
+        ``overrides`` win; ``offer`` adds options given only where the method accepts them
+        (e.g. ``use_lr`` from ``ggda attribute --no-lr``) on top of :meth:`provided_options`.
+        """
+        return offered_options(name, {**self.provided_options(), **(offer or {})}, overrides)
+
+    def method(
+        self, name: str, task: AttributionTask | None = None, offer: dict | None = None, **overrides
+    ) -> Attributor:
+        """Method ``name`` (see ``ggda methods``) on this run, built by
+        :func:`ggda.methods.make_method` with :meth:`method_options`; ``task`` defaults to
+        ``run.task()`` (CPU)."""
+        from ggda.methods import make_method
+
+        return make_method(name, task or self.task(), **self.method_options(name, offer, **overrides))
+
+    @staticmethod
+    def executor(backend: str = "local", workers: int | None = None) -> Executor:
+        """An executor for retrains and further training (``workers`` ignored by ``serial``)."""
+        from ggda.execution import make_executor
+
+        return make_executor(backend, **({"workers": workers} if workers and backend != "serial" else {}))

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from ggda.applications.experiment import ExperimentConfig, resolve_k, run_experiment
 from ggda.cli.main import app
 from ggda.errors import GGDAError
-from ggda.evaluate.experiment import ExperimentConfig, resolve_k, run_experiment
 
 
 def tiny_config(**kw) -> ExperimentConfig:
@@ -182,7 +182,7 @@ def _same(a, b) -> bool:
 
 def test_per_grouping_options_override_the_global_ones(small_digits, trained_mlp):
     """--gopt grad-kmeans:per_class=true must reach make_grouping (it used to collide with per_class)."""
-    from ggda.evaluate.experiment import ExperimentConfig, build_groupings
+    from ggda.applications.experiment import ExperimentConfig, build_groupings
     from ggda.task import AttributionTask
 
     train, _ = small_digits

@@ -7,8 +7,8 @@ import re
 import pandas as pd
 import pytest
 
+from ggda.applications.experiment import ExperimentConfig, load_gold_compare, run_experiment
 from ggda.errors import GGDAError
-from ggda.evaluate.experiment import ExperimentConfig, load_gold_compare, run_experiment
 from ggda.report.html import headline, write_report
 
 

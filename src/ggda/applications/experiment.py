@@ -41,12 +41,11 @@ from ggda.evaluate.noisy_labels import (
 from ggda.evaluate.pruning import PRUNE_FRACTIONS, pruning_curves
 from ggda.evaluate.retraining import Retrainer, RetrainSpec
 from ggda.evaluate.retraining_score import FRACTIONS, RemovalResults, removal_pairs, retraining_score
-from ggda.execution import ResultStore, job_key, make_executor
+from ggda.execution import ResultStore, job_key
 from ggda.groups.grouping import Grouping
-from ggda.models.training import TrainConfig, accuracy, train_model
-from ggda.models.zoo import ModelSpec, build_model
+from ggda.models.training import TrainConfig
 from ggda.properties import ExampleLoss, MeanLoss
-from ggda.runs import DataSpec, prepare_data
+from ggda.runs import DataSpec, Run
 from ggda.task import AttributionTask
 
 SINGLETON = "singleton"
@@ -79,6 +78,7 @@ class ExperimentConfig:
     lr: float = 0.05
     batch_size: int = 64
     optimizer: str = "sgd"
+    weight_decay: float = 0.0
     max_train: int | None = None
     method_options: dict[str, dict] = field(default_factory=dict)
     grouping_options: dict[str, dict] = field(default_factory=dict)
@@ -96,6 +96,7 @@ class ExperimentConfig:
             lr=self.lr,
             batch_size=self.batch_size,
             optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
             seed=self.seed,
         )
 
@@ -113,13 +114,6 @@ def resolve_k(spec: str | int, n: int) -> int:
     if not 1 <= k <= n:
         raise GGDAError(f"Group count {spec} gives K={k}, outside 1..{n}.")
     return int(k)
-
-
-def method_options(name: str, config: ExperimentConfig, checkpoints: list) -> dict:
-    opts = dict(config.method_options.get(name, {}))
-    if name == "tracin" and checkpoints:
-        opts.setdefault("checkpoints", checkpoints)
-    return opts
 
 
 def build_groupings(
@@ -171,11 +165,9 @@ def _split_label(label: str) -> tuple[str, int | None]:
 
 def attribute_all(
     config: ExperimentConfig,
+    run: Run,
     task: AttributionTask,
-    train: Dataset,
-    test: Dataset,
     groupings: dict[str, Grouping],
-    checkpoints: list,
     store: ResultStore,
     context: dict,
     log: Log,
@@ -183,14 +175,17 @@ def attribute_all(
 ) -> tuple[list[dict], dict[str, dict[str, np.ndarray]], list[dict]]:
     """Timed mean-test-loss attribution (and per-target scores for LDS) per method × grouping.
 
-    Results are stored under keys of (context, method, options, grouping), so a rerun reuses them
-    with their originally measured times.
+    Methods are built by ``run.method`` (the run's weight decay and checkpoints offered,
+    ``config.method_options`` override). Results are stored under keys of (context, method,
+    options, grouping), so a rerun reuses them with their originally measured times.
     """
     rows, scores, failures = [], {}, []
+    train, test = run.data()
     mean_prop = MeanLoss(test.X, test.y)
     example_prop = ExampleLoss(test.X[:lds_targets], test.y[:lds_targets]) if lds_targets else None
     for method in config.methods:
-        opts = method_options(method, config, checkpoints)
+        user_opts = config.method_options.get(method, {})
+        opts = run.method_options(method, **user_opts)
         for glabel, grouping in groupings.items():
             key = job_key(
                 {
@@ -208,10 +203,8 @@ def attribute_all(
                 arrays, meta = store.get(key)
             else:
                 try:
-                    from ggda.methods import make_method
-
                     t0 = time.perf_counter()
-                    att = make_method(method, task, **opts).cache(train, grouping)
+                    att = run.method(method, task, **user_opts).cache(train, grouping)
                     mean_scores = att.attribute(mean_prop)
                     seconds = time.perf_counter() - t0
                     arrays = {"mean": np.asarray(mean_scores, dtype=np.float64)}
@@ -259,33 +252,27 @@ def _noisy_detection(
 ) -> tuple[list[dict], dict[str, dict], list[dict], dict]:
     """Train on flipped labels, then rank points by self-influence / test harm per method × grouping."""
     spec = DataSpec(**{**data_spec.to_dict(), "noise": config.noise, "noise_seed": config.seed})
-    train, test, _ = prepare_data(spec)
-    mspec = ModelSpec(model_spec_name, train.n_features, train.n_outputs, train.input_shape)
-    model = build_model(mspec, seed=config.seed)
-    tconf = config.train_config()
-    ckpt_dir = out / "noisy-model" / "checkpoints"
-    result = train_model(model, train, tconf, device=config.device, checkpoint_dir=ckpt_dir)
-    task = AttributionTask(model, loss=train.kind, device=config.device)
+    run = Run.create(out / "noisy-model", spec, model_spec_name, config.train_config(), config.device)
+    train, test = run.data()
+    task = run.task(config.device)
     info = {
         "model": model_spec_name,
         "noise": config.noise,
         "n_flipped": int(train.noisy.sum()),
-        "test_accuracy": accuracy(model, test, config.device),
+        "test_accuracy": run.config["metrics"]["test_accuracy"],
     }
     log(
         f"noisy labels: {info['n_flipped']} of {len(train)} flipped, {model_spec_name} test accuracy {info['test_accuracy']:.3f}"
     )
     groupings, failures = build_groupings(config, train, task, log)
     rows, curves = [], {}
-    from ggda.methods import make_method
-
     for method in config.methods:
-        opts = method_options(method, config, result.checkpoints)
+        opts = config.method_options.get(method, {})
         for glabel, grouping in groupings.items():
             label = f"{method}|{glabel}"
             try:
                 t0 = time.perf_counter()
-                att = make_method(method, task, **opts).cache(train, grouping)
+                att = run.method(method, task, **opts).cache(train, grouping)
                 self_scores = self_influence(att)
                 seconds = time.perf_counter() - t0 + grouping.seconds
                 test_scores = att.attribute(MeanLoss(test.X, test.y))
@@ -362,28 +349,23 @@ def run_experiment(
     if config.seeds < 1:
         raise GGDAError("Use at least one retraining seed (--seeds 3 is the default).")
     data_spec = DataSpec(config.data, split_seed=config.seed, max_train=config.max_train)
-    train, test, _ = prepare_data(data_spec)
+    tconf = config.train_config()
+    torch.manual_seed(config.seed)
+    run = Run.create(out / "model", data_spec, config.model, tconf, config.device, log=log)
+    train, test = run.data()
     if train.kind != "classification":
         raise GGDAError("ggda experiment reports accuracies; use a classification data set.")
-    mspec = ModelSpec(config.model, train.n_features, train.n_outputs, train.input_shape)
-    tconf = config.train_config()
-    log(f"data  {train.describe()}; test n={len(test)}")
-    torch.manual_seed(config.seed)
-    model = build_model(mspec, seed=config.seed)
-    t0 = time.perf_counter()
-    trained = train_model(
-        model, train, tconf, device=config.device, checkpoint_dir=out / "model" / "checkpoints"
-    )
+    mspec = run.model_spec
     reference = {
         "n_train": len(train),
         "n_test": len(test),
-        "train_seconds": time.perf_counter() - t0,
-        "test_accuracy": accuracy(model, test, config.device),
+        "train_seconds": run.config["metrics"]["train_seconds"],
+        "test_accuracy": run.config["metrics"]["test_accuracy"],
     }
     log(
         f"model {config.model}: test accuracy {reference['test_accuracy']:.4f} ({reference['train_seconds']:.1f}s)"
     )
-    task = AttributionTask(model, loss=train.kind, device=config.device)
+    task = run.task(config.device)
     context = {"data": data_spec.to_dict(), "model": mspec.to_dict(), "train": tconf.to_dict()}
 
     log("groupings")
@@ -392,11 +374,9 @@ def run_experiment(
     lds_targets = min(config.lds_targets, len(test)) if config.lds_subsets else 0
     att_rows, scores, fails = attribute_all(
         config,
+        run,
         task,
-        train,
-        test,
         groupings,
-        trained.checkpoints,
         ResultStore(out / "attributions"),
         context,
         log,
@@ -410,10 +390,7 @@ def run_experiment(
     }
 
     # -- every retrain of the experiment, planned up front and run in one batch --------------
-    executor = make_executor(
-        config.backend,
-        **({"workers": config.workers} if config.workers and config.backend != "serial" else {}),
-    )
+    executor = run.executor(config.backend, config.workers)
     retrainer = Retrainer(
         RetrainSpec(mspec, tconf, data_spec, config.device),
         out / "retrains",

@@ -59,17 +59,12 @@ def _retrainer(
     device: str,
 ):
     from ggda.evaluate import Retrainer, RetrainSpec
-    from ggda.execution import make_executor
-    from ggda.models.zoo import ModelSpec
-    from ggda.runs import DataSpec, train_config_of
 
-    cfg = train_config_of(r)
+    cfg = r.train_config
     if epochs:
         cfg.epochs = epochs
-    spec = RetrainSpec(
-        ModelSpec.from_dict(r.config["model"]), cfg, DataSpec(**r.config["data"]), device, mode
-    )
-    executor = make_executor(backend, **({"workers": workers} if workers and backend != "serial" else {}))
+    spec = RetrainSpec(r.model_spec, cfg, r.data_spec, device, mode)
+    executor = r.executor(backend, workers)
     return Retrainer(
         spec, store or run / "evaluations" / "retrains", executor, r.train, r.test, progress=True
     )
@@ -100,22 +95,18 @@ def _rankings(
             )
         out[label] = (scores, g)
     if methods:
-        from ggda.methods import make_method
         from ggda.properties import ExampleLoss, MeanLoss
-        from ggda.task import AttributionTask
 
         g = resolve_grouping(grouping, r)
-        task = AttributionTask(r.model, loss=r.kind, device=device)
+        task = r.task(device)
         prop = (
             ExampleLoss(r.test.X[:per_target], r.test.y[:per_target])
             if per_target
             else MeanLoss(r.test.X, r.test.y)
         )
         for m in methods:
-            options = {"checkpoints": r.checkpoints} if m == "tracin" else {}
-            options.update(parse_options(opts))
             t0 = time.perf_counter()
-            scores = make_method(m, task, **options).cache(r.train, g).attribute(prop)
+            scores = r.method(m, task, **parse_options(opts)).cache(r.train, g).attribute(prop)
             typer.echo(
                 f"{m} on {g.n_groups} groups: {time.perf_counter() - t0 + g.seconds:.2f}s (grouping included)"
             )
@@ -171,9 +162,9 @@ def _removal_command(
 ):
     _threads(threads)
     from ggda.evaluate import pruning_curves, retraining_score
-    from ggda.runs import load_run
+    from ggda.runs import Run
 
-    r = load_run(run)
+    r = Run.load(run)
     rankings = _rankings(r, scores, method, grouping, opt, device)
     retrainer = _retrainer(r, run, store, backend, workers, mode, epochs, device)
     fn = retraining_score if kind == "retraining" else pruning_curves
@@ -264,9 +255,9 @@ def lds_cmd(
     import pandas as pd
 
     from ggda.evaluate import lds
-    from ggda.runs import load_run
+    from ggda.runs import Run
 
-    r = load_run(run)
+    r = Run.load(run)
     rankings = _rankings(r, scores, method, grouping, opt, device, per_target=min(targets, len(r.test)))
     retrainer = _retrainer(r, run, store, backend, workers, mode, epochs, device)
     rows = []
@@ -314,12 +305,10 @@ def noisy_cmd(
         suspicion_from_self_influence,
         suspicion_from_test_scores,
     )
-    from ggda.methods import make_method
-    from ggda.runs import load_run, with_noise_mask
-    from ggda.task import AttributionTask
+    from ggda.runs import Run
 
-    r = load_run(run)
-    train = with_noise_mask(r.train, dict(np.load(run / "split.npz")))
+    r = Run.load(run)
+    train = r.train  # carries the mask of flipped labels
     if train.noisy is None or not train.noisy.any():
         raise GGDAError(f"{run} has no flipped labels; train it with `ggda train --noise 0.1`.")
     rows = []
@@ -329,12 +318,10 @@ def noisy_cmd(
         rows.append({"label": label, "ranking": "test-harm", "K": g.n_groups, **det.row()})
     if method:
         g = resolve_grouping(grouping, r)
-        task = AttributionTask(r.model, loss=r.kind, device=device)
+        task = r.task(device)
         for m in method:
-            options = {"checkpoints": r.checkpoints} if m == "tracin" else {}
-            options.update(parse_options(opt))
             t0 = time.perf_counter()
-            att = make_method(m, task, **options).cache(train, g)
+            att = r.method(m, task, **parse_options(opt)).cache(train, g)
             si = self_influence(att)
             det = detect_noisy_labels(suspicion_from_self_influence(si, g), train.noisy)
             rows.append(
@@ -391,6 +378,7 @@ def experiment_cmd(
     lr: float = typer.Option(0.05),
     batch_size: int = typer.Option(64),
     optimizer: str = typer.Option("sgd"),
+    weight_decay: float = typer.Option(0.0, help="L2 coefficient of training (and of every retrain)."),
     max_train: int = typer.Option(None, help="Subsample the training split."),
     opt: list[str] = typer.Option([], "--opt", help="METHOD:KEY=VALUE method option (repeatable)."),
     gopt: list[str] = typer.Option(
@@ -408,7 +396,7 @@ def experiment_cmd(
 ) -> None:
     """Methods × groupings × K on one data set + model: time, retraining score, pruning, LDS, noisy labels, report."""
     _threads(threads)
-    from ggda.evaluate.experiment import ExperimentConfig, run_experiment
+    from ggda.applications.experiment import ExperimentConfig, run_experiment
     from ggda.methods import METHODS
     from ggda.report.html import write_report
 
@@ -436,6 +424,7 @@ def experiment_cmd(
         lr=lr,
         batch_size=batch_size,
         optimizer=optimizer,
+        weight_decay=weight_decay,
         max_train=max_train,
         method_options=method_opts,
         grouping_options=grouping_opts,

@@ -22,19 +22,6 @@ def _int_list(text: str, what: str) -> list[int] | None:
         raise GGDAError(f"{what} must be comma-separated integers, e.g. 3,17,42; got '{text}'.") from exc
 
 
-def _load_theta(run, checkpoint: Path | None):
-    """θ^f: the run's final model, or another checkpoint of the same architecture."""
-    if checkpoint is None:
-        return run.model
-    import copy
-
-    from ggda.models.checkpoint import load_into, load_state
-
-    model = copy.deepcopy(run.model)
-    load_into(model, load_state(checkpoint)["state_dict"], source=str(checkpoint))
-    return model
-
-
 @app.command("gold")
 def gold_cmd(
     run: Path = typer.Option(..., help="Run directory from `ggda train` (θ^f = its final model)."),
@@ -76,12 +63,10 @@ def gold_cmd(
 ) -> None:
     """Further-training gold standard (FiMODA eq. 17/13) for left-out points or groups; resumable."""
     _threads(threads)
-    from ggda.execution import make_executor
     from ggda.gold import GoldConfig, compute_gold, select_units
     from ggda.groups.grouping import Grouping
     from ggda.properties import make_property
-    from ggda.runs import load_run
-    from ggda.task import AttributionTask
+    from ggda.runs import Run
 
     config = GoldConfig(
         epochs=epochs,
@@ -100,13 +85,12 @@ def gold_cmd(
         chunk=chunk,
         dtype=dtype,
     )
-    r = load_run(run)
+    r = Run.load(run)
     grouping = (
         Grouping.singleton(len(r.train)) if units in ("points", "singleton") else resolve_grouping(units, r)
     )
     chosen = select_units(grouping, n_units=n_units, ids=_int_list(unit_ids, "--unit-ids"), seed=unit_seed)
-    model = _load_theta(r, checkpoint)
-    task = AttributionTask(model, loss=r.kind, device=device)
+    task = r.task(device, checkpoint=checkpoint)
     n_targets = min(targets, len(r.test))
     if n_targets < 1:
         raise GGDAError("--targets must be >= 1.")
@@ -119,10 +103,7 @@ def gold_cmd(
     out = out or run / "gold" / f"{removal}-{label}"
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "grouping.npy", grouping.labels)
-    if backend == "serial":
-        executor = make_executor("serial")
-    else:
-        executor = make_executor(backend, workers=workers) if workers else make_executor(backend)
+    executor = r.executor(backend, workers)
     meta = {
         "run": str(run),
         "checkpoint": str(checkpoint) if checkpoint else None,
@@ -217,16 +198,15 @@ def compare_cmd(
     """Cosine/Spearman of each method to the gold standard per further-training epoch; table + plot."""
     _threads(threads)
     from ggda.gold import GoldResult
-    from ggda.gold.compare import compare_methods, default_options, mean_sem
+    from ggda.gold.compare import compare_methods, mean_sem
     from ggda.groups.grouping import Grouping
     from ggda.methods import METHODS
     from ggda.properties import make_property
-    from ggda.runs import load_run
-    from ggda.task import AttributionTask
+    from ggda.runs import Run
 
     result = GoldResult.load(gold)
     meta = result.meta
-    r = load_run(run)
+    r = Run.load(run)
     if meta.get("run") and Path(meta["run"]).resolve() != run.resolve():
         typer.echo(f"note: the gold standard was computed on {meta['run']}, comparing on {run}.")
     if meta.get("n_train") not in (None, len(r.train)):
@@ -240,14 +220,14 @@ def compare_cmd(
     )
     names = sorted(METHODS) if methods == "all" else [m for m in methods.split(",") if m]
     ckpt = Path(meta["checkpoint"]) if meta.get("checkpoint") else None
-    task = AttributionTask(_load_theta(r, ckpt), loss=r.kind, device=device)
+    task = r.task(device, checkpoint=ckpt)
     n_targets = int(meta.get("targets", result.gold.shape[1]))
     property_fn = make_property(
         meta.get("property_name", "test-loss"), r.test.X[:n_targets], r.test.y[:n_targets]
     )
     options = _method_options(opt, names)
-    for name in names:
-        options[name] = {**default_options(name, r, tracin_checkpoints), **options[name]}
+    if not tracin_checkpoints and "tracin" in options:
+        options["tracin"].setdefault("checkpoints", None)  # the final model only
     comp = compare_methods(
         result,
         task,
@@ -256,6 +236,7 @@ def compare_cmd(
         property_fn,
         names,
         options,
+        run=r,
         center_scores=center_scores,
         seed_windows=_int_list(seed_windows, "--seed-windows"),
         variant=variant,
@@ -294,5 +275,10 @@ def compare_cmd(
             typer.echo(f"{name:{width}s}" + "  ".join(f"S={k}: {v['max']:.3f}" for k, v in study.items()))
     typer.echo(f"wrote {out}/compare.csv, compare.json, compare.png")
     (out / "command.json").write_text(
-        json.dumps({"methods": names, "options": {k: str(v) for k, v in options.items()}})
+        json.dumps(
+            {
+                "methods": names,
+                "options": {k: str(r.method_options(k, **v)) for k, v in options.items() if k in METHODS},
+            }
+        )
     )

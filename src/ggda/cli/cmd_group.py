@@ -49,20 +49,16 @@ def group_cmd(
     if out.suffix not in OUT_SUFFIXES:
         raise GGDAError(f"--out must end in {', '.join(OUT_SUFFIXES)}; got '{out.name}'.")
     from ggda.groups import make_grouping
-    from ggda.runs import load_run
+    from ggda.runs import Run
 
-    r = load_run(run)
+    r = Run.load(run)
     options = parse_options(opt)
     for key, value in (("features", features), ("layer", layer), ("projection_dim", projection_dim)):
         if value is not None:
             options[key] = value
     if method == "given" and values is not None:
         options.update(values=str(values), column=column)
-    task = None
-    if method in ("repr-kmeans", "grad-kmeans"):
-        from ggda.task import AttributionTask
-
-        task = AttributionTask(r.model, loss=r.kind, device=device)
+    task = r.task(device) if method in ("repr-kmeans", "grad-kmeans") else None
     if group_size is not None and group_size == int(group_size):
         group_size = int(group_size)
     g = make_grouping(

@@ -70,13 +70,12 @@ def build_cmd(
 ) -> None:
     """Stream a run's group gradients (optionally projected) into a chunked on-disk store."""
     _threads(threads)
-    from ggda.runs import load_run
+    from ggda.runs import Run
     from ggda.store import build_gradient_store
-    from ggda.task import AttributionTask
 
-    r = load_run(run)
+    r = Run.load(run)
     grp = resolve_grouping(grouping, r)
-    task = AttributionTask(r.model, loss=r.kind, device=device)
+    task = r.task(device)
     executor = make_backend(backend, workers, address, threads)
     t0 = time.perf_counter()
     try:
@@ -119,13 +118,12 @@ def score_cmd(
     import pandas as pd
 
     from ggda.properties import make_property
-    from ggda.runs import load_run
+    from ggda.runs import Run
     from ggda.store import FeatureStore, score_store, target_features
-    from ggda.task import AttributionTask
 
-    r = load_run(run)
+    r = Run.load(run)
     fs = FeatureStore.open(store)
-    task = AttributionTask(r.model, loss=r.kind, device=device)
+    task = r.task(device)
     n_targets = len(r.test) if targets <= 0 else min(targets, len(r.test))
     property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])
     out = out or store / f"scores-{prop}-{kernel}"

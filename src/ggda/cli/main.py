@@ -64,12 +64,9 @@ def train_cmd(
 ) -> None:
     """Train a model on a data set and write a run directory."""
     _threads(threads)
-    from ggda.models.checkpoint import save_model
-    from ggda.models.training import TrainConfig, accuracy, resolve_device, train_model
-    from ggda.models.zoo import ModelSpec, build_model
-    from ggda.runs import DataSpec, prepare_data, write_run_config
+    from ggda.models.training import TrainConfig
+    from ggda.runs import DataSpec, Run
 
-    resolve_device(device)
     spec = DataSpec(
         source=data,
         label=label,
@@ -82,10 +79,6 @@ def train_cmd(
         noise_seed=seed,
         max_train=max_train,
     )
-    train, test, _ = prepare_data(spec)
-    typer.echo(f"data  {train.describe()}; test n={len(test)}")
-    mspec = ModelSpec(model, train.n_features, train.n_outputs, train.input_shape)
-    net = build_model(mspec, seed=seed)
     config = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -96,23 +89,10 @@ def train_cmd(
         seed=seed,
         checkpoint_every=checkpoint_every,
     )
-    t0 = time.perf_counter()
-    result = train_model(net, train, config, device=device, checkpoint_dir=out / "checkpoints", progress=True)
-    seconds = time.perf_counter() - t0
-    save_model(out / "model.pt", net, epoch=epochs)
-    split = {"train_ids": train.ids, "test_ids": test.ids}
-    if train.noisy is not None:
-        split["noisy"] = train.noisy
-    np.savez(out / "split.npz", **split)
-    metrics = {"train_seconds": seconds, "final_train_loss": result.losses[-1]}
-    if train.kind == "classification":
-        metrics["train_accuracy"] = accuracy(net, train, device)
-        metrics["test_accuracy"] = accuracy(net, test, device)
-    write_run_config(
-        out, {"data": spec.to_dict(), "model": mspec.to_dict(), "train": config.to_dict(), "metrics": metrics}
-    )
+    r = Run.create(out, spec, model, config, device=device, progress=True, log=typer.echo)
+    metrics = r.config["metrics"]
     typer.echo(f"model {model}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    typer.echo(f"wrote {out}/ (model.pt, {len(result.checkpoints)} checkpoints, run.json)")
+    typer.echo(f"wrote {out}/ (model.pt, {len(r.checkpoints)} checkpoints, run.json)")
 
 
 def progress_status(message: str):
@@ -190,29 +170,14 @@ def attribute_cmd(
 ) -> None:
     """Attribute test behaviour to training groups; writes scores.npy and a top-k table."""
     _threads(threads)
-    from ggda.methods import make_method
     from ggda.properties import make_property
-    from ggda.runs import load_run
-    from ggda.task import AttributionTask
+    from ggda.runs import Run
 
-    r = load_run(run)
+    r = Run.load(run)
     grp = resolve_grouping(grouping, r, device)
-    task = AttributionTask(r.model, loss=r.kind, device=device)
-    from ggda.methods import METHODS
-    from ggda.methods.base import method_options
-
-    # What the run provides, offered to any method whose constructor accepts it; --opt overrides.
-    accepts = method_options(METHODS[method]) if method in METHODS else set()
-    provided = {
-        "checkpoints": r.checkpoints,  # TracInCP, TRAK ensembles
-        "use_lr": not no_lr,  # TracIn
-        # trained with L2: the curvature includes wd·I (influence methods add it when told)
-        "weight_decay": float(r.config["train"].get("weight_decay", 0.0)) or None,
-    }
-    options: dict = {"aggregate": aggregate}
-    options.update({k: v for k, v in provided.items() if k in accepts and v is not None})
-    options.update(parse_options(opt))
-    attributor = make_method(method, task, **options)
+    # the run's weight decay and checkpoints reach the methods that take them; --opt overrides
+    options = {"aggregate": aggregate, **parse_options(opt)}
+    attributor = r.method(method, r.task(device), offer={"use_lr": False} if no_lr else None, **options)
     n_targets = min(targets, len(r.test))
     property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])
     t0 = time.perf_counter()

@@ -6,8 +6,9 @@
   points, retrain, accuracy) with random and no-removal baselines;
 * :mod:`~ggda.evaluate.lds` — linear datamodeling score over points or groups;
 * :mod:`~ggda.evaluate.noisy_labels` — flipped-label detection (self-influence, AUC, found@k);
-* :mod:`~ggda.evaluate.pruning` — accuracy after removing the lowest-valued units;
-* :mod:`~ggda.evaluate.experiment` — methods × groupings × K, timed, every score (``ggda experiment``).
+* :mod:`~ggda.evaluate.pruning` — accuracy after removing the lowest-valued units.
+
+Whole studies built on these (``ggda experiment``) live in :mod:`ggda.applications`.
 """
 
 from ggda.evaluate.lds import LDSResult, lds, lds_from_outcomes, lds_pairs, subset_masks

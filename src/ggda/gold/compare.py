@@ -80,13 +80,6 @@ def seed_window_study(
     return out
 
 
-def default_options(name: str, run=None, tracin_checkpoints: bool = True) -> dict:
-    """What a method needs from the run (TracInCP: the saved checkpoints with their learning rates)."""
-    if name == "tracin" and run is not None and tracin_checkpoints and run.checkpoints:
-        return {"checkpoints": run.checkpoints}
-    return {}
-
-
 def method_scores(
     name: str,
     task: AttributionTask,
@@ -95,15 +88,21 @@ def method_scores(
     prop: Property,
     unit_ids: np.ndarray,
     options: dict | None = None,
+    run=None,
 ) -> np.ndarray:
     """(T, U) scores of method ``name`` for the left-out units (columns of the full grouping).
 
     The method sees the whole training set and grouping (curvature, normalisers and TRAK's
-    features are training-set quantities); only the left-out units' columns are kept.
+    features are training-set quantities); only the left-out units' columns are kept. With a
+    :class:`~ggda.runs.Run`, the method is built by ``run.method`` (the run's weight decay and
+    checkpoints offered; ``options`` override them).
     """
     from ggda.methods import make_method
 
-    attributor = make_method(name, task, **(options or {}))
+    if run is not None:
+        attributor = run.method(name, task, **(options or {}))
+    else:
+        attributor = make_method(name, task, **(options or {}))
     scores = attributor.cache(train, grouping).attribute(prop)
     return np.asarray(scores, dtype=np.float64)[:, np.asarray(unit_ids)]
 
@@ -218,6 +217,7 @@ def compare_methods(
     seed_windows: list[int] | None = None,
     strict: bool = False,
     variant: str = "config",
+    run=None,
 ) -> Comparison:
     """Score each method on the gold standard's units and compare (see the module docstring).
 
@@ -226,6 +226,8 @@ def compare_methods(
         grouping: the grouping the gold's unit ids refer to (singleton for points).
         methods: registered method names; names not registered are recorded as failed.
         options: per-method keyword options for ``make_method``.
+        run: the :class:`~ggda.runs.Run` the gold was computed on; methods are then built by
+            ``run.method`` (its weight decay and checkpoints offered, ``options`` override).
         center_scores: subtract each target's mean score over I before comparing (off: FiMODA
             compares raw scores to the centred gold).
         strict: raise instead of recording a method's failure.
@@ -259,7 +261,7 @@ def compare_methods(
         t0 = time.perf_counter()
         try:
             scores = method_scores(
-                name, task, train, grouping, prop, gold.unit_ids, (options or {}).get(name)
+                name, task, train, grouping, prop, gold.unit_ids, (options or {}).get(name), run
             )
         except Exception as exc:  # one failing method must not lose the others
             if strict:

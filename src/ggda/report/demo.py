@@ -1,6 +1,6 @@
 """``make demo`` / ``ggda demo``: the GGDA story end to end on digits in a few minutes on 2 cores.
 
-A small :func:`ggda.evaluate.experiment.run_experiment`: an MLP on scikit-learn's digits, cheap
+A small :func:`ggda.applications.experiment.run_experiment`: an MLP on scikit-learn's digits, cheap
 attribution methods per point and on Random / K-Means / Repr-K-Means / Grad-K-Means groups at
 K = n/50 and n/10, each scored by retraining (remove the top 1/5/10/20% most helpful points, 2
 seeds), pruning, LDS and noisy-label detection (logistic regression, 10% flipped labels), written
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ggda.evaluate.experiment import ExperimentConfig, available_methods, run_experiment
+from ggda.applications.experiment import ExperimentConfig, available_methods, run_experiment
 from ggda.report.html import write_report
 
 DEMO_METHODS = ("tracin", "trak")

@@ -1,6 +1,6 @@
 """The experiment report's figures (matplotlib, Agg backend), one function per figure.
 
-Each function takes the results dict of :func:`ggda.evaluate.experiment.run_experiment`, writes
+Each function takes the results dict of :func:`ggda.applications.experiment.run_experiment`, writes
 one PNG into ``out`` and returns its file name, or ``None`` when the experiment has no data for it.
 Colours identify attribution methods, markers identify grouping methods, throughout.
 """
