@@ -1,6 +1,6 @@
 """Benchmark: stacked (vectorised) further training vs a sequential loop of the same runs.
 
-``python -m ggda.gold.benchmark [--runs 100] [--n 8000] [--device cpu] [--threads 1]
+``python benchmarks/bench_gold.py [--runs 100] [--n 8000] [--device cpu] [--threads 1]
 [--kernel auto|mlp|vmap] [--compare-vmap] [--repeats 3]``
 
 The issue's setting: R further-training runs (one left-out point each, ``mask`` removal, SGD) of

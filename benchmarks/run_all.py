@@ -42,8 +42,7 @@ EXTERNAL = {
     ],
     "gold": lambda quick: [
         sys.executable,
-        "-m",
-        "ggda.gold.benchmark",
+        str(Path(__file__).parent / "bench_gold.py"),
         # the workload: 100 runs of MLP 100-128-128-2, n = 8,000, batch 128, one epoch
         *(["--runs", "100", "--seq-runs", "10"] if quick else ["--runs", "100", "--seq-runs", "100"]),
     ],

@@ -8,7 +8,7 @@ run gets its own (R, B) batch. Optimiser updates are the functional equivalents 
 (:mod:`ggda.gold.optim`).
 
 Why: a small model's sequential step is dominated by per-operator overhead; stacking turns R small
-matrix products into a few large ones (see ``python -m ggda.gold.benchmark`` for measured figures).
+matrix products into a few large ones (see ``benchmarks/bench_gold.py`` for measured figures).
 
 Gradient kernels (``kernel=``, or the environment variable ``GGDA_GOLD_KERNEL``): ``auto`` (default)
 uses the hand-written stacked forward/backward of :mod:`ggda.gold.stacked_mlp` when the model is a
