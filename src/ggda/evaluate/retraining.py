@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ggda.data.batches import ExampleInputs
 from ggda.data.dataset import Dataset
+from ggda.data.digest import content_digest
 from ggda.errors import GGDAError
 from ggda.execution import Executor, Job, ResultStore, job_key, make_executor
 from ggda.models.recipe import TrainingRecipe, UserRecipe, ZooRecipe
@@ -171,18 +171,6 @@ class Outcomes:
         return self.losses.mean(axis=2)
 
 
-def _digest(*arrays) -> str:
-    h = hashlib.sha1()
-    for a in arrays:
-        if isinstance(a, ExampleInputs):  # lazy inputs: their own digest (no full pass)
-            h.update(a.fingerprint().encode())
-            continue
-        a = np.ascontiguousarray(a)
-        h.update(str((a.dtype, a.shape)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
-
-
 class Retrainer:
     """Runs (removal set, seed) retrains through an executor into a result store.
 
@@ -221,7 +209,7 @@ class Retrainer:
         self.n_train = len(train)
         self._arrays = None
         self._payload: str | None = None
-        self._config = {**spec.to_dict(), "data_digest": _digest(train.X, train.y, test.X, test.y)}
+        self._config = {**spec.to_dict(), "data_digest": content_digest(train.X, train.y, test.X, test.y)}
         if isinstance(spec.recipe, UserRecipe) or train.lazy or test.lazy:
             self._payload = self._write_payload()
         elif spec.data is None:
@@ -271,7 +259,9 @@ class Retrainer:
         removed = np.unique(np.asarray(removed, dtype=np.int64))
         if len(removed) and (removed[0] < 0 or removed[-1] >= self.n_train):
             raise GGDAError(f"Removal positions must lie in 0..{self.n_train - 1}.")
-        key = job_key({**self._config, "removed": _digest(removed)}, removed=len(removed), seed=int(seed))
+        key = job_key(
+            {**self._config, "removed": content_digest(removed)}, removed=len(removed), seed=int(seed)
+        )
         kwargs = {"spec": self._config, "removed": removed, "seed": int(seed), "arrays": self._arrays}
         if self._payload is not None:
             kwargs = {**kwargs, "arrays": None, "payload": self._payload}

@@ -13,13 +13,13 @@ with ``ray`` the store directory must be on a filesystem shared by the nodes).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from ggda.data.digest import content_digest
 from ggda.errors import GGDAError
 from ggda.execution.executor import Executor, Job
 from ggda.execution.store import ResultStore
@@ -32,18 +32,9 @@ from ggda.task import AttributionTask
 DEFAULT_CHUNK_MB = 64.0
 
 
-def _digest(*arrays: np.ndarray) -> str:
-    h = hashlib.sha1()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()[:16]
-
-
 def task_fingerprint(task: AttributionTask) -> str:
     """Hash of the attributed parameters' values (a different model gives different rows)."""
-    return _digest(*(p.detach().cpu().numpy() for p in task.params().values()))
+    return content_digest(*(p.detach().cpu().numpy() for p in task.params().values()))
 
 
 def projector_for(
@@ -168,8 +159,8 @@ def build_gradient_store(
         "params": task.n_params,
         "layers": task.layers,
         "device_type": task.device.type,  # random projections are generated on this device type
-        "data": _digest(np.asarray(X), np.asarray(y)),
-        "grouping": _digest(grouping.labels),
+        "data": content_digest(X, np.asarray(y)),
+        "grouping": content_digest(grouping.labels),
         "fn": fn_name,
         "projection": {**proj, "kind": type(projector).__name__},
         **(config or {}),
