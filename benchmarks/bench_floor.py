@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from common import Table, image_data, save, timed, trained_model
 
 from ggda.gradients import iter_group_gradients, summed_gradient
-from ggda.gradients.fast_factors import fast_gradients
 from ggda.groups import random_grouping
 from ggda.task import AttributionTask
 
@@ -93,8 +92,8 @@ def run(quick: bool = True) -> list[Table]:
             t, r, m = paired(lambda: consume(task, train.X, train.y, grouping), floor_fn, reps)  # noqa: B023
             table.add(K, size, "ggda fast (factors + segment sums)", t, r, m)
             if K <= n // 10 or not quick:
-                with fast_gradients(False):
-                    t, r, m = paired(lambda: consume(task, train.X, train.y, grouping), floor_fn, 1)  # noqa: B023
+                generic = AttributionTask(task.model, gradients="generic")
+                t, r, m = paired(lambda: consume(generic, train.X, train.y, grouping), floor_fn, 1)  # noqa: B023
                 table.add(K, size, "ggda generic (vmap tiles)", t, r, m)
             if K <= n // 10 and model_name != "cnn":
                 t, r, m = paired(lambda: loop_backwards(model, X, y, grouping), floor_fn, 1)  # noqa: B023

@@ -12,7 +12,6 @@ import tempfile
 import numpy as np
 from common import Table, image_data, save, timed
 
-from ggda.gradients.fast_factors import fast_gradients
 from ggda.groups import Grouping, random_grouping
 from ggda.methods import METHODS, make_method
 from ggda.models import TrainConfig, build_model, train_model
@@ -66,13 +65,13 @@ def run(quick: bool = True, only: list[str] | None = None) -> list[Table]:
     if only:
         runs = [r for r in runs if r[0] in only]
     for name, opts, fast in runs:
-        row: list = [name if fast else f"{name} (GGDA_FAST_GRADIENTS=0)"]
+        row: list = [name if fast else f"{name} (gradients=generic)"]
         try:
 
             def once(grouping_fn, name=name, opts=opts, fast=fast):
-                with fast_gradients(fast):
-                    g = grouping_fn()
-                    return make_method(name, task, **opts).cache(train, g).attribute(prop)
+                g = grouping_fn()
+                on = task if fast else AttributionTask(model.eval(), gradients="generic")
+                return make_method(name, on, **opts).cache(train, g).attribute(prop)
 
             t_pp, m_pp, s_pp = timed(lambda once=once: once(lambda: Grouping.singleton(n)))
             row += [t_pp, m_pp]

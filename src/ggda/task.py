@@ -26,6 +26,7 @@ from ggda.models.losses import LOSS_KINDS, PerExampleLoss, loss_for, loss_kind_o
 from ggda.models.training import resolve_device
 
 Params = dict[str, torch.Tensor]
+GRADIENT_PATHS = ("auto", "generic")
 
 
 class AttributionTask:
@@ -47,6 +48,9 @@ class AttributionTask:
         layers: names (or name prefixes, e.g. ``"2"`` or ``"fc2"``) of the parameters to attribute
             through; the others are held fixed. Default: every trainable parameter.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        gradients: ``"auto"`` (layer-factor and closed-form paths wherever the model allows them,
+            verified against ``torch.func`` on a few examples) or ``"generic"`` (``torch.func``
+            everywhere; same scores, slower — benchmarks compare the two).
 
     Subclass and override :meth:`forward` for models that need more than the call above.
     """
@@ -58,7 +62,11 @@ class AttributionTask:
         layers: Iterable[str] | None = None,
         device: str | torch.device | None = "cpu",
         loss_kind: str | None = None,
+        gradients: str = "auto",
     ) -> None:
+        if gradients not in GRADIENT_PATHS:
+            raise GGDAError(f"Unknown gradients '{gradients}'; choose one of {', '.join(GRADIENT_PATHS)}.")
+        self.gradients = gradients
         if not isinstance(model, nn.Module):
             raise GGDAError(f"The model is a {type(model).__name__}; pass an nn.Module.")
         self.device = resolve_device(device)
@@ -110,6 +118,21 @@ class AttributionTask:
             raise GGDAError(f"Parameters {unknown or names} are not attributed by this task.")
         clone = copy.copy(self)
         clone.param_names = names
+        return clone
+
+    def __setstate__(self, state: dict) -> None:
+        """Tasks pickled by an earlier version (a stored gold problem) lack newer attributes."""
+        state.setdefault("gradients", "auto")
+        state.setdefault("loss_kind", loss_kind_of(state.get("loss_fn")))
+        state.setdefault("_loss_checked", True)
+        self.__dict__.update(state)
+
+    def generic(self) -> AttributionTask:
+        """The same task with every gradient through ``torch.func`` (the reference for fast paths)."""
+        import copy
+
+        clone = copy.copy(self)
+        clone.gradients = "generic"
         return clone
 
     @property

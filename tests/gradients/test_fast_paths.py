@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ggda.gradients import group_gradients, iter_group_gradients, per_example_gradients
-from ggda.gradients.fast_factors import fast_gradients, fast_plan, plan_layers
+from ggda.gradients.fast_factors import fast_plan, plan_layers
 from ggda.groups import Grouping, random_grouping
 from ggda.methods import GradCos, GradDot, make_method
 from ggda.properties import ExampleLoss, Margin, MeanLoss
@@ -28,8 +28,7 @@ def mixed_grouping(n: int, seed: int = 0) -> Grouping:
 
 
 def reference(task, X, y, grouping, fn=None):
-    with fast_gradients(False):
-        return group_gradients(task, X, y, grouping, fn=fn, max_batch=64)
+    return group_gradients(task.generic(), X, y, grouping, fn=fn, max_batch=64)
 
 
 def close(a, b, tol=1e-5):
@@ -78,8 +77,7 @@ def test_group_gradients_equal_reference(data, trained_mlp, arch):
     assert close(fast, reference(task, X, y, grouping))
     # singletons == per-example gradients, fast vs vmap
     pe = per_example_gradients(task, X[:30], y[:30], chunk_size=7)
-    with fast_gradients(False):
-        assert close(pe, per_example_gradients(task, X[:30], y[:30]))
+    assert close(pe, per_example_gradients(task.generic(), X[:30], y[:30]))
 
 
 def test_fast_path_is_used_and_batch_independent(data, trained_mlp):
@@ -217,10 +215,9 @@ def test_factor_scoring_equals_dense(small_digits, trained_mlp, cls):
     for prop in [ExampleLoss(test.X[:12], test.y[:12]), MeanLoss(test.X, test.y)]:
         for grouping in [None, random_grouping(len(train), 150, seed=0)]:
             m = cls(task).cache(train, grouping)
-            with fast_gradients(False):
-                ref = cls(task).cache(train, grouping)
-                assert not ref._factor_mode
-                expected = ref.attribute(prop)
+            ref = cls(task.generic()).cache(train, grouping)
+            assert not ref._factor_mode
+            expected = ref.attribute(prop)
             assert m._factor_mode == (grouping is None or cls is GradDot)
             got = m.attribute(prop)
             assert np.allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
@@ -259,10 +256,9 @@ def test_preconditioned_groups_scored_through_factors_or_streamed(small_digits, 
     prop = ExampleLoss(test.X[:n_targets], test.y[:n_targets])
     m = Scaled(task).cache(train, grouping)
     assert m._factor_mode and m._G is None
-    with fast_gradients(False):
-        ref = Scaled(task).cache(train, grouping)
-        assert not ref._factor_mode
-        expected = ref.attribute(prop)
+    ref = Scaled(task.generic()).cache(train, grouping)
+    assert not ref._factor_mode
+    expected = ref.attribute(prop)
     assert np.allclose(
         expected, -2.0 * GradDot(task).cache(train, grouping).attribute(prop), rtol=1e-4, atol=1e-6
     )
@@ -275,8 +271,7 @@ def test_if_cg_unchanged_by_fast_path(small_digits, trained_mlp):
     prop = ExampleLoss(test.X[:4], test.y[:4])
     grouping = random_grouping(len(train), 30, seed=0)
     got = make_method("if-cg", task, damping=1e-2).cache(train, grouping).attribute(prop)
-    with fast_gradients(False):
-        ref = make_method("if-cg", task, damping=1e-2).cache(train, grouping).attribute(prop)
+    ref = make_method("if-cg", task.generic(), damping=1e-2).cache(train, grouping).attribute(prop)
     assert np.allclose(got, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
 
 

@@ -8,7 +8,6 @@ import torch
 from ggda.data.dataset import Dataset
 from ggda.errors import GGDAError
 from ggda.gradients import per_example_gradients
-from ggda.gradients.fast_factors import fast_gradients
 from ggda.methods import make_method
 from ggda.properties import ExampleLoss
 from ggda.task import AttributionTask
@@ -50,12 +49,12 @@ def module_blocks(task):
 @pytest.fixture(params=[True, False], ids=["factors", "per-example"])
 def path(request):
     """Both training-side paths: layer factors (MLPs) and materialised per-example gradients."""
-    with fast_gradients(request.param):
-        yield request.param
+    return request.param
 
 
 def test_matches_explicit_average_of_inverses(setup, path):
     task, train, prop = setup
+    task = task if path else task.generic()
     m = make_method("datainf", task).cache(train)
     assert (m._members is not None) == path
     scores = m.attribute(prop)
@@ -68,6 +67,7 @@ def test_matches_explicit_average_of_inverses(setup, path):
 
 def test_layer_by_tensor_and_fixed_damping(setup, path):
     task, train, prop = setup
+    task = task if path else task.generic()
     blocks = [np.arange(sl.start, sl.stop) for sl in task.layer_slices().values()]
     scores = make_method("datainf", task, layer_by="tensor", damping=0.05).cache(train).attribute(prop)
     assert np.allclose(scores, brute_force(task, train, prop, blocks, damping=0.05), rtol=1e-9, atol=1e-12)
@@ -93,6 +93,7 @@ def test_group_scores_are_sums_of_member_scores(setup, path):
     from ggda.groups import random_grouping
 
     task, train, prop = setup
+    task = task if path else task.generic()
     grouping = random_grouping(len(train), 7, seed=2)
     per_point = make_method("datainf", task).cache(train).attribute(prop)
     groups = make_method("datainf", task).cache(train, grouping).attribute(prop)

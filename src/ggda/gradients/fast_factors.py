@@ -27,17 +27,15 @@ path on a task, :func:`verify` compares it with ``vmap(grad)`` on a few examples
 *together*, which also catches models whose examples interact within a batch (e.g. batch norm in
 training mode) or forwards that bypass the modules; on a mismatch the generic path is used.
 
-Set ``GGDA_FAST_GRADIENTS=0`` (or use :func:`fast_gradients`) to force the generic path.
+``AttributionTask(..., gradients="generic")`` forces the generic path (benchmarks compare both).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,25 +46,6 @@ from ggda.data.batches import input_signature, take, unsqueeze
 from ggda.task import AttributionTask, Params
 
 ExampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-_ENABLED: list[bool] = []  # stack set by fast_gradients(); the environment variable otherwise
-
-
-def fast_enabled() -> bool:
-    """Whether the fast factor paths may be used (``GGDA_FAST_GRADIENTS=0`` turns them off)."""
-    if _ENABLED:
-        return _ENABLED[-1]
-    return os.environ.get("GGDA_FAST_GRADIENTS", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-@contextlib.contextmanager
-def fast_gradients(enabled: bool = True) -> Iterator[None]:
-    """Turn the fast paths on or off inside a ``with`` block (benchmarks compare both)."""
-    _ENABLED.append(bool(enabled))
-    try:
-        yield
-    finally:
-        _ENABLED.pop()
 
 
 @dataclass
@@ -340,7 +319,7 @@ def fast_plan(
     task: AttributionTask, X: torch.Tensor, y: torch.Tensor, fn: ExampleFn, params: Params
 ) -> LayerPlan | None:
     """The plan to use for this task and function, or None for the generic path."""
-    if not fast_enabled() or len(y) == 0:
+    if task.gradients != "auto" or len(y) == 0:
         return None
     plan = plan_layers(task)
     if plan is None:

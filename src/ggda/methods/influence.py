@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 from ggda.errors import GGDAError
-from ggda.gradients.fast_factors import fast_enabled
 from ggda.gradients.per_example import iter_per_example_gradients
 from ggda.linalg.arnoldi import LowRankEigen, arnoldi, ihvp_arnoldi
 from ggda.linalg.cg import ihvp_cg
@@ -64,7 +63,7 @@ class TrainingCurvature:
     On a chain model (Linear → activation → … → Linear, :mod:`ggda.models.chain`) the
     Gauss–Newton product is computed with plain GEMMs over all vectors at once
     (:mod:`ggda.linalg.chain_gn`); a single Linear layer also takes that path for the exact
-    Hessian, which equals its Gauss–Newton matrix. ``GGDA_FAST_GRADIENTS=0`` forces ``torch.func``.
+    Hessian, which equals its Gauss–Newton matrix. ``AttributionTask(gradients="generic")`` forces ``torch.func``.
 
     Args:
         task: the attribution task (model, loss, attributed parameters, device, dtype).
@@ -97,7 +96,7 @@ class TrainingCurvature:
         self.theta = task.flatten(params)
         self.p = self.theta.numel()
         self._shapes = [(name, p.shape, p.numel()) for name, p in params.items()]
-        chain = linear_chain(task) if fast_enabled() else None
+        chain = linear_chain(task) if task.gradients == "auto" else None
         if chain is not None and kind == "exact" and not (chain.depth == 1 and chain.activations[0] is None):
             chain = None  # a deeper chain's exact Hessian has second-order terms the GN product lacks
         self.chain = chain

@@ -390,7 +390,7 @@ class TRAK(Attributor):
         if it is None:
             raise GGDAError(
                 "TRAK projection=kronecker needs a model made only of nn.Linear/Conv2d layers (and the fast "
-                "gradient paths on, GGDA_FAST_GRADIENTS unset); use projection=gaussian for this model."
+                "gradient paths on, gradients='auto' on the task); use projection=gaussian for this model."
             )
         features, projector = None, None
         for gids, phi, proj in it:
