@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ggda.models.chain import chain_or_reason
-from ggda.models.losses import cross_entropy, squared_error
+from ggda.models.analysis import analyse
 from ggda.task import AttributionTask, Params
 
 aten = torch.ops.aten
@@ -119,15 +118,16 @@ class _Linear:
 def _parse(task: AttributionTask) -> tuple[list[_Linear | _Activation], str | None]:
     """(the chain of ops, None) or ([], why the model is not a plain Linear/activation chain).
 
-    The structure comes from :func:`ggda.models.chain.chain_or_reason` (shared with the
-    curvature products); this kernel adds: the built-in losses only, no buffers, and a fused
-    kernel for every activation.
+    The structure comes from the model analysis (:mod:`ggda.models.analysis`, shared with the
+    curvature products); this kernel adds: a cross-entropy or squared-error loss kind, no
+    buffers, and a fused kernel for every activation.
     """
-    if task.loss_fn not in (cross_entropy, squared_error):
-        return [], "the loss is not the built-in cross-entropy or squared error"
+    analysis = analyse(task)
+    if analysis.loss_kind not in ("cross-entropy", "squared-error"):
+        return [], "the loss is not of kind cross-entropy or squared-error"
     if any(True for _ in task.model.buffers()):
         return [], "the model has buffers"
-    chain, why = chain_or_reason(task)
+    chain, why = analysis.chain, analysis.chain_reason
     if chain is None:
         return [], why
     ops: list[_Linear | _Activation] = []

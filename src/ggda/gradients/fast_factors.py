@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ggda.data.batches import input_signature, take, unsqueeze
+from ggda.models.analysis import analyse, conv_padding
 from ggda.task import AttributionTask, Params
 
 ExampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -74,36 +75,19 @@ class LayerPlan:
         return max(1, int(budget_mb * 2**20 // max(1, self.row_bytes)))
 
 
-def _supported(module: nn.Module) -> str | None:
-    if type(module) is nn.Linear:  # exact type: a subclass may override forward
-        return "linear"
-    if type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros":
-        if isinstance(module.padding, str) and module.padding != "valid":
-            return None  # "same" padding can be asymmetric; unfold cannot express it
-        return "conv2d"
-    return None
-
-
 def plan_layers(task: AttributionTask) -> LayerPlan | None:
-    """A hook plan when every attributed parameter is a Linear/Conv2d weight or bias, else None."""
-    modules = dict(task.model.named_modules())
-    by_module: dict[str, dict[str, str]] = {}
-    for name in task.param_names:
-        mod_name, _, attr = name.rpartition(".")
-        module = modules.get(mod_name)
-        if module is None or attr not in ("weight", "bias") or _supported(module) is None:
-            return None
-        by_module.setdefault(mod_name, {})[attr] = name
-    layers = []
-    for mod_name, attrs in by_module.items():
-        module = modules[mod_name]
-        kind = _supported(module)
-        d_in = module.weight[0].numel()
-        layers.append(
-            LayerSpec(module, kind, attrs.get("weight"), attrs.get("bias"), d_in, module.weight.shape[0])
+    """A hook plan when every attributed parameter is a Linear/Conv2d weight or bias, else None
+    (the model analysis of :mod:`ggda.models.analysis` decides which modules qualify)."""
+    analysis = analyse(task)
+    if not analysis.factorisable:
+        return None
+    layers = [
+        LayerSpec(
+            ly.module, ly.kind, ly.weight, ly.bias, ly.module.weight[0].numel(), ly.module.weight.shape[0]
         )
-    slices = task.layer_slices()
-    return LayerPlan(layers, slices, task.n_params)
+        for ly in analysis.factor_layers
+    ]
+    return LayerPlan(layers, task.layer_slices(), task.n_params)
 
 
 @dataclass
@@ -120,8 +104,9 @@ class Factors:
 
 
 def _unfold(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    padding = 0 if module.padding == "valid" else module.padding
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    cols = F.unfold(
+        x, module.kernel_size, dilation=module.dilation, padding=conv_padding(module), stride=module.stride
+    )
     return cols.transpose(1, 2)  # (B, L, C_in·kh·kw)
 
 

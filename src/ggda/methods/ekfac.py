@@ -34,6 +34,7 @@ from torch.func import hessian, vmap
 from ggda.errors import GGDAError
 from ggda.methods.base import register
 from ggda.methods.influence import InfluenceFunction
+from ggda.models.analysis import analyse, conv_padding
 from ggda.task import AttributionTask
 
 FISHERS = ("expected", "empirical")
@@ -79,9 +80,8 @@ class KroneckerLayer:
         B = a.shape[0]
         if isinstance(self.module, nn.Conv2d):
             m = self.module
-            a = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride).transpose(
-                1, 2
-            )
+            cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=conv_padding(m), stride=m.stride)
+            a = cols.transpose(1, 2)
         else:
             a = a.reshape(B, -1, a.shape[-1])
         parts = [a] if self.weight is not None else []
@@ -98,37 +98,22 @@ class KroneckerLayer:
 
 
 def kronecker_layers(task: AttributionTask) -> list[KroneckerLayer]:
-    """The supported layers holding the task's attributed parameters (all must be covered)."""
+    """The Kronecker blocks of the task's attributed Linear/Conv2d layers (the model analysis of
+    :mod:`ggda.models.analysis` decides which modules qualify)."""
     slices = task.layer_slices()
-    layers, covered = [], set()
-    for mname, module in task.model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        prefix = f"{mname}." if mname else ""
-        w, b = f"{prefix}weight", f"{prefix}bias"
-        w = w if w in slices else None
-        b = b if (module.bias is not None and b in slices) else None
-        if w is None and b is None:
-            continue
-        if isinstance(module, nn.Conv2d) and (
-            module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
-        ):
-            raise GGDAError(
-                f"EK-FAC supports Conv2d with groups=1, zero padding given as integers; layer '{mname}' "
-                "is not; use --method if-cg."
-            )
-        weight = module.weight
+    layers = []
+    for ly in analyse(task).factor_layers:
+        weight = ly.module.weight
         layers.append(
             KroneckerLayer(
-                name=mname,
-                module=module,
-                weight=slices[w] if w else None,
-                bias=slices[b] if b else None,
+                name=ly.name,
+                module=ly.module,
+                weight=slices[ly.weight] if ly.weight else None,
+                bias=slices[ly.bias] if ly.bias else None,
                 out_features=weight.shape[0],
-                in_features=weight[0].numel() if w else 0,
+                in_features=weight[0].numel() if ly.weight else 0,
             )
         )
-        covered |= {w, b}
     if not layers:
         raise GGDAError(
             "EK-FAC covers nn.Linear and nn.Conv2d parameters only and the task attributes none; "
@@ -140,8 +125,7 @@ def kronecker_layers(task: AttributionTask) -> list[KroneckerLayer]:
 def supported_task(task: AttributionTask) -> AttributionTask:
     """The task restricted to its Linear/Conv2d parameters, with a notice naming what is skipped
     (normalisation layers, embeddings: Kronfluence skips them the same way)."""
-    covered = {s for layer in kronecker_layers_of(task) for s in layer}
-    missing = [n for n in task.param_names if n not in covered]
+    missing = analyse(task).unsupported
     if not missing:
         return task
     if len(missing) == len(task.param_names):
@@ -155,20 +139,7 @@ def supported_task(task: AttributionTask) -> AttributionTask:
         RuntimeWarning,
         stacklevel=3,
     )
-    return task.with_params([n for n in task.param_names if n in covered])
-
-
-def kronecker_layers_of(task: AttributionTask) -> list[tuple[str, ...]]:
-    """Parameter names of each Linear/Conv2d module whose parameters the task attributes."""
-    names = set(task.param_names)
-    out = []
-    for mname, module in task.model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            prefix = f"{mname}." if mname else ""
-            owned = tuple(n for n in (f"{prefix}weight", f"{prefix}bias") if n in names)
-            if owned:
-                out.append(owned)
-    return out
+    return task.with_params([n for n in task.param_names if n not in missing])
 
 
 @register("ekfac")

@@ -46,7 +46,7 @@ from ggda.linalg.hvp import gnhvp, hvp
 from ggda.linalg.lissa import ihvp_lissa
 from ggda.linalg.multinomial import MultinomialInverse
 from ggda.methods.base import InnerProductAttributor, register
-from ggda.models.chain import linear_chain
+from ggda.models.analysis import analyse
 from ggda.task import AttributionTask
 
 HESSIANS = ("exact", "gn")
@@ -96,7 +96,7 @@ class TrainingCurvature:
         self.theta = task.flatten(params)
         self.p = self.theta.numel()
         self._shapes = [(name, p.shape, p.numel()) for name, p in params.items()]
-        chain = linear_chain(task) if task.gradients == "auto" else None
+        chain = analyse(task).chain
         if chain is not None and kind == "exact" and not (chain.depth == 1 and chain.activations[0] is None):
             chain = None  # a deeper chain's exact Hessian has second-order terms the GN product lacks
         self.chain = chain
