@@ -44,6 +44,7 @@ from torch import nn
 
 from ggda.data.batches import input_signature, take, unsqueeze
 from ggda.models.analysis import analyse, conv_padding
+from ggda.models.capture import Capture
 from ggda.task import AttributionTask, Params
 
 ExampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -123,40 +124,18 @@ def layer_factors(
 
     ``weights`` (B,) scale each example's δ (a 0/1 mask drops padding rows).
     """
-    inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(plan.layers))}
-    probes: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(plan.layers))}
-    handles = []
-
-    def make_hook(i: int, spec: LayerSpec):
-        def hook(module, args, out):
-            x = args[0].detach()
-            if spec.kind == "conv2d":
-                a = _unfold(module, x)
-            else:
-                a = x.reshape(x.shape[0], -1, x.shape[-1])
-            inputs[i].append(a)
-            probe = torch.zeros_like(out, requires_grad=True)
-            probes[i].append(probe)
-            return out + probe
-
-        return hook
-
-    for i, spec in enumerate(plan.layers):
-        handles.append(spec.module.register_forward_hook(make_hook(i, spec)))
-    try:
-        with torch.enable_grad():
-            values = fn(task.forward(params, X), y)
-            total = values.sum() if weights is None else (values * weights).sum()
-            flat = [p for i in range(len(plan.layers)) for p in probes[i]]
-            grads = torch.autograd.grad(total, flat, allow_unused=True) if flat else ()
-    finally:
-        for h in handles:
-            h.remove()
+    with Capture([spec.module for spec in plan.layers], mode="probe") as cap, torch.enable_grad():
+        values = fn(task.forward(params, X), y)
+        total = values.sum() if weights is None else (values * weights).sum()
+        flat = [call.output for calls in cap.calls for call in calls]
+        grads = torch.autograd.grad(total, flat, allow_unused=True) if flat else ()
     A, D, k = [], [], 0
     B = len(y)
     for i, spec in enumerate(plan.layers):
         a_parts, d_parts = [], []
-        for a, probe in zip(inputs[i], probes[i], strict=True):
+        for call in cap.calls[i]:
+            x, probe = call.input, call.output
+            a = _unfold(spec.module, x) if spec.kind == "conv2d" else x.reshape(x.shape[0], -1, x.shape[-1])
             g = grads[k]
             k += 1
             g = torch.zeros_like(probe) if g is None else g.detach()

@@ -26,6 +26,7 @@ from torch import nn
 
 from ggda.data.batches import ExampleInputs
 from ggda.errors import GGDAError
+from ggda.models.capture import Capture
 from ggda.task import AttributionTask
 
 GRADIENT_FEATURES = ("last-layer", "logits", "projected")
@@ -87,25 +88,17 @@ def _modules(model: nn.Module) -> dict[str, nn.Module]:
 def find_output_layer(task: AttributionTask, X: np.ndarray) -> OutputLayer:
     """Find the output layer by running the model on two examples with hooks (execution order, not
     definition order, decides which ``nn.Linear`` is last)."""
-    seen: list[tuple[str, torch.Tensor]] = []
-    handles = [
-        m.register_forward_hook(lambda mod, inp, out, name=name: seen.append((name, out)))
-        for name, m in task.model.named_modules()
-        if isinstance(m, nn.Linear)
-    ]
-    try:
-        with torch.no_grad():
-            output = task.forward(task.params(), task.batch(X[:2]))
-    finally:
-        for h in handles:
-            h.remove()
-    if not seen:
+    linear = [(name, m) for name, m in task.model.named_modules() if isinstance(m, nn.Linear)]
+    with Capture([m for _, m in linear]) as cap, torch.no_grad():
+        output = task.forward(task.params(), task.batch(X[:2]))
+    if not cap.order:
         raise GGDAError(
             "The model has no nn.Linear layer, so last-layer gradients are undefined; "
             "use features='projected' (all parameters through a random projection)."
         )
-    name, out = seen[-1]
-    return OutputLayer(name, _modules(task.model)[name], direct=out is output)
+    i, call = cap.order[-1]
+    name, module = linear[i]
+    return OutputLayer(name, module, direct=call.output is output)
 
 
 def _named_module(model: nn.Module, layer: str) -> nn.Module:
@@ -136,20 +129,14 @@ def representation_features(
     else:
         module, take_input = _named_module(task.model, layer), False
     store: list[torch.Tensor] = []
-
-    def hook(mod, inp, out):
-        t = inp[0] if take_input else out
+    for rows in _chunks(len(X), chunk_size):
+        with Capture([module]) as cap, torch.no_grad():
+            task.forward(task.params(), task.batch(X[rows]))
+        call = cap.last(0)
+        t = call.input if take_input else call.output
         if not isinstance(t, torch.Tensor):
             raise GGDAError(f"Layer '{layer}' does not produce a tensor; choose another layer.")
         store.append(t.detach().reshape(t.shape[0], -1).float().cpu())
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            for rows in _chunks(len(X), chunk_size):
-                task.forward(task.params(), task.batch(X[rows]))
-    finally:
-        handle.remove()
     return np.ascontiguousarray(torch.cat(store).numpy())
 
 
@@ -170,29 +157,18 @@ def _layer_io_and_delta(
     task: AttributionTask, module: nn.Linear, direct: bool, Xb: torch.Tensor, yb: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, δ) of one chunk: the layer input and ∂ℓ_i/∂o_i (per example, since losses are per example)."""
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(mod, inp, out):
-        captured["h"] = inp[0].detach()
-        leaf = out.detach().requires_grad_(True)
-        captured["o"] = leaf
-        return leaf  # downstream layers see a leaf, so autograd stops at this layer's outputs
-
-    handle = module.register_forward_hook(hook)
-    try:
-        if direct:
-            with torch.no_grad():
-                out = task.forward(task.params(), Xb)
-            delta = _closed_form_delta(task, out, yb)
-            if delta is not None:
-                return captured["h"], delta.detach()
-        with torch.enable_grad():
+    # the output becomes a leaf: downstream layers see it, so autograd stops at this layer
+    if direct:
+        with Capture([module], mode="leaf") as cap, torch.no_grad():
             out = task.forward(task.params(), Xb)
-            total = task.loss_fn(out, yb).sum()  # Σ_i ℓ_i: its gradient w.r.t. o_i is ∂ℓ_i/∂o_i
-            (delta,) = torch.autograd.grad(total, captured["o"])
-        return captured["h"], delta.detach()
-    finally:
-        handle.remove()
+        delta = _closed_form_delta(task, out, yb)
+        if delta is not None:
+            return cap.last(0).input, delta.detach()
+    with Capture([module], mode="leaf") as cap, torch.enable_grad():
+        out = task.forward(task.params(), Xb)
+        total = task.loss_fn(out, yb).sum()  # Σ_i ℓ_i: its gradient w.r.t. o_i is ∂ℓ_i/∂o_i
+        (delta,) = torch.autograd.grad(total, cap.last(0).output)
+    return cap.last(0).input, delta.detach()
 
 
 def last_layer_gradients(

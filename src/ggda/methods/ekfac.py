@@ -35,6 +35,7 @@ from ggda.errors import GGDAError
 from ggda.methods.base import register
 from ggda.methods.influence import InfluenceFunction
 from ggda.models.analysis import analyse, conv_padding
+from ggda.models.capture import Capture
 from ggda.task import AttributionTask
 
 FISHERS = ("expected", "empirical")
@@ -193,23 +194,10 @@ class EKFAC(InfluenceFunction):
         task = self.task
         Xc, yc = self.curvature.Xt[rows], self.curvature.yt[rows]
         params = {k: v.detach().clone().requires_grad_(True) for k, v in task.params().items()}
-        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def hook(i: int):
-            def fn(module, inputs, output):
-                captured[i] = (inputs[0].detach(), output)
-
-            return fn
-
-        handles = [layer.module.register_forward_hook(hook(i)) for i, layer in enumerate(self.layers)]
-        try:
-            with torch.enable_grad():
-                z = task.forward(params, Xc)
-        finally:
-            for h in handles:
-                h.remove()
-        acts = [self.layers[i].inputs(captured[i][0]) for i in range(len(self.layers))]
-        outs = [captured[i][1] for i in range(len(self.layers))]
+        with Capture([layer.module for layer in self.layers]) as cap, torch.enable_grad():
+            z = task.forward(params, Xc)
+        acts = [self.layers[i].inputs(cap.last(i).input) for i in range(len(self.layers))]
+        outs = [cap.last(i).output for i in range(len(self.layers))]
         for u in self._cotangents(z, yc):
             grads = torch.autograd.grad(z, outs, grad_outputs=u.reshape(z.shape), retain_graph=True)
             for i, (layer, ds) in enumerate(zip(self.layers, grads, strict=True)):

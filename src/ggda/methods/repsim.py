@@ -31,6 +31,7 @@ from torch import nn
 
 from ggda.errors import GGDAError
 from ggda.methods.base import Attributor, register
+from ggda.models.capture import Capture
 from ggda.properties import ExampleProperty, MeanLoss, Property
 from ggda.task import AttributionTask
 
@@ -87,21 +88,13 @@ class RepSim(Attributor):
 
     def representations(self, X: np.ndarray) -> torch.Tensor:
         """(n, d) representations h(x), float64, on the task's device."""
-        captured: list[torch.Tensor] = []
-
-        def grab(module, inputs, output):
-            value = inputs[0] if self.hook == "input" else output
-            captured.append(value.detach().reshape(value.shape[0], -1).double())
-
-        handle = dict(self.task.model.named_modules())[self.layer].register_forward_hook(grab)
-        try:
-            params = self.task.params()
-            with torch.no_grad():
-                for start in range(0, len(X), self.batch_size):
-                    self.task.forward(params, self.task.batch(X[start : start + self.batch_size]))
-        finally:
-            handle.remove()
-        return torch.cat(captured)
+        module = dict(self.task.model.named_modules())[self.layer]
+        params = self.task.params()
+        with Capture([module]) as cap, torch.no_grad():
+            for start in range(0, len(X), self.batch_size):
+                self.task.forward(params, self.task.batch(X[start : start + self.batch_size]))
+        values = [call.input if self.hook == "input" else call.output for call in cap.calls[0]]
+        return torch.cat([v.detach().reshape(v.shape[0], -1).double() for v in values])
 
     @staticmethod
     def _normalise(H: torch.Tensor) -> torch.Tensor:
