@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ggda.gradients.buffers import storage_key
 from ggda.models.analysis import analyse
 from ggda.task import AttributionTask, Params
 
@@ -280,7 +281,7 @@ class StackedMLP:
         Building ~40 views per block costs more than a block's small operations, so they are
         made once per (stack size, batch width, parameter storage) and reused every step.
         """
-        ck = (key, W, R, tuple(v.data_ptr() for v in params.values()))
+        ck = (key, W, R, storage_key(params.values()))
         blocks = self._views.get(ck)
         if blocks is not None:
             return blocks

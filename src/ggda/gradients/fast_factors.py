@@ -32,7 +32,6 @@ training mode) or forwards that bypass the modules; on a mismatch the generic pa
 
 from __future__ import annotations
 
-import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -171,56 +170,6 @@ def per_example_from_factors(
         if spec.bias is not None:
             out[:, plan.slices[spec.bias]] = d.sum(1)
     return out
-
-
-def _holders(t: torch.Tensor) -> tuple[int, int, int]:
-    """(Python refs, tensor-impl refs, storage refs) of ``t``: any view, saved tensor, NumPy array
-    or stored Python reference raises one of them."""
-    use = getattr(torch._C, "_storage_Use_Count", None)
-    storage = use(t.untyped_storage()._cdata) if use is not None else -1
-    return sys.getrefcount(t), t._use_count(), storage
-
-
-class BlockRecycler:
-    """Output blocks for a generator, reusing the memory of earlier blocks once the consumer has
-    dropped every reference to them.
-
-    Why: on CPU a fresh multi-MB tensor is page-faulted in on first write, which costs as much
-    as the matrix products that fill it (all K group gradients at K = n/10 are ~10× the
-    training data). A block is reused only when nothing can observe it any more — no Python
-    reference, no view, no autograd-saved copy, no NumPy alias — so a consumer that keeps blocks
-    (``list(...)``) simply gets fresh ones. A few past blocks are pooled because a ``for`` loop
-    still holds the previous block while the next one is produced.
-    """
-
-    def __init__(self, size: int = 3) -> None:
-        self.size = size
-        self._pool: list[torch.Tensor] = [torch.empty(1)]
-        self._base = self._holders_at(0) if hasattr(torch.Tensor, "_use_count") else None
-        self._pool.clear()
-
-    def _holders_at(self, i: int) -> tuple[int, int, int]:
-        t = self._pool[i]
-        out = _holders(t)
-        del t
-        return out
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        out = None
-        if self._base is not None:
-            for i in range(len(self._pool)):  # not enumerate(): its reused tuple keeps a reference
-                t = self._pool[i]
-                match = t.device.type == "cpu" and tuple(t.shape) == tuple(shape) and t.dtype == dtype
-                del t
-                if match and self._holders_at(i) == self._base:
-                    out = self._pool.pop(i)
-                    break
-        if out is None:
-            out = torch.empty(shape, dtype=dtype, device=device)
-        self._pool.append(out)
-        if len(self._pool) > self.size:
-            self._pool.pop(0)
-        return out
 
 
 _VERIFIED: dict[tuple, bool] = {}

@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from ggda.gradients.fast_factors import BlockRecycler, ExampleFn, Factors, LayerPlan, LayerSpec, layer_factors
+from ggda.gradients.buffers import BlockRecycler
+from ggda.gradients.fast_factors import ExampleFn, Factors, LayerPlan, LayerSpec, layer_factors
 from ggda.groups.grouping import Grouping
 from ggda.task import AttributionTask, Params
 

@@ -14,7 +14,8 @@ import torch
 from torch.func import grad, vmap
 
 from ggda.data.batches import unsqueeze
-from ggda.gradients.fast_factors import BlockRecycler, fast_plan, layer_factors, per_example_from_factors
+from ggda.gradients.buffers import BlockRecycler
+from ggda.gradients.fast_factors import fast_plan, layer_factors, per_example_from_factors
 from ggda.task import AttributionTask, Params
 
 ExampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from ggda.errors import GGDAError
-from ggda.execution.memory import empty_huge
+from ggda.gradients.buffers import empty_huge, shares_storage
 from ggda.gradients.fast_project import iter_projected_group_gradients
 from ggda.gradients.group import iter_group_gradients
 from ggda.gradients.per_example import iter_per_example_gradients
@@ -126,10 +126,7 @@ class _Stage:
         return view
 
     def add(self, gids: np.ndarray, G: torch.Tensor) -> None:
-        in_place = (
-            self.buffer is not None
-            and G.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()
-        )
+        in_place = self.buffer is not None and shares_storage(G, self.buffer)
         if not in_place:
             if len(G) > self.rows:
                 self.sink(gids, G)
