@@ -229,12 +229,14 @@ def test_shared_linear_layers_are_ineligible():
     assert "shared" in ineligible_reason(task)
 
 
-def test_kernel_choice_env_and_errors(monkeypatch):
+def test_kernel_choice_from_config_and_errors():
     problem, _ = problem_of(nn.Sequential(nn.Linear(4, 2)).double(), "mask", lr=0.1)
     assert resolve_kernel(problem) == "mlp"
-    monkeypatch.setenv("GGDA_GOLD_KERNEL", "vmap")
-    assert resolve_kernel(problem) == "vmap"
-    assert resolve_kernel(problem, "mlp") == "mlp"  # an explicit argument wins
-    monkeypatch.setenv("GGDA_GOLD_KERNEL", "fast")
+    forced, _ = problem_of(nn.Sequential(nn.Linear(4, 2)).double(), "mask", lr=0.1, kernel="vmap")
+    assert resolve_kernel(forced) == "vmap"
+    assert resolve_kernel(forced, "mlp") == "mlp"  # an explicit argument wins
+    assert forced.fingerprint != problem.fingerprint  # the kernel enters the result keys
+    with pytest.raises(GGDAError, match="Unknown kernel"):
+        GoldConfig(kernel="fast")
     with pytest.raises(GGDAError, match="Unknown gold kernel"):
-        resolve_kernel(problem)
+        resolve_kernel(problem, "fast")

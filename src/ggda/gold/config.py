@@ -15,6 +15,7 @@ from ggda.models.training import OPTIMIZERS, TrainConfig
 REMOVALS = ("mask", "sampler", "weight")
 PATHS = ("auto", "vectorised", "sequential")
 DTYPES = ("float32", "float64")
+KERNELS = ("auto", "mlp", "vmap")
 
 #: ``path="auto"`` trains a chunk of runs as one stacked model when
 #: ``n_params × runs_per_chunk`` is at most this many numbers (each costs parameters, gradient and
@@ -48,6 +49,10 @@ class GoldConfig:
             path the number of runs trained at once.
         dtype: ``float64`` (default: the effect of one point is ~lr/B relative, close to float32
             resolution) or ``float32``.
+        kernel: the vectorised path's gradient kernel: ``auto`` (the hand-written stacked MLP
+            kernel when the model is a plain Linear/activation chain, ``vmap(grad)`` otherwise),
+            ``mlp`` (insist on the former) or ``vmap`` (force the latter). Same objective either
+            way; results differ at rounding level, so the kernel enters the result keys.
     """
 
     epochs: int = 1
@@ -65,6 +70,7 @@ class GoldConfig:
     path: str = "auto"
     chunk: int = 0
     dtype: str = "float64"
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -83,6 +89,8 @@ class GoldConfig:
             raise GGDAError("removal=sampler deletes the unit; epsilon applies to mask/weight only.")
         if self.path not in PATHS:
             raise GGDAError(f"Unknown path '{self.path}'; choose one of {', '.join(PATHS)}.")
+        if self.kernel not in KERNELS:
+            raise GGDAError(f"Unknown kernel '{self.kernel}'; choose one of {', '.join(KERNELS)}.")
         if self.dtype not in DTYPES:
             raise GGDAError(f"Unknown dtype '{self.dtype}'; choose one of {', '.join(DTYPES)}.")
         if self.record_every < 0 or self.chunk < 0 or self.momentum < 0 or self.weight_decay < 0:

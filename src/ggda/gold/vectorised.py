@@ -10,7 +10,7 @@ run gets its own (R, B) batch. Optimiser updates are the functional equivalents 
 Why: a small model's sequential step is dominated by per-operator overhead; stacking turns R small
 matrix products into a few large ones (see ``benchmarks/bench_gold.py`` for measured figures).
 
-Gradient kernels (``kernel=``, or the environment variable ``GGDA_GOLD_KERNEL``): ``auto`` (default)
+Gradient kernels (``GoldConfig.kernel``, or ``kernel=`` here): ``auto`` (default)
 uses the hand-written stacked forward/backward of :mod:`ggda.gold.stacked_mlp` when the model is a
 plain ``nn.Sequential`` chain of ``nn.Linear`` layers and elementwise activations with the built-in
 loss, and ``vmap(grad(objective))`` otherwise; ``mlp`` insists on the former, ``vmap`` forces the
@@ -20,20 +20,17 @@ recording, divergence) is shared.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from torch.func import grad, vmap
 
 from ggda.errors import GGDAError
+from ggda.gold.config import KERNELS
 from ggda.gold.objective import diverged, objective
 from ggda.gold.optim import StackedOptimizer
 from ggda.gold.problem import GoldProblem
 from ggda.gold.removal import extra_terms, fork_steps, plan
 from ggda.gold.stacked_mlp import StackedMLP, ineligible_reason
-
-KERNELS = ("auto", "mlp", "vmap")
 
 
 def stack_params(problem: GoldProblem, R: int) -> dict[str, torch.Tensor]:
@@ -46,7 +43,7 @@ def stack_params(problem: GoldProblem, R: int) -> dict[str, torch.Tensor]:
 
 def resolve_kernel(problem: GoldProblem, kernel: str | None = None) -> str:
     """``mlp`` or ``vmap``: the gradient kernel ``train_vectorised`` uses for ``problem``."""
-    kernel = kernel or os.environ.get("GGDA_GOLD_KERNEL", "auto")
+    kernel = kernel or problem.config.kernel
     if kernel not in KERNELS:
         raise GGDAError(f"Unknown gold kernel '{kernel}'; choose one of {', '.join(KERNELS)}.")
     if kernel == "vmap":
