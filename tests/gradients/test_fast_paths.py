@@ -216,9 +216,9 @@ def test_factor_scoring_equals_dense(small_digits, trained_mlp, cls):
         for grouping in [None, random_grouping(len(train), 150, seed=0)]:
             m = cls(task).cache(train, grouping)
             ref = cls(task.generic()).cache(train, grouping)
-            assert not ref._factor_mode
+            assert not (ref.side.mode == "factors")
             expected = ref.attribute(prop)
-            assert m._factor_mode == (grouping is None or cls is GradDot)
+            assert (m.side.mode == "factors") == (grouping is None or cls is GradDot)
             got = m.attribute(prop)
             assert np.allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
@@ -229,15 +229,23 @@ def test_factor_scoring_streams_and_preconditioned_subclass(small_digits, traine
     prop = ExampleLoss(test.X[:6], test.y[:6])
     expected = GradDot(task).cache(train).attribute(prop)
     streamed = GradDot(task, memory_mb=0.05, max_batch=64).cache(train)
-    assert streamed._factor_mode and streamed._factors is None
+    assert (streamed.side.mode == "factors") and streamed.side.factors is None
     assert np.allclose(streamed.attribute(prop), expected, rtol=1e-4, atol=1e-6)
 
+    with pytest.raises(TypeError, match="preconditioned = True"):
+
+        class Undeclared(GradDot):  # overriding precondition() must be declared
+            def precondition(self, target_grads):
+                return target_grads
+
     class Scaled(GradDot):  # a preconditioned method (dense targets) on the factor path
+        preconditioned = True
+
         def precondition(self, target_grads):
             return 3.0 * target_grads
 
     m = Scaled(task, memory_mb=1.0).cache(train)  # n x p does not fit: factor scoring
-    assert m._factor_mode
+    assert m.side.mode == "factors"
     assert np.allclose(m.attribute(prop), 3.0 * expected, rtol=1e-4, atol=1e-6)
 
 
@@ -250,14 +258,16 @@ def test_preconditioned_groups_scored_through_factors_or_streamed(small_digits, 
     grouping = random_grouping(len(train), len(train) // 2, seed=0)  # K x p > factor bytes
 
     class Scaled(GradDot):
+        preconditioned = True
+
         def precondition(self, target_grads):
             return -2.0 * target_grads
 
     prop = ExampleLoss(test.X[:n_targets], test.y[:n_targets])
     m = Scaled(task).cache(train, grouping)
-    assert m._factor_mode and m._G is None
+    assert (m.side.mode == "factors") and m.side.G is None
     ref = Scaled(task.generic()).cache(train, grouping)
-    assert not ref._factor_mode
+    assert not (ref.side.mode == "factors")
     expected = ref.attribute(prop)
     assert np.allclose(
         expected, -2.0 * GradDot(task).cache(train, grouping).attribute(prop), rtol=1e-4, atol=1e-6

@@ -106,7 +106,7 @@ def test_chunk_and_memory_invariance(setup, K):
     for opts in ({"max_batch": 3}, {"memory_mb": 1e-4, "max_batch": 7}, {"memory_mb": 1e-4, "max_batch": 1}):
         m = make_method("if-group-fisher", task, damping=1e-2, **opts).cache(train, grouping)
         if opts.get("memory_mb"):
-            assert m._G is None  # streamed Gram path
+            assert m.side.G is None  # streamed Gram path
         np.testing.assert_allclose(m.attribute(prop), ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
 
 

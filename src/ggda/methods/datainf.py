@@ -72,6 +72,8 @@ class DataInf(InnerProductAttributor):
         **options: ``aggregate``, ``max_batch``, ``memory_mb``.
     """
 
+    preconditioned = True
+
     def __init__(
         self,
         task: AttributionTask,
@@ -118,7 +120,7 @@ class DataInf(InnerProductAttributor):
         self._Gtrain = None
         self._members = self._factor_members()
         if self._members is not None:
-            sq = torch.cat([self._factor_layer_sq(f) for _, f in self._factor_chunks()])  # (n, L)
+            sq = torch.cat([self._factor_layer_sq(f) for _, f in self.side.factor_chunks()])  # (n, L)
         else:
             if n * p * torch.finfo(self.task.dtype).bits / 8 <= self.memory_mb * 2**20 / 2:
                 self._Gtrain = torch.cat(list(self._train_grads()))
@@ -140,31 +142,28 @@ class DataInf(InnerProductAttributor):
     def _factor_members(self) -> list[list[str]] | None:
         """The parameter names of every DataInf layer when the training gradients are rank-one
         outer products of layer factors (then served from them), else None."""
-        if self._plan is None:  # the scoring side chose dense group gradients: plan factors here
-            plan = self._factor_plan()
-            if plan is None:
-                return None
-            self._use_factors(plan)
+        if not self.side.ensure_factors():  # beside dense group gradients when those were chosen
+            return None
         return self._block_params
 
     def _factor_layer_sq(self, f) -> torch.Tensor:
         """(b, L) per-layer squared gradient norms from squeezed factors."""
         from ggda.gradients import fast_inner
 
-        parts = fast_inner.rank_one_param_sq_norms(self._plan, f)
+        parts = fast_inner.rank_one_param_sq_norms(self.side.plan, f)
         return torch.stack([sum(parts[name] for name in names) for names in self._members], 1)
 
     def _precondition_factors(self, target_grads: torch.Tensor) -> torch.Tensor:
         """Σ_i coef_{t,i,l} g_{i,l} for every layer l, from the factors (T, p)."""
         from ggda.gradients import fast_inner
 
-        plan, T = self._plan, target_grads.shape[0]
+        plan, T = self.side.plan, target_grads.shape[0]
         owner = {}  # parameter name -> (plan layer index, "weight" | "bias")
         for i, spec in enumerate(plan.layers):
             owner.update({spec.weight: (i, "weight"), spec.bias: (i, "bias")})
         acc = torch.zeros_like(target_grads)
         start = 0
-        for _, f in self._factor_chunks():
+        for _, f in self.side.factor_chunks():
             b = f.A[0].shape[0]
             unsqueezed = fast_inner.Factors([a[:, None] for a in f.A], [d[:, None] for d in f.D])
             parts = fast_inner.dense_target_param_scores(plan, unsqueezed, target_grads)  # ∇f_l · g_{i,l}

@@ -118,8 +118,8 @@ class GroupFisherIF(InnerProductAttributor):
 
     def _gram(self) -> torch.Tensor:
         """G Gᵀ (K × K): from the cached group gradients, else by scoring the training set."""
-        if self._G is not None:
-            G = self._G.to(torch.float64)
+        if self.side.G is not None:
+            G = self.side.G.to(torch.float64)
             return G @ G.T
         # Row i of P = ∇ℓ_iᵀ Gᵀ (raw inner products, factor fast path when available); summing
         # rows over each group gives g_{S_k}ᵀ Gᵀ. Train rows are chunked to bound memory.
@@ -151,19 +151,13 @@ class GroupFisherIF(InnerProductAttributor):
         V64 = V.to(device=self.task.device, dtype=torch.float64)
         d = self._d
 
-        def blocks():
-            if self._G is not None:
-                yield np.arange(self.grouping.n_groups), self._G
-            else:
-                yield from self._group_blocks()
-
         VU = torch.zeros(len(V64), self.grouping.n_groups, dtype=torch.float64, device=V64.device)
-        for gids, Gb in blocks():
+        for gids, Gb in self.side.blocks():
             gids = torch.as_tensor(gids, device=V64.device)
             VU[:, gids] = (V64 @ Gb.to(torch.float64).T) * d[gids][None, :]
         C = torch.cholesky_solve(VU.T, self._chol).T * d[None, :]  # (V U M⁻¹) D
         out = V64.clone()
-        for gids, Gb in blocks():
+        for gids, Gb in self.side.blocks():
             gids = torch.as_tensor(gids, device=V64.device)
             out -= C[:, gids] @ Gb.to(torch.float64)
         return (out / self.lambda_).to(V.dtype)

@@ -305,6 +305,8 @@ class InfluenceFunction(InnerProductAttributor):
         **options: ``aggregate``, ``max_batch``, ``memory_mb`` of :class:`InnerProductAttributor`.
     """
 
+    preconditioned = True
+
     def __init__(
         self,
         task: AttributionTask,
