@@ -109,7 +109,7 @@ def _outer_sums(dp: torch.Tensor, ap: torch.Tensor, out: torch.Tensor | None = N
     return torch.bmm(dp.transpose(1, 2), ap, out=out)
 
 
-def _scatter_groups(plan: LayerPlan, factors: Factors, sizes: np.ndarray, out: torch.Tensor) -> None:
+def scatter_groups(plan: LayerPlan, factors: Factors, sizes: np.ndarray, out: torch.Tensor) -> None:
     """Write the k group gradients of a chunk (rows grouped contiguously, ``sizes`` rows each)."""
     ChunkGroups(plan, factors, sizes).write(0, len(sizes), out)
 

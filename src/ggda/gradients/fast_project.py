@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ggda.gradients.fast_factors import ExampleFn, Factors, LayerPlan, LayerSpec, fast_plan, layer_factors
-from ggda.gradients.fast_group import _scatter_groups
+from ggda.gradients.fast_group import scatter_groups
 from ggda.groups.grouping import Grouping
 from ggda.task import AttributionTask, Params
 
@@ -132,7 +132,7 @@ def iter_projected_group_gradients(
                         [d.reshape(1, -1, d.shape[-1]) for d in f.D],
                     )
                     part = torch.empty_like(phi)
-                    _scatter_groups(proj.feature_plan, flat, np.array([1]), part)
+                    scatter_groups(proj.feature_plan, flat, np.array([1]), part)
                     phi += part
                 yield np.array([gid]), phi, proj
                 i += 1
@@ -148,7 +148,7 @@ def iter_projected_group_gradients(
                 layer_factors(task, plan, Xt.index_select(0, rows), yt.index_select(0, rows), fn, params),
             )
             phi = torch.empty(len(chunk), proj.dim, dtype=task.dtype, device=task.device)
-            _scatter_groups(proj.feature_plan, f, sizes[chunk], phi)
+            scatter_groups(proj.feature_plan, f, sizes[chunk], phi)
             yield chunk, phi, proj
             i = j
 
