@@ -13,7 +13,6 @@ by each attribution, retrain with the same recipe and seed, report the test-accu
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ggda.errors import GGDAError
+from ggda.io import save_json, save_torch
 
 
 def load_text_setup(
@@ -62,8 +62,6 @@ def train_text_model(
     ``OUT/metrics.json``; returns the metrics (held-out accuracy and loss, majority class)."""
     from dataclasses import replace
 
-    import torch
-
     from ggda.models.text import TextTrainConfig, evaluate, prefix_dataset, train_text_classifier
     from ggda.models.training import resolve_device
 
@@ -95,16 +93,14 @@ def train_text_model(
     trainable = {
         k: v for k, v in clf.state_dict().items() if not k.startswith("encoder.") or k in trainable_keys(clf)
     }
-    torch.save({"spec": clf.spec, "max_len": max_len, "trainable_state": trainable}, out / "text_model.pt")
-    (out / "metrics.json").write_text(json.dumps({"config": cfg.to_dict(), "metrics": metrics}, indent=2))
+    save_torch(out / "text_model.pt", {"spec": clf.spec, "max_len": max_len, "trainable_state": trainable})
+    save_json(out / "metrics.json", {"config": cfg.to_dict(), "metrics": metrics})
     return metrics
 
 
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    save_json(path, obj)
 
 
 def trainable_keys(clf) -> set[str]:

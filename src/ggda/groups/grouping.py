@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ggda.errors import GGDAError
+from ggda.io import atomic_write, save_csv, save_npy
 
 
 @dataclass
@@ -166,13 +167,13 @@ class Grouping:
             columns["group"] = self.labels
             frame = pd.DataFrame(columns)
             if path.suffix == ".csv":
-                frame.to_csv(path, index=False)
+                save_csv(path, frame)
             else:
-                frame.to_parquet(path)
+                atomic_write(path, lambda fh: frame.to_parquet(fh))
         else:
             if path.suffix != ".npy":  # np.save appends .npy; return the path actually written
                 path = path.with_name(path.name + ".npy")
-            np.save(path, self.labels)
+            save_npy(path, self.labels)
         return path
 
     @classmethod
@@ -180,11 +181,25 @@ class Grouping:
         path = Path(path)
         if not path.exists():
             raise GGDAError(f"Grouping file {path} does not exist; check the path.")
+        if path.is_dir():
+            raise GGDAError(f"Grouping file {path} is a directory; pass a .npy, .csv or .parquet file.")
+        fix = "pass a complete .npy, .csv or .parquet file of group ids (one per training point)."
         if path.suffix == ".npy":
-            return cls(np.load(path), method="given")
+            try:
+                labels = np.load(path, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as exc:
+                raise GGDAError(
+                    f"Grouping file {path} cannot be read (empty, truncated or not .npy); {fix}"
+                ) from exc
+            return cls(labels, method="given")
         import pandas as pd
 
-        frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+        try:
+            frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+        except Exception as exc:  # pandas/pyarrow parser errors of every kind
+            raise GGDAError(
+                f"Grouping file {path} cannot be read (empty, truncated or corrupt); {fix}"
+            ) from exc
         if "position" in frame.columns:  # written by save(): restore training-set order
             frame = frame.sort_values("position", kind="stable")
         if column not in frame.columns:

@@ -50,6 +50,7 @@ from torch.func import functional_call
 from ggda.data.dataset import Dataset
 from ggda.data.text import DEFAULT_FIELDS, unpack_tokens
 from ggda.errors import GGDAError
+from ggda.io import save_npy
 from ggda.models.losses import PerExampleLoss
 from ggda.models.training import TrainResult
 from ggda.task import AttributionTask, Params
@@ -442,9 +443,7 @@ def encode(
         classifier.to(dev).eval()
         E = _batched(classifier.embed, data.X, batch_size, dev)
         if path is not None:
-            tmp = path.with_suffix(".part.npy")
-            np.save(tmp, E)
-            tmp.replace(path)
+            save_npy(path, E)
     if normalize:
         E = E / np.linalg.norm(E, axis=1, keepdims=True).clip(1e-12)
     return E.astype(np.float32)

@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ggda.io import atomic_open  # noqa: E402
+
 MARKERS = {
     "singleton": "*",
     "random": "o",
@@ -34,8 +36,11 @@ def _colors(methods) -> dict[str, str]:
 
 def _save(fig, out: Path, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(Path(out) / name, dpi=DPI)
-    plt.close(fig)
+    try:
+        with atomic_open(Path(out) / name) as fh:  # a full disk leaves no truncated figure
+            fig.savefig(fh, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)
     return name
 
 

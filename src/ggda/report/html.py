@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ggda.io import write_text
 from ggda.report import figures
 
 STYLE = """
@@ -27,6 +28,11 @@ img{max-width:100%;border:1px solid #eee} .note{color:#555;font-size:14px}
 
 def _table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
     return frame.to_html(index=False, float_format=lambda v: floats.format(v), border=0, escape=True)
+
+
+def _e(value) -> str:
+    """A user-controlled value (method, grouping, data set or label name) as HTML text."""
+    return html.escape(str(value), quote=True)
 
 
 def _pm(mean: float, sem: float) -> str:
@@ -44,7 +50,7 @@ def headline(results: dict) -> list[str]:
     rnd = at[at["label"] == "random"]
     none = results["no_removal"]["acc_mean"]
     lines.append(
-        f"No-removal test accuracy {_pm(none, results['no_removal']['acc_sem'])} over {results['config']['seeds']} seeds."
+        f"No-removal test accuracy {_pm(none, results['no_removal']['acc_sem'])} over {_e(results['config']['seeds'])} seeds."
     )
     if len(rnd):
         r = rnd.iloc[0]
@@ -52,28 +58,28 @@ def headline(results: dict) -> list[str]:
     for _, p in at[at["grouping"] == "singleton"].iterrows():
         gap = (float(rnd["acc_mean"].iloc[0]) - p["acc_mean"]) if len(rnd) else float("nan")
         lines.append(
-            f"Per-point {p['method']}: removing the top {f:.0%} gives {_pm(p['acc_mean'], p['acc_sem'])} "
+            f"Per-point {_e(p['method'])}: removing the top {f:.0%} gives {_pm(p['acc_mean'], p['acc_sem'])} "
             f"({gap * 100:.1f} points below random removal) in {p['seconds']:.2f}s."
         )
         grouped = at[(at["method"] == p["method"]) & (at["grouping"] != "singleton")]
         for K, g in grouped.groupby("K"):
             best = g.sort_values("acc_mean").iloc[0]
             parts = [
-                f"best {best['grouping']} {_pm(best['acc_mean'], best['acc_sem'])} ({best['seconds']:.2f}s)"
+                f"best {_e(best['grouping'])} {_pm(best['acc_mean'], best['acc_sem'])} ({best['seconds']:.2f}s)"
             ]
             for name in ("grad-kmeans", "random"):
                 row = g[g["grouping"] == name]
                 if len(row) and name != best["grouping"]:
-                    parts.append(f"{name} {row['acc_mean'].iloc[0]:.3f} ({row['seconds'].iloc[0]:.2f}s)")
+                    parts.append(f"{_e(name)} {row['acc_mean'].iloc[0]:.3f} ({row['seconds'].iloc[0]:.2f}s)")
             lines.append(
-                f"&nbsp;&nbsp;groups K={K}: " + "; ".join(parts) + f" — per-point {p['acc_mean']:.3f}."
+                f"&nbsp;&nbsp;groups K={_e(K)}: " + "; ".join(parts) + f" — per-point {p['acc_mean']:.3f}."
             )
     noisy = pd.DataFrame(results.get("noisy", []))
     if not noisy.empty:
         best = noisy.sort_values("auc", ascending=False).iloc[0]
         lines.append(
-            f"Noisy labels ({results['noisy_info'].get('n_flipped')} flipped, {results['noisy_info'].get('model')}): best AUC "
-            f"{best['auc']:.3f} ({best['label']}, {best['ranking']})."
+            f"Noisy labels ({_e(results['noisy_info'].get('n_flipped'))} flipped, {_e(results['noisy_info'].get('model'))}): best AUC "
+            f"{best['auc']:.3f} ({_e(best['label'])}, {_e(best['ranking'])})."
         )
     return lines
 
@@ -89,8 +95,8 @@ def write_report(results: dict, out: str | Path, title: str | None = None) -> Pa
     ]
     parts.append(f"<h1>{html.escape(title)}</h1>")
     parts.append(
-        f"<p>n_train={ref['n_train']}, n_test={ref['n_test']}, reference model test accuracy {ref['test_accuracy']:.4f}. "
-        f"Methods: {', '.join(cfg['methods'])}; groupings: {', '.join(cfg['groupings'])} at K = {', '.join(map(str, cfg['ks']))} "
+        f"<p>n_train={_e(ref['n_train'])}, n_test={_e(ref['n_test'])}, reference model test accuracy {ref['test_accuracy']:.4f}. "
+        f"Methods: {_e(', '.join(map(str, cfg['methods'])))}; groupings: {_e(', '.join(map(str, cfg['groupings'])))} at K = {_e(', '.join(map(str, cfg['ks'])))} "
         f"(per-point always included). {results['retrains']['distinct']} distinct retrains "
         f"({results['retrains']['ran']} run now, {results['retrains']['seconds']:.0f}s); total {results['seconds']:.0f}s.</p>"
     )
@@ -102,7 +108,7 @@ def write_report(results: dict, out: str | Path, title: str | None = None) -> Pa
         if image is None:
             return
         parts.append(
-            f"<h2>{html.escape(name)}</h2><p class='note'>{note}</p><p><img src='{image}'></p>{table}"
+            f"<h2>{html.escape(name)}</h2><p class='note'>{note}</p><p><img src='{_e(image)}'></p>{table}"
         )
 
     retraining = pd.DataFrame(results["retraining"])
@@ -150,7 +156,7 @@ def write_report(results: dict, out: str | Path, title: str | None = None) -> Pa
     section(
         "Linear datamodeling score",
         figures.lds_bars(results, out),
-        f"{cfg['lds_subsets']} random subsets keeping {cfg['lds_alpha']:.0%} of each grouping's units, one retrain each; "
+        f"{_e(cfg['lds_subsets'])} random subsets keeping {cfg['lds_alpha']:.0%} of each grouping's units, one retrain each; "
         "Spearman between predicted and actual test loss per test point, averaged.",
         _table(lds[["label", "K", "seconds", "lds", "lds_sem"]]) if not lds.empty else "",
     )
@@ -176,6 +182,4 @@ def write_report(results: dict, out: str | Path, title: str | None = None) -> Pa
     parts.append(
         "<p class='note'>Tables as CSV next to this page; all numbers in results.json.</p></body></html>"
     )
-    index = out / "index.html"
-    index.write_text("\n".join(parts))
-    return index
+    return write_text(out / "index.html", "\n".join(parts))

@@ -169,9 +169,8 @@ def build_gradient_store(
         path, K, dim, chunk_rows, dtype, full_config, n_points=len(X), meta={"group_sizes": "sizes.npy"},
         overwrite=overwrite,
     )  # fmt: skip
-    sizes_file = store.path / "sizes.npy"
-    if not sizes_file.exists():
-        np.save(sizes_file, grouping.sizes)
+    if store.sizes() is None:
+        store.write_sizes(grouping.sizes)
     order, starts = _chunk_groups(grouping)
     todo = store.missing_chunks()
     t0 = time.perf_counter()
@@ -192,6 +191,7 @@ def build_gradient_store(
                 on_chunk(c)
     else:
         jobs = []
+        results = ResultStore(store.path / "jobs")
         for c in todo:
             idx, labels, k = members(c)
             kwargs = dict(
@@ -199,7 +199,8 @@ def build_gradient_store(
                 n_groups=k, projection=proj, fn=fn, max_batch=max_batch, memory_mb=memory_mb,
             )  # fmt: skip
             jobs.append(Job(f"{store.manifest['fingerprint'][:10]}_chunk={c}", _chunk_job, kwargs))
-        executor.run(jobs, ResultStore(store.path / "jobs"), progress=progress)
+            results.delete(jobs[-1].key)  # the chunk is missing (or was corrupt): its job must run again
+        executor.run(jobs, results, progress=progress)
     store.manifest["meta"]["build_seconds"] = store.manifest["meta"].get("build_seconds", 0.0) + (
         time.perf_counter() - t0
     )

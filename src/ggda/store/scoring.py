@@ -20,6 +20,8 @@ asked for (``full="memory"`` or a ``.npy`` path, written block by block as a mem
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -234,18 +236,84 @@ def score_store(
         info.update(extra)
     sizes = None
     if aggregate == "mean":
-        sizes_file = store.path / "sizes.npy"
-        sizes = torch.as_tensor(np.load(sizes_file) if sizes_file.exists() else np.ones(store.n_rows)).to(
-            dev, dtype
-        )
+        stored = store.sizes()
+        sizes = torch.as_tensor(stored if stored is not None else np.ones(store.n_rows)).to(dev, dtype)
     top = _TopK(T, min(top_k, store.n_rows), True, dev, dtype)
     bottom = _TopK(T, min(bottom_k, store.n_rows), False, dev, dtype)
+    tmp = None
     if full is None:
         out = None
     elif str(full) == "memory":
         out = np.empty((T, store.n_rows), dtype=np.float32)
     else:
-        out = np.lib.format.open_memmap(Path(full), mode="w+", dtype=np.float32, shape=(T, store.n_rows))
+        out, tmp = _open_scores(Path(full), (T, store.n_rows))
+    try:
+        _score_all(
+            store,
+            queries,
+            M,
+            normalize,
+            sizes,
+            top,
+            bottom,
+            out,
+            target_block,
+            score_mb,
+            dev,
+            dtype,
+            progress,
+        )
+        if tmp is not None:
+            try:
+                out.flush()
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, Path(full))  # the finished matrix appears under its name at once
+            except OSError as exc:
+                raise GGDAError(
+                    f"Could not write {full} ({exc.strerror}); free disk space or choose another --out."
+                ) from exc
+            tmp = None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    return StoreScores(
+        top.indices.cpu().numpy(),
+        top.values.cpu().numpy(),
+        bottom.indices.cpu().numpy(),
+        bottom.values.cpu().numpy(),
+        out,
+        time.perf_counter() - t0,
+        info,
+    )
+
+
+def _open_scores(path: Path, shape: tuple[int, int]) -> tuple[np.memmap, Path]:
+    """A (T × K) float32 ``.npy`` memmap at a temporary name beside ``path``, its space reserved
+    up front (a full disk fails here, not as a bus error while scores are written)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        if hasattr(os, "posix_fallocate"):
+            with open(tmp, "rb+") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                try:
+                    os.posix_fallocate(fh.fileno(), 0, size)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise GGDAError(
+            f"Could not write {path} ({exc.strerror}); free disk space or choose another --out."
+        ) from exc
+    return out, tmp
+
+
+def _score_all(
+    store, queries, M, normalize, sizes, top, bottom, out, target_block, score_mb, dev, dtype, progress
+) -> None:
+    """The chunk × target-block loop (fills ``top``, ``bottom`` and ``out``)."""
 
     def prepared() -> Iterator[tuple[slice, torch.Tensor]]:
         for qrows, Q in _query_blocks(queries, target_block, dev, dtype):
@@ -269,17 +337,6 @@ def score_store(
             for c0 in range(0, F.shape[0], cols):
                 sub = slice(rows.start + c0, min(rows.start + c0 + cols, rows.stop))
                 _score_block(Q, F[c0 : c0 + cols], qrows, sub, sizes, top, bottom, out)
-    if isinstance(out, np.memmap):
-        out.flush()
-    return StoreScores(
-        top.indices.cpu().numpy(),
-        top.values.cpu().numpy(),
-        bottom.indices.cpu().numpy(),
-        bottom.values.cpu().numpy(),
-        out,
-        time.perf_counter() - t0,
-        info,
-    )
 
 
 def _score_block(Q, F, qrows, rows, sizes, top, bottom, out) -> None:
