@@ -29,12 +29,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from torch import nn
 
+from ggda.arrays import read_npz
 from ggda.data.bundled import BUNDLED_DATASETS, OFFICIAL_TEST_SPLITS, load_dataset
 from ggda.data.dataset import Dataset
 from ggda.data.files import load_file
 from ggda.data.preprocess import Standardizer, flip_labels, train_test_split
 from ggda.errors import GGDAError
-from ggda.models.checkpoint import Checkpoint, load_into, load_model, load_state, save_model
+from ggda.io import save_json, save_npz
+from ggda.models.checkpoint import Checkpoint, check_spec, load_into, load_model, load_state, save_model
 from ggda.models.training import TrainConfig, accuracy, resolve_device, train_model
 from ggda.models.zoo import ModelSpec, build_model
 
@@ -59,6 +61,23 @@ class DataSpec:
     noise: float = 0.0
     noise_seed: int = 0
     max_train: int | None = None  # subsample the training split (seeded) for quick runs
+
+    def __post_init__(self) -> None:
+        from ggda.options import COUNT, FRACTION, NONNEG_INT, PROBABILITY, Spec, check_fields
+
+        check_fields(
+            self,
+            {
+                "source": Spec(str),
+                "kind": Spec(str, choices=("classification", "regression")),
+                "test_fraction": FRACTION,
+                "split_seed": NONNEG_INT,
+                "noise": PROBABILITY,
+                "noise_seed": NONNEG_INT,
+                "max_train": COUNT.optional(),
+            },
+            flags={"split_seed": "--seed", "noise_seed": "--seed", "kind": "--regression"},
+        )
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -119,6 +138,42 @@ def offered_options(name: str, provided: dict, overrides: dict) -> dict:
     return options
 
 
+_RUN_FIX = "retrain the run with `ggda train` (or restore the file)."
+
+
+def read_run_config(path: Path) -> dict:
+    """``run.json`` of run directory ``path``: a dict with ``data``, ``model`` and ``train``
+    records; anything else (missing, empty, truncated, not JSON) is one error line naming it."""
+    if not path.exists():
+        raise GGDAError(f"Run directory {path} does not exist; create it with `ggda train --out {path}`.")
+    if not path.is_dir():
+        raise GGDAError(f"{path} is a file, not a run directory; pass the directory `ggda train` wrote.")
+    cfg_file = path / "run.json"
+    if not cfg_file.exists():
+        raise GGDAError(f"{path} is not a ggda run directory (no run.json); create one with `ggda train`.")
+    try:
+        config = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise GGDAError(
+            f"{cfg_file} is not valid JSON (empty, truncated or overwritten); {_RUN_FIX}"
+        ) from exc
+    if not isinstance(config, dict) or not all(
+        isinstance(config.get(k), dict) for k in ("data", "model", "train")
+    ):
+        raise GGDAError(f"{cfg_file} lacks its data, model or train record; {_RUN_FIX}")
+    return config
+
+
+def config_data_spec(path: Path, config: dict) -> DataSpec:
+    """The :class:`DataSpec` recorded in a run's ``run.json`` (checked like a new one)."""
+    try:
+        return DataSpec(**config["data"])
+    except TypeError as exc:
+        raise GGDAError(f"{path / 'run.json'} has an invalid data record ({exc}); {_RUN_FIX}") from exc
+    except GGDAError as exc:
+        raise GGDAError(f"{path / 'run.json'}: {exc} {_RUN_FIX}") from exc
+
+
 @dataclass
 class Run:
     """A trained run: its data, final model and checkpoints, and the record in ``run.json``.
@@ -148,7 +203,9 @@ class Run:
     ) -> Run:
         """Prepare the data, build the model (initialisation seeded by ``train.seed``), train it
         with checkpoints under ``PATH/checkpoints`` and save the run directory."""
-        path = Path(path)
+        from ggda.outputs import check_output_dir
+
+        path = check_output_dir(path)  # before any work: a file there, under a file, read-only, too long
         resolve_device(device)
         train_data, test_data, _ = prepare_data(data)
         if log is not None:
@@ -180,10 +237,8 @@ class Run:
         split = {"train_ids": self.train.ids, "test_ids": self.test.ids}
         if self.train.noisy is not None:
             split["noisy"] = self.train.noisy
-        np.savez(self.path / "split.npz", **split)
-        tmp = self.path / "run.json.part"
-        tmp.write_text(json.dumps(self.config, indent=2, default=str))
-        tmp.replace(self.path / "run.json")
+        save_npz(self.path / "split.npz", **split)
+        save_json(self.path / "run.json", self.config, default=str)  # last: the run is complete
         return self
 
     # -- reading ------------------------------------------------------------------------------
@@ -191,14 +246,13 @@ class Run:
     def load(cls, path: str | Path) -> Run:
         """Rebuild a run's data (checked against the saved ids) and load its model and checkpoints."""
         path = Path(path)
-        cfg_file = path / "run.json"
-        if not cfg_file.exists():
-            raise GGDAError(
-                f"{path} is not a ggda run directory (no run.json); create one with `ggda train`."
-            )
-        config = json.loads(cfg_file.read_text())
-        train, test, _ = prepare_data(DataSpec(**config["data"]))
-        split = dict(np.load(path / "split.npz"))
+        config = read_run_config(path)
+        train, test, _ = prepare_data(config_data_spec(path, config))
+        split = read_npz(
+            path / "split.npz",
+            "the run directory is incomplete or damaged; retrain it with `ggda train`.",
+            required=("train_ids", "test_ids"),
+        )
         if not np.array_equal(split["train_ids"], train.ids) or not np.array_equal(
             split["test_ids"], test.ids
         ):
@@ -207,11 +261,24 @@ class Run:
             )
         if "noisy" in split:  # which labels were flipped
             train = replace(train, noisy=split["noisy"])
-        model = load_model(path / "model.pt")
+        try:
+            expect = ModelSpec.from_dict(config["model"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GGDAError(
+                f"{path / 'run.json'} has no valid model record; retrain the run with `ggda train`."
+            ) from exc
+        model = load_model(path / "model.pt", expect=expect)  # another architecture is refused by name
         ckpts = []
         for f in sorted((path / "checkpoints").glob("epoch_*.pt")):
-            meta = load_state(f)["meta"]
-            ckpts.append(Checkpoint(f, int(meta["epoch"]), int(meta["step"]), float(meta["lr"])))
+            payload = load_state(f)
+            check_spec(f, payload, expect)
+            meta = payload["meta"]
+            try:
+                ckpts.append(Checkpoint(f, int(meta["epoch"]), int(meta["step"]), float(meta["lr"])))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise GGDAError(
+                    f"Checkpoint {f} lacks its epoch, step or learning rate; delete it or retrain with `ggda train`."
+                ) from exc
         return cls(path, config, train, test, model, ckpts)
 
     # -- what later stages need ---------------------------------------------------------------
@@ -244,8 +311,10 @@ class Run:
         """The final model, or a copy holding another saved state of the same architecture."""
         if checkpoint is None:
             return self.model
+        payload = load_state(checkpoint)
+        check_spec(checkpoint, payload, self.model_spec)
         model = copy.deepcopy(self.model)
-        load_into(model, load_state(checkpoint)["state_dict"], source=str(checkpoint))
+        load_into(model, payload["state_dict"], source=str(checkpoint))
         return model
 
     def task(self, device: str = "cpu", checkpoint: str | Path | None = None) -> AttributionTask:
@@ -281,5 +350,7 @@ class Run:
     def executor(backend: str = "local", workers: int | None = None) -> Executor:
         """An executor for retrains and further training (``workers`` ignored by ``serial``)."""
         from ggda.execution import make_executor
+        from ggda.options import COUNT, check
 
+        check("--workers", workers, COUNT.optional())
         return make_executor(backend, **({"workers": workers} if workers and backend != "serial" else {}))

@@ -75,19 +75,33 @@ def test_experiment_records_every_score_and_resumes(tmp_path):
 
 
 def test_failed_method_is_reported_not_fatal(tmp_path):
+    # valid options (checked before any training) with which the method fails on this model
     config = tiny_config(
-        methods=["grad-dot", "tracin"],
+        methods=["grad-dot", "if-explicit"],
         groupings=[],
         fractions=[0.1],
         prune_fractions=[],
         lds_subsets=0,
         noise=0.0,
         seeds=1,
-        method_options={"tracin": {"no_such_option": 1}},
+        method_options={"if-explicit": {"max_params": 10}},
     )
     results = run_experiment(config, tmp_path / "exp", log=lambda _: None, progress=False)
     assert [r["label"] for r in results["attributions"]] == ["grad-dot|singleton"]
-    assert results["failures"] and results["failures"][0]["label"] == "tracin|singleton"
+    assert results["failures"] and results["failures"][0]["label"] == "if-explicit|singleton"
+
+
+def test_bad_options_are_refused_before_training(tmp_path):
+    for bad in (
+        {"method_options": {"tracin": {"no_such_option": 1}}, "methods": ["tracin"]},
+        {"method_options": {"if-cg": {"damping": float("nan")}}, "methods": ["if-cg"]},
+        {"ks": ["n/0"]},
+        {"groupings": ["nope"]},
+        {"lds_subsets": 2},
+    ):
+        with pytest.raises(GGDAError):
+            run_experiment(tiny_config(**bad), tmp_path / "exp", log=lambda _: None, progress=False)
+        assert not (tmp_path / "exp").exists()
 
 
 runner = CliRunner()

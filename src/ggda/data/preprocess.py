@@ -35,6 +35,15 @@ def train_test_split(
     mask = np.zeros(n, dtype=bool)
     mask[test] = True
     if mask.all() or not mask.any():
+        classes = int(data.n_classes or 0) if data.kind == "classification" else 0
+        if stratify and classes and not mask.any():
+            largest = int(np.bincount(np.asarray(data.y, dtype=np.int64), minlength=classes).max())
+            raise GGDAError(
+                f"The label of '{data.name}' has {classes} classes in {n} rows (at most {largest} rows "
+                f"each): too few per class for a stratified test split of {test_fraction:g}; check that "
+                "the label column holds classes (train with --regression for a numeric target) or "
+                "merge rare classes."
+            )
         raise GGDAError(f"Split of {n} rows left one side empty; use more data or a test_fraction near 0.2.")
     return (
         data.subset(np.flatnonzero(~mask), name=data.name),

@@ -73,14 +73,24 @@ class GoldConfig:
     kernel: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise GGDAError(f"epochs must be >= 1 (got {self.epochs}); pass --epochs 1 or more.")
-        if self.seeds < 1:
-            raise GGDAError(f"seeds must be >= 1 (got {self.seeds}); pass --seeds 1 or more.")
-        if not self.lr > 0:
-            raise GGDAError(f"lr must be > 0 (got {self.lr}); pass e.g. --lr 1e-3.")
-        if self.batch_size < 1:
-            raise GGDAError(f"batch_size must be >= 1 (got {self.batch_size}).")
+        from ggda.options import COUNT, NONNEG, NONNEG_INT, POSITIVE, Spec, check_fields
+
+        check_fields(
+            self,
+            {
+                "epochs": COUNT,
+                "seeds": COUNT,
+                "lr": POSITIVE,
+                "momentum": Spec(float, 0, 1, high_open=True),
+                "weight_decay": NONNEG,
+                "batch_size": COUNT,
+                # mask: member weight 1 - ε (ε = 1 removes); weight: -ε ℓ per step
+                "epsilon": Spec(float, 0, 1 if self.removal == "mask" else None, low_open=True, none=True),
+                "record_every": NONNEG_INT,
+                "seed_offset": NONNEG_INT,
+                "chunk": NONNEG_INT,
+            },
+        )
         if self.optimizer not in OPTIMIZERS:
             raise GGDAError(f"Unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}.")
         if self.removal not in REMOVALS:
@@ -93,8 +103,6 @@ class GoldConfig:
             raise GGDAError(f"Unknown kernel '{self.kernel}'; choose one of {', '.join(KERNELS)}.")
         if self.dtype not in DTYPES:
             raise GGDAError(f"Unknown dtype '{self.dtype}'; choose one of {', '.join(DTYPES)}.")
-        if self.record_every < 0 or self.chunk < 0 or self.momentum < 0 or self.weight_decay < 0:
-            raise GGDAError("record_every, chunk, momentum and weight_decay must be >= 0.")
 
     def train_config(self, seed: int) -> TrainConfig:
         """The :class:`TrainConfig` of one further-training run (what ``make_optimizer`` reads)."""

@@ -44,10 +44,22 @@ class TrainConfig:
     checkpoint_every: int = 0  # epochs between saved checkpoints; 0 = about 5 checkpoints per run
 
     def __post_init__(self) -> None:
+        from ggda.options import COUNT, NONNEG, NONNEG_INT, POSITIVE, Spec, check_fields
+
         if self.optimizer not in OPTIMIZERS:
             raise GGDAError(f"Unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}.")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise GGDAError("epochs and batch_size must be >= 1 and lr > 0.")
+        check_fields(
+            self,
+            {
+                "epochs": COUNT,
+                "batch_size": COUNT,
+                "lr": POSITIVE,
+                "momentum": Spec(float, 0, 1, high_open=True),
+                "weight_decay": NONNEG,
+                "seed": NONNEG_INT,
+                "checkpoint_every": NONNEG_INT,
+            },
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
