@@ -401,6 +401,10 @@ class HFInputs(ExampleInputs):
 
 
 # -- device side ------------------------------------------------------------------------------------
+#: Slices shorter than this (probes of a few rows) are read in process, not through worker processes.
+_STREAM_MIN_ROWS = 32
+
+
 class InputView:
     """Lazy inputs as seen from a device: ``view[rows]`` is a batch on ``device``.
 
@@ -435,7 +439,7 @@ class InputView:
             if batch is not None:
                 self._next = (stop, step) if stop < len(self) else None
                 return batch
-        if getattr(self.inputs, "num_workers", 0) and stop < len(self):
+        if getattr(self.inputs, "num_workers", 0) and stop < len(self) and step >= _STREAM_MIN_ROWS:
             pos = self.inputs._source_positions(np.arange(start, len(self)))
             self._stream = self.inputs._stream(pos, step)
             self._next = (stop, step)
