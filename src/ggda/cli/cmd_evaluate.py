@@ -17,6 +17,7 @@ import typer
 
 from ggda.cli.main import _threads, app, parse_options, resolve_grouping
 from ggda.errors import GGDAError
+from ggda.io import save_csv, write_text
 
 evaluate_app = typer.Typer(no_args_is_help=True, help="Evaluate attributions by acting on them (retraining).")
 app.add_typer(evaluate_app, name="evaluate")
@@ -118,8 +119,8 @@ def _rankings(
 
 def _write(out: Path, name: str, frame, payload: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / f"{name}.csv", index=False)
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float))
+    save_csv(out / f"{name}.csv", frame)
+    write_text(out / f"{name}.json", json.dumps(payload, indent=2, default=float))
     typer.echo(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     typer.echo(f"wrote {out}/{name}.csv")
 

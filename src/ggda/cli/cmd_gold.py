@@ -11,6 +11,8 @@ import typer
 
 from ggda.cli.main import _threads, app, parse_options, resolve_grouping
 from ggda.errors import GGDAError
+from ggda.io import save_npy, write_text
+from ggda.paths import confined_path
 
 
 def _int_list(text: str, what: str) -> list[int] | None:
@@ -100,9 +102,9 @@ def gold_cmd(
         if chosen.kind == "points"
         else (Path(units).stem if Path(units).exists() else units.replace(":", "-"))
     )
-    out = out or run / "gold" / f"{removal}-{label}"
+    out = out or confined_path(run / "gold", f"{removal}-{label}")
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "grouping.npy", grouping.labels)
+    save_npy(out / "grouping.npy", grouping.labels)
     executor = r.executor(backend, workers)
     meta = {
         "run": str(run),
@@ -274,11 +276,12 @@ def compare_cmd(
         for name, study in comp.seed_study.items():
             typer.echo(f"{name:{width}s}" + "  ".join(f"S={k}: {v['max']:.3f}" for k, v in study.items()))
     typer.echo(f"wrote {out}/compare.csv, compare.json, compare.png")
-    (out / "command.json").write_text(
+    write_text(
+        out / "command.json",
         json.dumps(
             {
                 "methods": names,
                 "options": {k: str(r.method_options(k, **v)) for k, v in options.items() if k in METHODS},
             }
-        )
+        ),
     )

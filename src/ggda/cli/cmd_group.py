@@ -14,6 +14,7 @@ import typer
 
 from ggda.cli.main import _threads, app, parse_options
 from ggda.errors import GGDAError
+from ggda.io import write_text
 
 OUT_SUFFIXES = (".npy", ".parquet", ".pq", ".csv")
 
@@ -75,8 +76,8 @@ def group_cmd(
     summary = g.summary(labels)
     path = g.save(out, ids=r.train.ids)
     record = out.with_suffix(".json")
-    record.write_text(
-        json.dumps({"summary": summary, "meta": g.meta, "run": str(run)}, indent=2, default=str)
+    write_text(
+        record, json.dumps({"summary": summary, "meta": g.meta, "run": str(run)}, indent=2, default=str)
     )
     pc = " per-class" if per_class else ""
     purity = f", purity {summary['purity']:.3f}" if "purity" in summary else ""

@@ -17,6 +17,8 @@ import typer
 
 from ggda.cli.main import _threads, app, resolve_grouping
 from ggda.errors import GGDAError
+from ggda.io import save_csv, write_text
+from ggda.paths import confined_path
 
 features_app = typer.Typer(
     no_args_is_help=True, help="On-disk gradient/feature store: build it chunk by chunk, score block-wise."
@@ -126,7 +128,7 @@ def score_cmd(
     task = r.task(device)
     n_targets = len(r.test) if targets <= 0 else min(targets, len(r.test))
     property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])
-    out = out or store / f"scores-{prop}-{kernel}"
+    out = out or confined_path(store, f"scores-{prop}-{kernel}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     Q = target_features(fs, task, property_fn)
@@ -136,8 +138,8 @@ def score_cmd(
         device=task.device, progress=True,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
-    sizes_file = fs.path / "sizes.npy"
-    sizes = np.load(sizes_file) if sizes_file.exists() else np.ones(fs.n_rows, dtype=np.int64)
+    sizes = fs.sizes()
+    sizes = np.ones(fs.n_rows, dtype=np.int64) if sizes is None else sizes
     per_example = prop != "mean-test-loss"
     for name, idx, val in (
         ("top_k", res.top_indices, res.top_scores),
@@ -157,9 +159,9 @@ def score_cmd(
             for t in range(idx.shape[0])
             for rank, g in enumerate(idx[t], 1)
         ]
-        pd.DataFrame(rows).to_csv(out / f"{name}.csv", index=False)
+        save_csv(out / f"{name}.csv", pd.DataFrame(rows))
     meta = {"store": str(store), "property": prop, "targets": int(Q.shape[0]), "seconds": seconds, **res.info}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2, default=float))
+    write_text(out / "meta.json", json.dumps(meta, indent=2, default=float))
     typer.echo(f"scored {Q.shape[0]} targets x {fs.n_rows} groups ({kernel}) in {seconds:.2f}s -> {out}/")
 
 

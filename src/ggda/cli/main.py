@@ -15,6 +15,8 @@ import numpy as np
 import typer
 
 from ggda.errors import GGDAError
+from ggda.io import save_csv, save_npy, write_text
+from ggda.paths import confined_path
 
 app = typer.Typer(
     add_completion=False,
@@ -187,7 +189,7 @@ def attribute_cmd(
         scores = attributor.attribute(property_fn)
     seconds = time.perf_counter() - t0
     label = Path(grouping).stem if Path(grouping).exists() else grouping.replace(":", "-")
-    out = out or run / "attributions" / f"{method}-{label}"
+    out = out or confined_path(run / "attributions", f"{method}-{label}")
     write_scores(out, scores, grp, r, method, prop, seconds, top_k)
     typer.echo(
         f"{method} on {grp.n_groups} groups x {scores.shape[0]} targets in {seconds:.2f}s -> {out}/scores.npy"
@@ -200,8 +202,8 @@ def write_scores(
     import pandas as pd
 
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "scores.npy", scores)
-    np.save(out / "groups.npy", grouping.labels)
+    save_npy(out / "scores.npy", scores)
+    save_npy(out / "groups.npy", grouping.labels)
     rows = []
     sizes = grouping.sizes
     for t in range(scores.shape[0]):
@@ -222,8 +224,9 @@ def write_scores(
                     else " ".join(str(int(run.train.ids[m])) for m in members),
                 }
             )
-    pd.DataFrame(rows).to_csv(out / "top_k.csv", index=False)
-    (out / "meta.json").write_text(
+    save_csv(out / "top_k.csv", pd.DataFrame(rows))
+    write_text(
+        out / "meta.json",
         json.dumps(
             {
                 "method": method,
@@ -233,7 +236,7 @@ def write_scores(
                 "shape": list(scores.shape),
             },
             indent=2,
-        )
+        ),
     )
 
 

@@ -36,6 +36,7 @@ from ggda.data.dataset import Dataset
 from ggda.data.digest import content_digest
 from ggda.errors import GGDAError
 from ggda.execution import Executor, Job, ResultStore, job_key, make_executor
+from ggda.io import atomic_write
 from ggda.models.recipe import TrainingRecipe, UserRecipe, ZooRecipe
 from ggda.models.training import TrainConfig
 from ggda.models.zoo import ModelSpec
@@ -228,8 +229,8 @@ class Retrainer:
         file = self.store.root / "payloads" / f"{key}.pkl"
         payload = (self.spec.recipe, self.train, self.test)
         _PAYLOADS[str(file)] = payload  # in-process jobs need no file
-        if file.exists():
-            return str(file)
+        # Always rewritten, never trusted as found: workers unpickle this file, so it must be the
+        # one this process just wrote (not a file placed in the output directory).
         try:
             blob = pickle.dumps(payload)
         except Exception as exc:  # lambdas, local functions
@@ -241,9 +242,7 @@ class Retrainer:
                 "backend='serial'."
             ) from exc
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".part")
-        tmp.write_bytes(blob)
-        tmp.replace(file)
+        atomic_write(file, blob)
         return str(file)
 
     def _serial(self) -> bool:

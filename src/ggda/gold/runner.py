@@ -14,9 +14,9 @@ Positive = removing the unit raises the property (a loss): the unit is helpful.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +29,13 @@ from ggda.gold.config import VECTORISE_LIMIT, GoldConfig
 from ggda.gold.problem import GoldProblem, load_problem, make_problem, register_problem, save_problem
 from ggda.gold.removal import record_steps, steps_per_epoch
 from ggda.gold.units import Units
+from ggda.io import CorruptFile, file_digest, read_json, save_json, save_npz, verify_digest
 from ggda.models.recipe import TrainingRecipe
 from ggda.properties import Property
 from ggda.task import AttributionTask
 
 MAX_AUTO_CHUNK = 64
+CHECKSUMS = "checksums"  # gold.json entry holding gold.npz's SHA-256
 
 
 def resolve_path_and_chunk(config: GoldConfig, n_params: int, n_units: int) -> tuple[str, int]:
@@ -141,38 +143,44 @@ class GoldResult:
             return self.loo - self.loo.mean(axis=-1, keepdims=True)
         return self.loo - self.full[..., None]
 
+    ARRAYS = (
+        "gold", "gold_raw", "gold_centred", "loo", "full", "steps", "epochs", "unit_ids", "unit_sizes",
+    )  # fmt: skip
+
     def save(self, out: str | Path) -> Path:
+        """Write ``gold.npz`` and then ``gold.json`` (the metadata and gold.npz's SHA-256), both atomically."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".gold.npz.part"
-        with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                gold=self.gold,
-                gold_raw=self.gold_raw,
-                gold_centred=self.gold_centred,
-                loo=self.loo,
-                full=self.full,
-                steps=self.steps,
-                epochs=self.epochs,
-                unit_ids=self.unit_ids,
-                unit_sizes=self.unit_sizes,
-            )
-        tmp.replace(out / "gold.npz")
-        (out / "gold.json").write_text(json.dumps(self.meta, indent=2, default=str))
-        return out / "gold.npz"
+        npz = save_npz(out / "gold.npz", **{k: getattr(self, k) for k in self.ARRAYS})
+        record = {**self.meta, CHECKSUMS: {"gold.npz": file_digest(npz)}}
+        save_json(out / "gold.json", record, default=str)
+        return npz
 
     @classmethod
     def load(cls, out: str | Path) -> GoldResult:
+        """Read a saved gold standard, verified against the checksum in ``gold.json``."""
         out = Path(out)
-        if not (out / "gold.npz").exists():
+        npz, jfile = out / "gold.npz", out / "gold.json"
+        if not npz.exists():
             raise GGDAError(
                 f"{out} holds no gold standard (gold.npz); compute one with `ggda gold --out {out}`."
             )
-        with np.load(out / "gold.npz") as data:
-            arrays = {k: data[k] for k in data.files}
-        meta = json.loads((out / "gold.json").read_text()) if (out / "gold.json").exists() else {}
-        return cls(**arrays, meta=meta)
+        fix = f"rerun `ggda gold --out {out}` with the same options to rebuild it from its stored results."
+        meta = read_json(jfile, fix) if jfile.exists() else {}
+        if not isinstance(meta, dict):
+            raise CorruptFile(f"{jfile} does not hold a JSON object; {fix}")
+        sums = meta.pop(CHECKSUMS, None)
+        if isinstance(sums, dict):
+            verify_digest(npz, sums.get("gold.npz"), fix)
+        try:
+            with np.load(npz, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise CorruptFile(f"{npz} cannot be read (truncated or overwritten); {fix}") from exc
+        missing = [k for k in cls.ARRAYS if k not in arrays]
+        if missing:
+            raise CorruptFile(f"{npz} lacks {', '.join(missing)}; {fix}")
+        return cls(**{k: arrays[k] for k in cls.ARRAYS}, meta=meta)
 
 
 def compute_gold(
@@ -242,8 +250,8 @@ def compute_gold(
             register_problem(problem_file, problem)
             try:
                 save_problem(problem, Path(problem_file))
-            except GGDAError:
-                pass  # in-process jobs use the registered problem
+            except GGDAError:  # in-process jobs use the registered problem; never a stale file
+                Path(problem_file).unlink(missing_ok=True)
         else:
             save_problem(problem, Path(problem_file))
             register_problem(problem_file, problem)
