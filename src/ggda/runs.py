@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from torch import nn
 
+from ggda.arrays import read_npz
 from ggda.data.bundled import BUNDLED_DATASETS, OFFICIAL_TEST_SPLITS, load_dataset
 from ggda.data.dataset import Dataset
 from ggda.data.files import load_file
@@ -60,6 +61,23 @@ class DataSpec:
     noise: float = 0.0
     noise_seed: int = 0
     max_train: int | None = None  # subsample the training split (seeded) for quick runs
+
+    def __post_init__(self) -> None:
+        from ggda.options import COUNT, FRACTION, NONNEG_INT, PROBABILITY, Spec, check_fields
+
+        check_fields(
+            self,
+            {
+                "source": Spec(str),
+                "kind": Spec(str, choices=("classification", "regression")),
+                "test_fraction": FRACTION,
+                "split_seed": NONNEG_INT,
+                "noise": PROBABILITY,
+                "noise_seed": NONNEG_INT,
+                "max_train": COUNT.optional(),
+            },
+            flags={"split_seed": "--seed", "noise_seed": "--seed", "kind": "--regression"},
+        )
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -120,6 +138,42 @@ def offered_options(name: str, provided: dict, overrides: dict) -> dict:
     return options
 
 
+_RUN_FIX = "retrain the run with `ggda train` (or restore the file)."
+
+
+def read_run_config(path: Path) -> dict:
+    """``run.json`` of run directory ``path``: a dict with ``data``, ``model`` and ``train``
+    records; anything else (missing, empty, truncated, not JSON) is one error line naming it."""
+    if not path.exists():
+        raise GGDAError(f"Run directory {path} does not exist; create it with `ggda train --out {path}`.")
+    if not path.is_dir():
+        raise GGDAError(f"{path} is a file, not a run directory; pass the directory `ggda train` wrote.")
+    cfg_file = path / "run.json"
+    if not cfg_file.exists():
+        raise GGDAError(f"{path} is not a ggda run directory (no run.json); create one with `ggda train`.")
+    try:
+        config = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise GGDAError(
+            f"{cfg_file} is not valid JSON (empty, truncated or overwritten); {_RUN_FIX}"
+        ) from exc
+    if not isinstance(config, dict) or not all(
+        isinstance(config.get(k), dict) for k in ("data", "model", "train")
+    ):
+        raise GGDAError(f"{cfg_file} lacks its data, model or train record; {_RUN_FIX}")
+    return config
+
+
+def config_data_spec(path: Path, config: dict) -> DataSpec:
+    """The :class:`DataSpec` recorded in a run's ``run.json`` (checked like a new one)."""
+    try:
+        return DataSpec(**config["data"])
+    except TypeError as exc:
+        raise GGDAError(f"{path / 'run.json'} has an invalid data record ({exc}); {_RUN_FIX}") from exc
+    except GGDAError as exc:
+        raise GGDAError(f"{path / 'run.json'}: {exc} {_RUN_FIX}") from exc
+
+
 @dataclass
 class Run:
     """A trained run: its data, final model and checkpoints, and the record in ``run.json``.
@@ -149,7 +203,9 @@ class Run:
     ) -> Run:
         """Prepare the data, build the model (initialisation seeded by ``train.seed``), train it
         with checkpoints under ``PATH/checkpoints`` and save the run directory."""
-        path = Path(path)
+        from ggda.outputs import check_output_dir
+
+        path = check_output_dir(path)  # before any work: a file there, under a file, read-only, too long
         resolve_device(device)
         train_data, test_data, _ = prepare_data(data)
         if log is not None:
@@ -190,14 +246,13 @@ class Run:
     def load(cls, path: str | Path) -> Run:
         """Rebuild a run's data (checked against the saved ids) and load its model and checkpoints."""
         path = Path(path)
-        cfg_file = path / "run.json"
-        if not cfg_file.exists():
-            raise GGDAError(
-                f"{path} is not a ggda run directory (no run.json); create one with `ggda train`."
-            )
-        config = json.loads(cfg_file.read_text())
-        train, test, _ = prepare_data(DataSpec(**config["data"]))
-        split = dict(np.load(path / "split.npz"))
+        config = read_run_config(path)
+        train, test, _ = prepare_data(config_data_spec(path, config))
+        split = read_npz(
+            path / "split.npz",
+            "the run directory is incomplete or damaged; retrain it with `ggda train`.",
+            required=("train_ids", "test_ids"),
+        )
         if not np.array_equal(split["train_ids"], train.ids) or not np.array_equal(
             split["test_ids"], test.ids
         ):
@@ -206,7 +261,12 @@ class Run:
             )
         if "noisy" in split:  # which labels were flipped
             train = replace(train, noisy=split["noisy"])
-        expect = ModelSpec.from_dict(config["model"])
+        try:
+            expect = ModelSpec.from_dict(config["model"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GGDAError(
+                f"{path / 'run.json'} has no valid model record; retrain the run with `ggda train`."
+            ) from exc
         model = load_model(path / "model.pt", expect=expect)  # another architecture is refused by name
         ckpts = []
         for f in sorted((path / "checkpoints").glob("epoch_*.pt")):
@@ -290,5 +350,7 @@ class Run:
     def executor(backend: str = "local", workers: int | None = None) -> Executor:
         """An executor for retrains and further training (``workers`` ignored by ``serial``)."""
         from ggda.execution import make_executor
+        from ggda.options import COUNT, check
 
+        check("--workers", workers, COUNT.optional())
         return make_executor(backend, **({"workers": workers} if workers and backend != "serial" else {}))

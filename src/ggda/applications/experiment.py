@@ -19,6 +19,7 @@ under ``OUT/``, so a rerun resumes and a finished experiment re-renders its repo
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -103,13 +104,109 @@ class ExperimentConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def validate(self) -> None:
+        """Refuse, before any training, every value the study would fail on hours later: names of
+        data, model, methods and groupings, each method's options (types and ranges), the group
+        counts, fractions, seeds and training settings."""
+        import ggda.methods  # noqa: F401  (registers every method)
+        from ggda.data.bundled import BUNDLED_DATASETS
+        from ggda.evaluate.retraining_score import FILLS
+        from ggda.execution.executor import BACKENDS
+        from ggda.groups import GROUPING_METHODS
+        from ggda.methods.base import METHODS
+        from ggda.models.zoo import MODEL_NAMES
+        from ggda.options import COUNT, FRACTION, NONNEG_INT, Spec, check, check_each, check_method
+
+        source = str(self.data)
+        if source not in BUNDLED_DATASETS:
+            path = Path(source)
+            if path.suffix.lower() in (".csv", ".parquet", ".pq"):
+                raise GGDAError(
+                    f"--data {source}: `ggda experiment` cannot name a label column; pass a bundled data "
+                    f"set ({', '.join(BUNDLED_DATASETS)}) or an .npz file with arrays X and y."
+                )
+            if path.suffix.lower() != ".npz":
+                raise GGDAError(
+                    f"--data {source}: unknown data set; choose one of {', '.join(BUNDLED_DATASETS)} or "
+                    "pass an .npz file with arrays X and y."
+                )
+            if not path.is_file():
+                raise GGDAError(f"--data {source} does not exist; check the path.")
+        for flag, name in (("--model", self.model), ("--noisy-model", self.noisy_model)):
+            if name is not None and name not in MODEL_NAMES:
+                raise GGDAError(f"{flag} {name}: unknown model; choose one of {', '.join(MODEL_NAMES)}.")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise GGDAError(
+                f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
+                f"{', '.join(sorted(METHODS))} or all."
+            )
+        for scope in self.method_options:
+            if scope not in self.methods:
+                raise GGDAError(
+                    f"--opt {scope}:...: method '{scope}' is not among --methods {','.join(self.methods)}."
+                )
+        for m, opts in self.method_options.items():
+            self.method_options[m] = check_method(m, opts)
+        bad = [g for g in self.groupings if g not in GROUPING_METHODS]
+        if bad:
+            raise GGDAError(
+                f"--groupings: unknown grouping method(s) {', '.join(bad)}; choose from {', '.join(GROUPING_METHODS)}."
+            )
+        for scope in self.grouping_options:
+            if scope not in self.groupings:
+                raise GGDAError(
+                    f"--gopt {scope}:...: grouping '{scope}' is not among --groupings {','.join(self.groupings)}."
+                )
+        for k in self.ks:
+            check_k(k)
+        fraction = Spec(float, 0, 1, high_open=True)
+        self.fractions = check_each("--fractions", self.fractions, fraction)
+        self.prune_fractions = check_each("--prune-fractions", self.prune_fractions, fraction)
+        self.seeds = check("seeds", self.seeds, COUNT, flag="--seeds")
+        self.lds_subsets = check("lds_subsets", self.lds_subsets, NONNEG_INT, flag="--lds-subsets")
+        if 0 < self.lds_subsets < 3:
+            raise GGDAError(
+                f"lds_subsets={self.lds_subsets} (--lds-subsets): LDS needs at least 3 subsets; pass 0 to skip it."
+            )
+        self.lds_alpha = check("lds_alpha", self.lds_alpha, FRACTION, flag="--lds-alpha")
+        self.lds_targets = check("lds_targets", self.lds_targets, COUNT, flag="--lds-targets")
+        self.noise = check("noise", self.noise, Spec(float, 0, 1, high_open=True), flag="--noise")
+        self.max_train = check("max_train", self.max_train, COUNT.optional(), flag="--max-train")
+        self.workers = check("workers", self.workers, COUNT.optional(), flag="--workers")
+        if self.fill not in FILLS:
+            raise GGDAError(f"--fill {self.fill}: unknown fill; choose one of {', '.join(FILLS)}.")
+        if self.backend not in BACKENDS:
+            raise GGDAError(
+                f"--backend {self.backend}: unknown backend; choose one of {', '.join(BACKENDS)}."
+            )
+        self.train_config()  # epochs, lr, batch size, optimizer, weight decay, seed
+        compare = Path(self.gold_compare) if self.gold_compare else None
+        if compare is not None and not (compare / "compare.csv" if compare.is_dir() else compare).is_file():
+            raise GGDAError(
+                f"--gold-compare {self.gold_compare} has no compare.csv; pass an output directory of `ggda compare`."
+            )
+
+
+def check_k(spec: str | int) -> None:
+    """A group count as written (``28`` or ``n/50``), before n is known."""
+    text = str(spec).strip().replace(" ", "")
+    try:
+        value = float(text[2:]) if text.startswith("n/") else int(text)
+    except ValueError:
+        raise GGDAError(f"--ks {spec}: bad group count; write an integer (28) or n/SIZE (n/50).") from None
+    if not (math.isfinite(value) and (value > 0 if text.startswith("n/") else value >= 1)):
+        raise GGDAError(
+            f"--ks {spec}: a group count must be an integer >= 1, or n/SIZE with a finite size > 0 (n/50)."
+        )
+
 
 def resolve_k(spec: str | int, n: int) -> int:
     """``28`` -> 28; ``n/50`` -> round(n / 50) (at least 1, at most n)."""
     text = str(spec).strip().replace(" ", "")
     try:
         k = round(n / float(text[2:])) if text.startswith("n/") else int(text)
-    except ValueError:
+    except (ValueError, ZeroDivisionError, OverflowError):
         raise GGDAError(f"Bad group count '{spec}'; write an integer (28) or n/SIZE (n/50).") from None
     if not 1 <= k <= n:
         raise GGDAError(f"Group count {spec} gives K={k}, outside 1..{n}.")
@@ -341,7 +438,10 @@ def run_experiment(
     """Run (or resume) the experiment into ``out``; returns the results dict also saved as results.json."""
     import torch
 
-    out = Path(out)
+    from ggda.outputs import check_output_dir
+
+    config.validate()
+    out = check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / "config.json", config.to_dict())
     t_start = time.perf_counter()
