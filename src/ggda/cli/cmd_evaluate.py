@@ -10,42 +10,76 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import typer
 
-from ggda.cli.main import _threads, app, parse_options, resolve_grouping
+from ggda.arrays import read_npy
+from ggda.cli.main import _threads, app, check_backend, checked, parse_options, resolve_grouping
 from ggda.errors import GGDAError
 from ggda.io import save_csv, write_text
+from ggda.options import COUNT, FRACTION, Spec, check_each, check_method
+from ggda.outputs import check_output_dir
 
 evaluate_app = typer.Typer(no_args_is_help=True, help="Evaluate attributions by acting on them (retraining).")
 app.add_typer(evaluate_app, name="evaluate")
 
 
-def _floats(text: str, what: str) -> list[float]:
+#: removal and pruning fractions: 0 (nothing removed) up to, not including, everything
+REMOVAL_FRACTION = Spec(float, 0, 1, high_open=True)
+
+
+def _floats(text: str, what: str, spec: Spec | None = None) -> list[float]:
+    """``"0.1,0.2"`` -> [0.1, 0.2], each checked by ``spec`` (finite, in range)."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise GGDAError(f"{what} must be comma-separated numbers, e.g. 0.01,0.05,0.1,0.2.") from None
+        raise GGDAError(
+            f"{what} {text} is not valid: write comma-separated numbers, e.g. 0.01,0.05,0.1,0.2."
+        ) from None
     if not values:
-        raise GGDAError(f"Give at least one value for {what}.")
-    return values
+        raise GGDAError(f"{what}: give at least one value, e.g. 0.01,0.05,0.1,0.2.")
+    return check_each(what, values, spec) if spec is not None else values
 
 
 def _load_scores(path: Path, n_train: int) -> tuple[str, np.ndarray, object, dict]:
+    """An attribution directory (``ggda attribute``): scores, grouping and meta, each file
+    checked (readable, shapes that agree with the run, finite scores) and named when it is not."""
     from ggda.groups.grouping import Grouping
 
+    fix = "rerun the `ggda attribute` command that wrote it."
+    if not path.is_dir():
+        raise GGDAError(f"--scores {path} is not a directory; pass an output directory of `ggda attribute`.")
     if not (path / "scores.npy").exists():
         raise GGDAError(f"{path} has no scores.npy; pass an output directory of `ggda attribute`.")
-    scores = np.load(path / "scores.npy")
-    grouping = (
-        Grouping(np.load(path / "groups.npy"))
-        if (path / "groups.npy").exists()
-        else Grouping.singleton(n_train)
-    )
-    grouping.check_matches(n_train, "the run's training set")
-    meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+    scores = read_npy(path / "scores.npy", fix)
+    try:
+        if (path / "groups.npy").exists():
+            grouping = Grouping(read_npy(path / "groups.npy", fix))
+            grouping.check_matches(n_train, "the run's training set")
+        else:
+            grouping = Grouping.singleton(n_train)
+    except GGDAError as exc:
+        raise GGDAError(str(exc) if "groups.npy" in str(exc) else f"{path / 'groups.npy'}: {exc}") from exc
+    if scores.ndim != 2 or scores.shape[1] != grouping.n_groups or not np.issubdtype(scores.dtype, np.number):
+        raise GGDAError(
+            f"{path / 'scores.npy'} has shape {scores.shape} ({scores.dtype}), not (targets, "
+            f"{grouping.n_groups} groups); {fix}"
+        )
+    if not np.isfinite(scores).all():
+        raise GGDAError(f"{path / 'scores.npy'} contains NaN or inf scores; {fix}")
+    meta: dict = {}
+    if (path / "meta.json").exists():
+        try:
+            meta = json.loads((path / "meta.json").read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise GGDAError(
+                f"{path / 'meta.json'} is not valid JSON (truncated or overwritten); {fix}"
+            ) from exc
+        if not isinstance(meta, dict):
+            raise GGDAError(f"{path / 'meta.json'} is not a JSON object; {fix}")
     return path.name, scores, grouping, meta
 
 
@@ -62,8 +96,8 @@ def _retrainer(
     from ggda.evaluate import Retrainer, RetrainSpec
 
     cfg = r.train_config
-    if epochs:
-        cfg.epochs = epochs
+    if epochs is not None:
+        cfg = replace(cfg, epochs=epochs)  # checked again by TrainConfig
     spec = RetrainSpec(r.model_spec, cfg, r.data_spec, device, mode)
     executor = r.executor(backend, workers)
     return Retrainer(
@@ -97,6 +131,9 @@ def _rankings(
         out[label] = (scores, g)
     if methods:
         from ggda.properties import ExampleLoss, MeanLoss
+
+        for m in methods:  # every method's name and options before any of them runs
+            check_method(m, r.method_options(m, **parse_options(opts)))
 
         g = resolve_grouping(grouping, r)
         task = r.task(device)
@@ -132,14 +169,31 @@ _GROUPING = typer.Option(
     "singleton", help="Grouping for --method: singleton, random:K, grad-kmeans:K, a file, ..."
 )
 _OPT = typer.Option([], "--opt", help="Method option KEY=VALUE for --method (repeatable).")
-_SEEDS = typer.Option(3, help="Retraining seeds per removal set.")
+_SEEDS = typer.Option(3, help="Retraining seeds per removal set.", callback=checked(COUNT))
 _BACKEND = typer.Option("local", help="Executor: serial, local (process pool) or ray.")
-_WORKERS = typer.Option(None, help="Worker processes (default: one per core).")
+_WORKERS = typer.Option(None, help="Worker processes (default: one per core).", callback=checked(COUNT))
 _MODE = typer.Option(
     "subset", help="subset (train on the kept points) or weight (weight 0 for removed points)."
 )
-_EPOCHS = typer.Option(None, help="Retrain epochs (default: the run's).")
+_EPOCHS = typer.Option(None, help="Retrain epochs (default: the run's).", callback=checked(COUNT))
 _STORE = typer.Option(None, help="Retrain store (default RUN/evaluations/retrains).")
+
+
+def _check_common(scores, method, backend: str | None, what: str) -> None:
+    """What can be refused before the run is even loaded."""
+    if not scores and not method:
+        raise GGDAError(f"Nothing to evaluate; pass --scores DIR (from `ggda attribute`) or {what}.")
+    if backend is not None:
+        check_backend(backend)
+
+
+def _outputs(run: Path, kind: str, out: Path | None, store: Path | None = None) -> Path:
+    """The output directory (and retrain store), checked before any work."""
+    out = out or run / "evaluations" / kind
+    check_output_dir(out)
+    if store is not None:
+        check_output_dir(store, "--store")
+    return out
 
 
 def _removal_command(
@@ -163,17 +217,23 @@ def _removal_command(
 ):
     _threads(threads)
     from ggda.evaluate import pruning_curves, retraining_score
+    from ggda.evaluate.retraining_score import FILLS
     from ggda.runs import Run
 
+    fracs = _floats(fractions, "--fractions", REMOVAL_FRACTION)
+    if fill not in FILLS:
+        raise GGDAError(f"--fill {fill}: unknown fill; choose one of {', '.join(FILLS)}.")
+    _check_common(scores, method, backend, "--method NAME")
     r = Run.load(run)
+    out = _outputs(run, kind, out, store)
     rankings = _rankings(r, scores, method, grouping, opt, device)
     retrainer = _retrainer(r, run, store, backend, workers, mode, epochs, device)
     fn = retraining_score if kind == "retraining" else pruning_curves
-    result = fn(retrainer, rankings, _floats(fractions, "--fractions"), list(range(seeds)), fill=fill)
+    result = fn(retrainer, rankings, fracs, list(range(seeds)), fill=fill)
     frame = result.table()
     typer.echo(f"retrains run now: {retrainer.executed} (the rest came from {retrainer.store.root})")
     _write(
-        out or run / "evaluations" / kind,
+        out,
         kind,
         frame,
         {
@@ -238,10 +298,18 @@ def lds_cmd(
     method: list[str] = _METHOD,
     grouping: str = _GROUPING,
     opt: list[str] = _OPT,
-    targets: int = typer.Option(50, help="Test targets for --method (the first N test points)."),
-    subsets: int = typer.Option(50, help="Random subsets M (one retrain each per seed)."),
-    alpha: float = typer.Option(0.5, help="Fraction of units kept in each subset."),
-    seeds: int = typer.Option(1, help="Retraining seeds per subset (losses averaged)."),
+    targets: int = typer.Option(
+        50, help="Test targets for --method (the first N test points).", callback=checked(COUNT)
+    ),
+    subsets: int = typer.Option(
+        50, help="Random subsets M (one retrain each per seed; at least 3).", callback=checked(Spec(int, 3))
+    ),
+    alpha: float = typer.Option(
+        0.5, help="Fraction of units kept in each subset.", callback=checked(FRACTION)
+    ),
+    seeds: int = typer.Option(
+        1, help="Retraining seeds per subset (losses averaged).", callback=checked(COUNT)
+    ),
     backend: str = _BACKEND,
     workers: int = _WORKERS,
     mode: str = _MODE,
@@ -258,7 +326,9 @@ def lds_cmd(
     from ggda.evaluate import lds
     from ggda.runs import Run
 
+    _check_common(scores, method, backend, "--method NAME")
     r = Run.load(run)
+    out = _outputs(run, "lds", out, store)
     rankings = _rankings(r, scores, method, grouping, opt, device, per_target=min(targets, len(r.test)))
     retrainer = _retrainer(r, run, store, backend, workers, mode, epochs, device)
     rows = []
@@ -274,9 +344,7 @@ def lds_cmd(
         ]
     typer.echo(f"retrains run now: {retrainer.executed}")
     frame = pd.DataFrame(rows)
-    _write(
-        out or run / "evaluations" / "lds", "lds", frame, {"rows": rows, "subsets": subsets, "alpha": alpha}
-    )
+    _write(out, "lds", frame, {"rows": rows, "subsets": subsets, "alpha": alpha})
 
 
 @evaluate_app.command("noisy")
@@ -308,10 +376,14 @@ def noisy_cmd(
     )
     from ggda.runs import Run
 
+    _check_common(scores, method, None, "--method NAME (self-influence)")
     r = Run.load(run)
     train = r.train  # carries the mask of flipped labels
     if train.noisy is None or not train.noisy.any():
         raise GGDAError(f"{run} has no flipped labels; train it with `ggda train --noise 0.1`.")
+    out = _outputs(run, "noisy", out)
+    for m in method:
+        check_method(m, r.method_options(m, **parse_options(opt)))
     rows = []
     for d in scores:
         label, s, g, _ = _load_scores(d, len(train))
@@ -340,7 +412,7 @@ def noisy_cmd(
         )
     frame = pd.DataFrame(rows)
     _write(
-        out or run / "evaluations" / "noisy",
+        out,
         "noisy",
         frame,
         {"rows": rows, "n_flipped": int(train.noisy.sum())},

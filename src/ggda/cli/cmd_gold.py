@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from ggda.cli.main import _threads, app, parse_options, resolve_grouping
+from ggda.arrays import read_npy
+from ggda.cli.main import _threads, app, check_backend, checked, is_file, parse_options, resolve_grouping
 from ggda.errors import GGDAError
 from ggda.io import save_npy, write_text
+from ggda.options import COUNT, NONNEG_INT, check_each, check_method
+from ggda.outputs import check_output_dir
 from ggda.paths import confined_path
 
 
@@ -30,10 +33,12 @@ def gold_cmd(
     units: str = typer.Option(
         "points", help="points, or a grouping (column, random:K, or a .npy/.csv/.parquet file of group ids)."
     ),
-    n_units: int = typer.Option(50, help="Size of the left-out set I (seeded random choice)."),
+    n_units: int = typer.Option(
+        50, help="Size of the left-out set I (seeded random choice).", callback=checked(COUNT)
+    ),
     unit_ids: str = typer.Option("", help="Explicit left-out ids (positions or group ids), comma-separated."),
-    unit_seed: int = typer.Option(0, help="Seed of the random left-out set."),
-    targets: int = typer.Option(20, help="Test points used as targets (first N)."),
+    unit_seed: int = typer.Option(0, help="Seed of the random left-out set.", callback=checked(NONNEG_INT)),
+    targets: int = typer.Option(20, help="Test points used as targets (first N).", callback=checked(COUNT)),
     prop: str = typer.Option("test-loss", "--property", help="test-loss, mean-test-loss or margin."),
     checkpoint: Path = typer.Option(None, help="Use this checkpoint as θ^f instead of RUN/model.pt."),
     epochs: int = typer.Option(1, help="Further-training epochs E (f recorded after each)."),
@@ -56,7 +61,9 @@ def gold_cmd(
     chunk: int = typer.Option(0, help="Units per stored job (0: automatic)."),
     dtype: str = typer.Option("float64", help="float64 (default) or float32 further training."),
     backend: str = typer.Option("local", help="serial, local (process pool) or ray."),
-    workers: int = typer.Option(None, help="Worker processes (local/ray; default: cores)."),
+    workers: int = typer.Option(
+        None, help="Worker processes (local/ray; default: cores).", callback=checked(COUNT)
+    ),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     threads: int = typer.Option(None, help="torch threads in this process (serial backend)."),
     out: Path = typer.Option(
@@ -94,15 +101,15 @@ def gold_cmd(
     chosen = select_units(grouping, n_units=n_units, ids=_int_list(unit_ids, "--unit-ids"), seed=unit_seed)
     task = r.task(device, checkpoint=checkpoint)
     n_targets = min(targets, len(r.test))
-    if n_targets < 1:
-        raise GGDAError("--targets must be >= 1.")
     property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])
     label = (
         "points"
         if chosen.kind == "points"
-        else (Path(units).stem if Path(units).exists() else units.replace(":", "-"))
+        else (Path(units).stem if is_file(units) else units.replace(":", "-"))
     )
     out = out or confined_path(run / "gold", f"{removal}-{label}")
+    check_output_dir(out)
+    check_backend(backend)
     out.mkdir(parents=True, exist_ok=True)
     save_npy(out / "grouping.npy", grouping.labels)
     executor = r.executor(backend, workers)
@@ -215,12 +222,26 @@ def compare_cmd(
         raise GGDAError(
             f"The gold standard was computed on {meta['n_train']} training points, this run has {len(r.train)}."
         )
-    grouping = (
-        Grouping(np.load(gold / "grouping.npy"))
-        if (gold / "grouping.npy").exists()
-        else Grouping.singleton(len(r.train))
-    )
+    gfile = gold / "grouping.npy"
+    if gfile.exists():
+        fix = "rerun the same `ggda gold` command to rewrite it."
+        try:
+            grouping = Grouping(read_npy(gfile, fix))
+            grouping.check_matches(len(r.train), "the run's training set")
+        except GGDAError as exc:
+            raise GGDAError(f"{gfile}: {exc}" if str(gfile) not in str(exc) else str(exc)) from exc
+    else:
+        grouping = Grouping.singleton(len(r.train))
     names = sorted(METHODS) if methods == "all" else [m for m in methods.split(",") if m]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise GGDAError(
+            f"--methods {methods}: unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(sorted(METHODS))} or all."
+        )
+    windows = _int_list(seed_windows, "--seed-windows")
+    if windows is not None:
+        windows = check_each("--seed-windows", windows, COUNT)
     ckpt = Path(meta["checkpoint"]) if meta.get("checkpoint") else None
     task = r.task(device, checkpoint=ckpt)
     n_targets = int(meta.get("targets", result.gold.shape[1]))
@@ -228,8 +249,12 @@ def compare_cmd(
         meta.get("property_name", "test-loss"), r.test.X[:n_targets], r.test.y[:n_targets]
     )
     options = _method_options(opt, names)
+    for name in names:  # every method's options, by type and range, before any work
+        check_method(name, r.method_options(name, **options[name]))
     if not tracin_checkpoints and "tracin" in options:
         options["tracin"].setdefault("checkpoints", None)  # the final model only
+    out = out or gold / "compare"
+    check_output_dir(out)
     comp = compare_methods(
         result,
         task,
@@ -240,7 +265,7 @@ def compare_cmd(
         options,
         run=r,
         center_scores=center_scores,
-        seed_windows=_int_list(seed_windows, "--seed-windows"),
+        seed_windows=windows,
         variant=variant,
     )
     cfg = meta.get("config", {})
@@ -251,7 +276,6 @@ def compare_cmd(
             f"{cfg.get('seeds')} seeds, {cfg.get('optimizer')} lr={cfg.get('lr')}, {cfg.get('removal')}",
         }
     )
-    out = out or gold / "compare"
     comp.save(out)
     picks = _pick(len(comp.epochs))
     width = max([len(n) for n in list(comp.cos) + list(comp.failed)] + [12]) + 2

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import typer
 
-from ggda.cli.main import _threads, app, parse_options
+from ggda.cli.main import _threads, app, checked, parse_options
 from ggda.errors import GGDAError
 from ggda.io import write_text
+from ggda.options import COUNT, NONNEG_INT, POSITIVE
+from ggda.outputs import check_output_file
 
 OUT_SUFFIXES = (".npy", ".parquet", ".pq", ".csv")
 
@@ -25,16 +27,22 @@ def group_cmd(
     method: str = typer.Option(
         "grad-kmeans", help="random, kmeans, repr-kmeans, grad-kmeans, given or singleton."
     ),
-    groups: int = typer.Option(None, "--groups", "-k", help="Number of groups K."),
-    group_size: float = typer.Option(None, help="Target group size S instead of K (K = round(n / S))."),
+    groups: int = typer.Option(None, "--groups", "-k", help="Number of groups K.", callback=checked(COUNT)),
+    group_size: float = typer.Option(
+        None, help="Target group size S instead of K (K = round(n / S)).", callback=checked(POSITIVE)
+    ),
     per_class: bool = typer.Option(False, help="Cluster within each class: label-pure groups."),
-    seed: int = typer.Option(0, help="Seed of k-means++, the random partition and projections."),
+    seed: int = typer.Option(
+        0, help="Seed of k-means++, the random partition and projections.", callback=checked(NONNEG_INT)
+    ),
     out: Path = typer.Option(..., help="Output file: .npy, .parquet or .csv."),
     features: str = typer.Option(None, help="grad-kmeans features: last-layer (default), logits, projected."),
     layer: str = typer.Option(
         None, help="repr-kmeans: module whose output to use; grad-kmeans: Linear layer."
     ),
-    projection_dim: int = typer.Option(None, help="Random-projection dimension of gradient features."),
+    projection_dim: int = typer.Option(
+        None, help="Random-projection dimension of gradient features.", callback=checked(COUNT)
+    ),
     values: Path = typer.Option(
         None, help="given: .npy/.csv/.parquet file of group ids (default: the data's group column)."
     ),
@@ -52,6 +60,8 @@ def group_cmd(
     from ggda.groups import make_grouping
     from ggda.runs import Run
 
+    check_output_file(out)
+    check_output_file(out.with_suffix(".json"))
     r = Run.load(run)
     options = parse_options(opt)
     for key, value in (("features", features), ("layer", layer), ("projection_dim", projection_dim)):

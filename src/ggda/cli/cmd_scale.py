@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from ggda.cli.main import _threads, app, resolve_grouping
+from ggda.cli.main import _threads, app, check_backend, checked, resolve_grouping
 from ggda.errors import GGDAError
 from ggda.io import save_csv, write_text
+from ggda.options import COUNT, NONNEG_INT, POSITIVE
+from ggda.outputs import check_output_dir, new_output_dir
 from ggda.paths import confined_path
 
 features_app = typer.Typer(
@@ -53,15 +55,23 @@ def build_cmd(
         "singleton", help="singleton, column, a grouping spec or a file of group ids."
     ),
     projection: str = typer.Option("identity", help="identity (raw gradients), gaussian or rademacher."),
-    proj_dim: int = typer.Option(None, help="Projected dimension d (gaussian/rademacher)."),
-    seed: int = typer.Option(0, help="Projection seed."),
+    proj_dim: int = typer.Option(
+        None, help="Projected dimension d (gaussian/rademacher).", callback=checked(COUNT)
+    ),
+    seed: int = typer.Option(0, help="Projection seed.", callback=checked(NONNEG_INT)),
     layerwise: bool = typer.Option(False, help="Block-diagonal projection, one block per layer."),
-    chunk_rows: int = typer.Option(None, help="Rows per chunk (default: ~64 MB chunks)."),
+    chunk_rows: int = typer.Option(
+        None, help="Rows per chunk (default: ~64 MB chunks).", callback=checked(COUNT)
+    ),
     dtype: str = typer.Option("float32", help="float32, float16 or float64 on disk."),
-    memory_mb: float = typer.Option(256.0, help="Budget for raw gradient blocks in memory."),
+    memory_mb: float = typer.Option(
+        256.0, help="Budget for raw gradient blocks in memory.", callback=checked(POSITIVE)
+    ),
     backend: str = typer.Option("inline", help=BACKEND_HELP),
     workers: int = typer.Option(
-        None, help="local: processes; ray without --address: CPUs of the cluster started."
+        None,
+        help="local: processes; ray without --address: CPUs of the cluster started.",
+        callback=checked(COUNT),
     ),
     address: str = typer.Option(
         None, help="Existing Ray cluster: auto or HOST:PORT (needs a shared store path)."
@@ -75,7 +85,11 @@ def build_cmd(
     from ggda.runs import Run
     from ggda.store import build_gradient_store
 
+    check_backend(backend, ("inline", "local", "ray"))
+    if projection != "identity" and proj_dim is None:
+        raise GGDAError(f"--projection {projection} needs --proj-dim D (the projected dimension), e.g. 1024.")
     r = Run.load(run)
+    check_output_dir(out)
     grp = resolve_grouping(grouping, r)
     task = r.task(device)
     executor = make_backend(backend, workers, address, threads)
@@ -100,17 +114,23 @@ def score_cmd(
     run: Path = typer.Option(..., help="The run the store was built from."),
     store: Path = typer.Option(..., help="Store directory from `ggda features build`."),
     prop: str = typer.Option("test-loss", "--property", help="test-loss, mean-test-loss or margin."),
-    targets: int = typer.Option(50, help="Number of test points used as targets (first N; 0 = all)."),
+    targets: int = typer.Option(
+        50, help="Number of test points used as targets (first N; 0 = all).", callback=checked(NONNEG_INT)
+    ),
     kernel: str = typer.Option("none", help="none (Grad-Dot in the store's space) or fisher (projected IF)."),
-    damping: float = typer.Option(None, help="fisher: absolute damping λ (default 0.1 × mean feature²)."),
+    damping: float = typer.Option(
+        None, help="fisher: absolute damping λ (default 0.1 × mean feature²).", callback=checked(POSITIVE)
+    ),
     normalize: bool = typer.Option(False, help="Cosine instead of inner product (kernel none)."),
     aggregate: str = typer.Option("sum", help="Group score: sum or mean over members."),
-    top_k: int = typer.Option(10, help="Most helpful groups kept per target."),
-    bottom_k: int = typer.Option(0, help="Most harmful groups kept per target."),
+    top_k: int = typer.Option(10, help="Most helpful groups kept per target.", callback=checked(NONNEG_INT)),
+    bottom_k: int = typer.Option(
+        0, help="Most harmful groups kept per target.", callback=checked(NONNEG_INT)
+    ),
     full: bool = typer.Option(
         False, help="Also write the full (targets x groups) scores.npy (memory-mapped)."
     ),
-    target_block: int = typer.Option(1024, help="Targets scored at once."),
+    target_block: int = typer.Option(1024, help="Targets scored at once.", callback=checked(COUNT)),
     out: Path = typer.Option(None, help="Output directory (default STORE/scores-PROPERTY-KERNEL)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     threads: int = typer.Option(None),
@@ -121,47 +141,58 @@ def score_cmd(
 
     from ggda.properties import make_property
     from ggda.runs import Run
-    from ggda.store import FeatureStore, score_store, target_features
+    from ggda.store import KERNELS, FeatureStore, score_store, target_features
 
+    if kernel not in KERNELS:
+        raise GGDAError(f"--kernel {kernel}: unknown kernel; choose one of {', '.join(KERNELS)}.")
+    if aggregate not in ("sum", "mean"):
+        raise GGDAError(f"--aggregate {aggregate}: unknown aggregate; choose sum or mean.")
     r = Run.load(run)
     fs = FeatureStore.open(store)
     task = r.task(device)
     n_targets = len(r.test) if targets <= 0 else min(targets, len(r.test))
     property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])
     out = out or confined_path(store, f"scores-{prop}-{kernel}")
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    Q = target_features(fs, task, property_fn)
-    res = score_store(
-        fs, Q, top_k=top_k, bottom_k=bottom_k, kernel=kernel, damping=damping, normalize=normalize,
-        aggregate=aggregate, full=out / "scores.npy" if full else None, target_block=target_block,
-        device=task.device, progress=True,
-    )  # fmt: skip
-    seconds = time.perf_counter() - t0
-    sizes = fs.sizes()
-    sizes = np.ones(fs.n_rows, dtype=np.int64) if sizes is None else sizes
-    per_example = prop != "mean-test-loss"
-    for name, idx, val in (
-        ("top_k", res.top_indices, res.top_scores),
-        ("bottom_k", res.bottom_indices, res.bottom_scores),
-    ):
-        if idx.shape[1] == 0:
-            continue
-        rows = [
-            {
-                "target": t,
-                "target_id": int(r.test.ids[t]) if per_example else -1,
-                "rank": rank,
-                "group": int(g),
-                "score": float(val[t, rank - 1]),
-                "size": int(sizes[g]),
-            }
-            for t in range(idx.shape[0])
-            for rank, g in enumerate(idx[t], 1)
-        ]
-        save_csv(out / f"{name}.csv", pd.DataFrame(rows))
-    meta = {"store": str(store), "property": prop, "targets": int(Q.shape[0]), "seconds": seconds, **res.info}
-    write_text(out / "meta.json", json.dumps(meta, indent=2, default=float))
+    check_output_dir(out)
+    with new_output_dir(out):  # a failure while scoring leaves no directory behind
+        t0 = time.perf_counter()
+        Q = target_features(fs, task, property_fn)
+        res = score_store(
+            fs, Q, top_k=top_k, bottom_k=bottom_k, kernel=kernel, damping=damping, normalize=normalize,
+            aggregate=aggregate, full=out / "scores.npy" if full else None, target_block=target_block,
+            device=task.device, progress=True,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        sizes = fs.sizes()
+        sizes = np.ones(fs.n_rows, dtype=np.int64) if sizes is None else sizes
+        per_example = prop != "mean-test-loss"
+        for name, idx, val in (
+            ("top_k", res.top_indices, res.top_scores),
+            ("bottom_k", res.bottom_indices, res.bottom_scores),
+        ):
+            if idx.shape[1] == 0:
+                continue
+            rows = [
+                {
+                    "target": t,
+                    "target_id": int(r.test.ids[t]) if per_example else -1,
+                    "rank": rank,
+                    "group": int(g),
+                    "score": float(val[t, rank - 1]),
+                    "size": int(sizes[g]),
+                }
+                for t in range(idx.shape[0])
+                for rank, g in enumerate(idx[t], 1)
+            ]
+            save_csv(out / f"{name}.csv", pd.DataFrame(rows))
+        meta = {
+            "store": str(store),
+            "property": prop,
+            "targets": int(Q.shape[0]),
+            "seconds": seconds,
+            **res.info,
+        }
+        write_text(out / "meta.json", json.dumps(meta, indent=2, default=float))
     typer.echo(f"scored {Q.shape[0]} targets x {fs.n_rows} groups ({kernel}) in {seconds:.2f}s -> {out}/")
 
 

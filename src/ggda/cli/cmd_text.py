@@ -34,8 +34,15 @@ def text_train_cmd(
     """Train the MiniLM review classifier and report held-out accuracy."""
     _threads(threads)
     from ggda.applications.text import train_text_model
+    from ggda.outputs import check_output_dir
 
-    options = {k: v for k, v in locals().items() if k not in ("out", "threads", "train_text_model")}
+    check_output_dir(out)
+
+    options = {
+        k: v
+        for k, v in locals().items()
+        if k not in ("out", "threads", "train_text_model", "check_output_dir")
+    }
     metrics = train_text_model(out, **options, log=typer.echo)
     typer.echo(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 
@@ -58,6 +65,9 @@ def text_bench_cmd(
     """Per-point vs group attribution on the fine-tuned MiniLM: time ratio and retraining score."""
     _threads(threads)
     from ggda.applications.text import run_text_benchmark, write_json
+    from ggda.outputs import check_output_file
+
+    check_output_file(out)
 
     result = run_text_benchmark(
         n=n,

@@ -16,20 +16,77 @@ import typer
 
 from ggda.errors import GGDAError
 from ggda.io import save_csv, save_npy, write_text
+from ggda.options import COUNT, NONNEG_INT, parse_scalar
+from ggda.outputs import check_output_dir
 from ggda.paths import confined_path
 
+
+class _Unexpected(Exception):
+    """An exception the framework would otherwise swallow (it turns ``EOFError`` — which NumPy
+    raises for a 0-byte ``.npy`` — into an "abort" with exit 130 and no message)."""
+
+
+class _BoundaryGroup(typer.core.TyperGroup):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EOFError as exc:
+            raise _Unexpected(exc) from exc
+
+
 app = typer.Typer(
+    cls=_BoundaryGroup,
     add_completion=False,
     no_args_is_help=True,
     help="ggda: group data attribution. Start with `ggda train`, then `ggda attribute`.",
 )
 
+_STATE = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the full traceback of a failure instead of one error line."
+    ),
+) -> None:
+    _STATE["debug"] = debug
+
+
+def checked(spec, flag: str | None = None):
+    """A typer ``callback`` that checks an option by its declared :class:`~ggda.options.Spec`
+    (type and range, NaN/inf refused) while the command line is parsed, before any work.
+    ``None`` (an option not given) passes."""
+    from ggda.options import check
+
+    def callback(ctx: typer.Context, param: typer.CallbackParam, value):
+        if value is None or ctx.resilient_parsing:
+            return value
+        name = flag or max(param.opts, key=len)
+        if isinstance(value, list | tuple):
+            return [check(name, v, spec) for v in value]
+        return check(name, value, spec)
+
+    return callback
+
+
+def check_backend(backend: str, choices: tuple[str, ...] | None = None) -> None:
+    """Refuse an unknown ``--backend`` before anything is written."""
+    if choices is None:
+        from ggda.execution.executor import BACKENDS
+
+        choices = tuple(BACKENDS)
+    if backend not in choices:
+        raise GGDAError(f"--backend {backend}: unknown backend; choose one of {', '.join(choices)}.")
+
 
 def _threads(threads: int | None) -> None:
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+    if threads is not None:
+        from ggda.options import COUNT, check
+
+        torch.set_num_threads(check("--threads", threads, COUNT))
 
 
 @app.command("datasets")
@@ -105,30 +162,33 @@ def progress_status(message: str):
 
 
 def parse_options(pairs: list[str]) -> dict:
-    """``["damping=0.01", "solver=cg", "use_lr=false"]`` -> typed dict (int, float, bool, None or str)."""
+    """``["damping=0.01", "solver=cg", "use_lr=false"]`` -> typed dict (int, float, bool, None or
+    str); each value is checked against the option's declared type and range where it is used
+    (:mod:`ggda.options`)."""
     out: dict = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise GGDAError(f"Option '{pair}' is not KEY=VALUE; write e.g. --opt damping=0.01.")
-        value: object = raw
-        low = raw.lower()
-        if low in ("true", "false"):
-            value = low == "true"
-        elif low in ("none", "null"):
-            value = None
-        else:
-            for cast in (int, float):
-                try:
-                    value = cast(raw)
-                    break
-                except ValueError:
-                    pass
-        out[key.replace("-", "_")] = value
+        out[key.strip().replace("-", "_")] = parse_scalar(raw)
     return out
 
 
-def resolve_grouping(spec: str, run, device: str = "cpu") -> object:
+def is_file(spec: str | Path) -> bool:
+    """Whether ``spec`` names an existing path (a name too long to be a path is not one)."""
+    try:
+        return Path(spec).exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _naming(what: str, exc: GGDAError) -> GGDAError:
+    """``exc`` with ``what`` (the option and value that led to it) in front, unless it names it."""
+    text = str(exc)
+    return exc if what.split(" ", 1)[-1] in text else GGDAError(f"{what}: {text}")
+
+
+def resolve_grouping(spec: str, run, device: str = "cpu", flag: str = "--grouping") -> object:
     """``singleton``, ``column`` (the data's group column), or a .npy/.csv/.parquet file of group ids."""
     from ggda.groups.grouping import Grouping
 
@@ -138,17 +198,20 @@ def resolve_grouping(spec: str, run, device: str = "cpu") -> object:
     if spec == "column":
         if run.train.group_column is None:
             raise GGDAError(
-                "This run's data has no group column; train with --group-column NAME or pass a file."
+                f"{flag} column: this run's data has no group column; train with --group-column NAME "
+                "or pass a file."
             )
         return Grouping.from_ids(run.train.group_column)
-    path = Path(spec)
-    if path.exists():
-        g = Grouping.load(path)
-        g.check_matches(n, "the run's training set")
-        return g
-    from ggda.groups import build_grouping_from_spec
+    try:
+        if is_file(spec):
+            g = Grouping.load(spec)
+            g.check_matches(n, "the run's training set")
+            return g
+        from ggda.groups import build_grouping_from_spec
 
-    return build_grouping_from_spec(spec, run, device=device)
+        return build_grouping_from_spec(spec, run, device=device)
+    except GGDAError as exc:
+        raise _naming(f"{flag} {spec}", exc) from exc
 
 
 @app.command("attribute")
@@ -159,13 +222,15 @@ def attribute_cmd(
         "singleton", help="singleton, column, or a .npy/.csv/.parquet file of group ids."
     ),
     prop: str = typer.Option("test-loss", "--property", help="test-loss, mean-test-loss or margin."),
-    targets: int = typer.Option(50, help="Number of test points used as targets (first N)."),
+    targets: int = typer.Option(
+        50, help="Number of test points used as targets (first N).", callback=checked(COUNT)
+    ),
     aggregate: str = typer.Option("sum", help="Group score: sum or mean over members."),
     no_lr: bool = typer.Option(False, help="TracIn: drop the learning-rate weights (GGDA's variant)."),
     opt: list[str] = typer.Option(
         [], "--opt", help="Method option KEY=VALUE (repeatable), e.g. --opt damping=0.01."
     ),
-    top_k: int = typer.Option(10, help="Rows per target in the top-k table."),
+    top_k: int = typer.Option(10, help="Rows per target in the top-k table.", callback=checked(NONNEG_INT)),
     out: Path = typer.Option(None, help="Output directory (default RUN/attributions/METHOD-GROUPING)."),
     device: str = typer.Option("cpu"),
     threads: int = typer.Option(None),
@@ -176,20 +241,21 @@ def attribute_cmd(
     from ggda.runs import Run
 
     r = Run.load(run)
-    grp = resolve_grouping(grouping, r, device)
-    # the run's weight decay and checkpoints reach the methods that take them; --opt overrides
+    label = Path(grouping).stem if is_file(grouping) else grouping.replace(":", "-")
+    out = out or confined_path(run / "attributions", f"{method}-{label}")
+    check_output_dir(out)
     options = {"aggregate": aggregate, **parse_options(opt)}
-    attributor = r.method(method, r.task(device), offer={"use_lr": False} if no_lr else None, **options)
     n_targets = min(targets, len(r.test))
     property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])
+    grp = resolve_grouping(grouping, r, device)
+    # the run's weight decay and checkpoints reach the methods that take them; --opt overrides
+    attributor = r.method(method, r.task(device), offer={"use_lr": False} if no_lr else None, **options)
     t0 = time.perf_counter()
     with progress_status(f"{method}: caching {grp.n_groups} group gradients") as status:
         attributor.cache(r.train, grp)
         status.update(f"{method}: scoring {property_fn.n_targets} targets x {grp.n_groups} groups")
         scores = attributor.attribute(property_fn)
     seconds = time.perf_counter() - t0
-    label = Path(grouping).stem if Path(grouping).exists() else grouping.replace(":", "-")
-    out = out or confined_path(run / "attributions", f"{method}-{label}")
     write_scores(out, scores, grp, r, method, prop, seconds, top_k)
     typer.echo(
         f"{method} on {grp.n_groups} groups x {scores.shape[0]} targets in {seconds:.2f}s -> {out}/scores.npy"
@@ -246,7 +312,8 @@ def methods_cmd() -> None:
     from ggda.methods import METHODS
 
     for name, cls in sorted(METHODS.items()):
-        typer.echo(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+        summary = next(iter((cls.__doc__ or "").strip().splitlines()), "")
+        typer.echo(f"{name:12s} {summary}")
 
 
 @app.command("demo")
@@ -254,6 +321,8 @@ def demo_cmd(out: Path = typer.Option(Path("runs/demo")), threads: int = typer.O
     """Train on digits, attribute with every method (per-point and grouped), write a report."""
     _threads(threads)
     from ggda.report.demo import run_demo
+
+    check_output_dir(out)
 
     index = run_demo(out)
     typer.echo(f"report: {index}")
@@ -277,20 +346,56 @@ def _load_command_modules() -> None:
 _load_command_modules()
 
 
-def main() -> None:
-    """Console entry point: one-line errors for user mistakes."""
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one line (``error: ...``) for every failure; tracebacks only with
+    ``ggda --debug``."""
+    _STATE["debug"] = False
     try:
-        app(standalone_mode=False)
+        app(args=argv, prog_name="ggda", standalone_mode=False)
     except GGDAError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        if _STATE["debug"]:
+            raise
+        _error(str(exc), 2)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
-    except Exception as exc:  # usage errors from typer's (vendored) click
-        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except Exception as exc:
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # typer's (vendored) click
+            _usage_error(exc)
+        original = exc.__cause__ if isinstance(exc, _Unexpected) and exc.__cause__ else exc
+        if _STATE["debug"]:
+            raise original from None
+        _unexpected(original)
+
+
+def _error(message: str, code: int) -> None:
+    typer.echo("error: " + " ".join(str(message).split()), err=True)
+    sys.exit(code)
+
+
+def _usage_error(exc) -> None:
+    """A usage error of the framework (unknown option, missing value, ...) as one line; the help
+    screen that a bare ``ggda`` or ``ggda evaluate`` asks for is shown as it is."""
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        exc.show()
+        sys.exit(0)
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    _error(exc.format_message().rstrip(".") + "." + where, exc.exit_code)
+
+
+def _unexpected(exc: BaseException) -> None:
+    """The last line of the boundary: an exception no check anticipated. A file-system error
+    names its file; anything else is reported as an internal error (exit 1)."""
+    if isinstance(exc, OSError) and (exc.filename or exc.strerror):
+        target = f"{exc.filename}: " if exc.filename else ""
+        _error(
+            f"{target}{exc.strerror or exc}; check the path, its permissions and free space, then rerun.", 2
+        )
+    text = " ".join(str(exc).split())[:300]
+    _error(
+        f"internal error ({type(exc).__name__}: {text}); rerun with --debug for the traceback and report it.",
+        1,
+    )
 
 
 if __name__ == "__main__":
