@@ -29,3 +29,16 @@ def suicide_once(path: str, x: int) -> dict:
 def slow_square(x: int) -> dict:
     time.sleep(0.05)
     return {"y": np.array([x * x])}
+
+
+def sleepy(x: int, seconds: float) -> dict:
+    """Sleeps, then returns: a job that is still running when a test signals its executor."""
+    time.sleep(seconds)
+    return {"y": np.array([x]), "pid": np.array([os.getpid()])}
+
+
+def timed(x: int, seconds: float) -> dict:
+    """Sleeps and reports when it ran (wall clock), to check how many jobs ran at once."""
+    start = time.time()
+    time.sleep(seconds)
+    return {"y": np.array([x]), "span": np.array([start, time.time()])}

@@ -188,3 +188,83 @@ def test_feature_store_built_by_ray_tasks(executor, small_digits, tmp_path):
     assert remote.complete and remote.n_chunks == 3
     for c in range(3):
         assert remote.chunk_path(c).read_bytes() == local.chunk_path(c).read_bytes()
+
+
+def test_workers_means_concurrent_tasks(cluster, tmp_path):
+    """`--workers N` is accepted by every backend; for Ray it caps the tasks running at once."""
+    from ggda.runs import Run
+
+    assert Run.executor("ray", 2).workers == 2  # used to raise TypeError (evaluate, gold, experiment)
+    ex = make_executor("ray", address=cluster, workers=1)
+    jobs = [Job(f"t{i}", _jobs.timed, {"x": i, "seconds": 0.3}) for i in range(4)]
+    store = ResultStore(tmp_path / "s")
+    assert ex.run(jobs, store) == 4
+    spans = sorted(tuple(store.get(j.key)[0]["span"]) for j in jobs)
+    assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:], strict=False))  # never two at once
+    with pytest.raises(GGDAError, match="workers"):
+        RayExecutor(workers=0)
+
+
+_PRIVATE_CLUSTER = """
+import sys
+from ggda.errors import GGDAError
+from ggda.execution import Job, ResultStore
+from ggda.execution.ray_backend import RayExecutor
+from tests.execution import _jobs
+jobs = [Job(f"k{i}", _jobs.sleepy, {"x": i, "seconds": 0.1 if i < 2 else 60.0}) for i in range(6)]
+try:
+    RayExecutor(workers=2, retries=0).run(jobs, ResultStore(sys.argv[1]))
+except GGDAError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def _cluster_processes() -> dict[int, str]:
+    """Processes of clusters ggda started (they carry its owner token in their environment)."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if b"GGDA_RAY_OWNER=" in Path(f"/proc/{name}/environ").read_bytes():
+                    found[int(name)] = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")[0].decode()
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("victim", ["raylet", "driver"])
+def test_private_cluster_failures_and_teardown(tmp_path, victim):
+    """A private cluster that loses its raylet (as under the OOM killer) ends the run with one error
+    line saying how to resume; a SIGKILLed driver leaves no Ray process behind (its watchdog)."""
+    store = tmp_path / "s"
+    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _PRIVATE_CLUSTER, str(store)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(store.glob("*.json"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.1)
+        before = _cluster_processes()
+        assert any(cmd.endswith("raylet") for cmd in before.values())
+        if victim == "raylet":
+            os.kill(next(p for p, cmd in before.items() if cmd.endswith("raylet")), signal.SIGKILL)
+        else:
+            proc.kill()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if victim == "raylet":
+        assert proc.returncode == 2
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "lost its raylet" in lines[0] and "rerun the same command" in lines[0]
+        assert "2 of 6 jobs" in lines[0] and "Traceback" not in err
+    deadline = time.monotonic() + 20
+    while set(_cluster_processes()) & set(before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not set(_cluster_processes()) & set(before), _cluster_processes()

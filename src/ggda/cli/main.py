@@ -347,16 +347,27 @@ _load_command_modules()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one line (``error: ...``) for every failure; tracebacks only with
-    ``ggda --debug``."""
+    """Console entry point: one-line errors for user mistakes, clean ends on signals.
+
+    SIGINT/SIGTERM/SIGHUP stop the command (executors keep what is stored and stop their
+    workers), print one line and exit with 128 + the signal number (130 for Ctrl-C, 143 for
+    SIGTERM); the exit status a command raises through the framework is passed on, never dropped.
+    """
+    from ggda.execution.lifecycle import INTERRUPTED_MESSAGE, Interrupted, exit_on_signals
+
     _STATE["debug"] = False
     try:
-        app(args=argv, prog_name="ggda", standalone_mode=False)
+        with exit_on_signals():
+            status = app(args=argv, prog_name="ggda", standalone_mode=False)
+    except Interrupted as exc:
+        typer.echo(INTERRUPTED_MESSAGE, err=True)
+        sys.exit(exc.exit_code)
     except GGDAError as exc:
         if _STATE["debug"]:
             raise
         _error(str(exc), 2)
     except (typer.Abort, KeyboardInterrupt):
+        typer.echo(INTERRUPTED_MESSAGE, err=True)
         sys.exit(130)
     except Exception as exc:
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # typer's (vendored) click
@@ -365,6 +376,12 @@ def main(argv: list[str] | None = None) -> None:
         if _STATE["debug"]:
             raise original from None
         _unexpected(original)
+    # Without standalone mode the framework returns an exit status instead of exiting (130 for a
+    # KeyboardInterrupt it caught itself, N for typer.Exit(N)); commands themselves return None.
+    if isinstance(status, int) and not isinstance(status, bool) and status != 0:
+        if status == 130:
+            typer.echo(INTERRUPTED_MESSAGE, err=True)
+        sys.exit(status)
 
 
 def _error(message: str, code: int) -> None:

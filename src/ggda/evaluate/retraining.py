@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from ggda.data.dataset import Dataset
 from ggda.data.digest import content_digest
 from ggda.errors import GGDAError
 from ggda.execution import Executor, Job, ResultStore, job_key, make_executor
+from ggda.execution.lock import DirectoryLock
 from ggda.io import atomic_write
 from ggda.models.recipe import TrainingRecipe, UserRecipe, ZooRecipe
 from ggda.models.training import TrainConfig
@@ -178,6 +180,9 @@ class Retrainer:
     Args:
         spec: the shared model/training/data recipe.
         store: result directory (or store); shared stores share retrains across evaluations.
+            It is claimed (:class:`~ggda.execution.lock.DirectoryLock`) until :meth:`close`, the
+            end of a ``with`` block, garbage collection or exit: another process's retrainer or
+            command on the same store refuses with an error naming this one.
         executor: default ``LocalExecutor`` sized to the cores.
         train, test: the data, required when ``spec.data`` is None (passed to every job) and
             otherwise used to check that the spec rebuilds the data you expect.
@@ -198,6 +203,10 @@ class Retrainer:
     ) -> None:
         self.spec = spec
         self.store = store if isinstance(store, ResultStore) else ResultStore(store)
+        # The store is this retrainer's until it is closed or collected: a second command on it
+        # refuses at once (naming this one) instead of after its own attribution work.
+        self._lock = DirectoryLock(self.store.root).acquire()
+        weakref.finalize(self, self._lock.release)
         self.executor = executor or make_executor("local")
         self.progress = progress
         self.executed = 0
@@ -222,6 +231,16 @@ class Retrainer:
                 "kind": train.kind,
                 "n_classes": train.n_classes,
             }
+
+    def close(self) -> None:
+        """Release the claim on the store (also done when this object is collected or at exit)."""
+        self._lock.release()
+
+    def __enter__(self) -> Retrainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _write_payload(self) -> str:
         """(recipe, train, test) pickled once beside the store; jobs carry only its path."""

@@ -17,10 +17,21 @@ object store. This module only adapts ggda's :class:`~ggda.execution.Job` contra
   times, except :class:`~ggda.errors.GGDAError` (a user error that a retry cannot fix);
 * **threads**: every task asks Ray for ``threads_per_worker`` CPUs and caps torch/BLAS to that
   many threads, so concurrent tasks × threads ≤ cores (oversubscription costs 10×, not 2×);
+* **workers**: as on every backend, ``workers`` is how many jobs run at once: at most that many
+  tasks are in flight, and a private cluster is started with ``workers × threads_per_worker``
+  CPUs;
 * **cluster ownership**: ``address=None`` starts a private local cluster (``ray.init`` with
-  ``address="local"``, never silently joining someone else's), shut down by :meth:`close`;
-  ``address="auto"`` or ``"HOST:PORT"`` joins an existing cluster and :meth:`close` only
-  disconnects; an already-initialised Ray session in this process is used and left alone.
+  ``address="local"``, never silently joining someone else's), shut down by :meth:`close`, which
+  also runs at exit and after SIGINT/SIGTERM (they unwind through ``atexit``). Even a SIGKILLed
+  driver leaves nothing behind: a tiny watchdog process, started with the cluster, waits for the
+  driver's end of a pipe to close and then stops every process of that cluster (Ray's dashboard
+  and runtime-env agents otherwise outlive their driver). ``address="auto"`` or ``"HOST:PORT"``
+  joins an existing cluster and :meth:`close` only disconnects; an already-initialised Ray session
+  in this process is used and left alone;
+* **Ray's own failures** — a task killed by Ray's out-of-memory monitor, a lost worker or node, a
+  private cluster whose raylet or GCS died (checked every second, long before Ray's own 60 s
+  "Failed to connect to GCS") — end the run with one :class:`~ggda.errors.GGDAError` that says what
+  happened, how many jobs are stored, and to rerun the same command to resume.
 
 Token authentication (on by default in recent Ray, e.g. 2.60, which writes ``~/.ray/auth_token``) is disabled
 for clusters this executor starts, unless ``RAY_AUTH_MODE`` is already set, and the dashboard
@@ -29,20 +40,79 @@ is not started.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import logging
 import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 import ray
-from ray.exceptions import RayError, RayTaskError
-from tqdm.auto import tqdm
+from ray.exceptions import OutOfMemoryError, RayError, RayTaskError
 
 from ggda.errors import GGDAError
 from ggda.execution.jobs import Executor, Job, JobFn, call_job, limit_threads
+from ggda.execution.lock import DirectoryLock
 from ggda.execution.store import ResultStore
+from ggda.progress import progress as progress_bar
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _SHARE_BYTES = 1 << 20  # kwargs values above this size go to the object store once, not per task
+_OWNER_VAR = "GGDA_RAY_OWNER"  # marks every process of a cluster ggda started (inherited env)
+_VITAL = {"gcs_server": "GCS server", "raylet": "raylet"}  # a private cluster dies without these
+_HEALTH_SECONDS = 1.0
+
+# The watchdog of a private cluster: blocks on stdin until the driver's end of the pipe closes
+# (a normal close, or the driver's death, SIGKILL included), then stops every process whose
+# environment carries the cluster's owner token. Plain Python, no imports of ggda or Ray.
+_WATCHDOG = r"""
+import os, signal, sys, time
+token = sys.argv[1].encode()
+sys.stdin.buffer.read()
+def ours():
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                with open("/proc/%s/environ" % name, "rb") as fh:
+                    if token in fh.read().split(b"\0"):
+                        found.append(int(name))
+            except OSError:
+                pass
+    return found
+for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 1.0)):
+    pids = ours()
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    end = time.monotonic() + grace
+    while pids and time.monotonic() < end:
+        time.sleep(0.1)
+        pids = [p for p in pids if os.path.exists("/proc/%d" % p)]
+"""
+
+
+def _signal_handlers() -> dict:
+    """This process's SIGINT/SIGTERM handlers (main thread only: elsewhere they cannot change)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    """``ray.init`` replaces SIGTERM's handler (by ``sys.exit(15)``, and a native one that aborts):
+    put back the process's own, so SIGTERM still ends a ggda command cleanly with status 143."""
+    for sig, handler in handlers.items():
+        if handler is not None:
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, handler)
 
 
 def _ray_task(
@@ -79,8 +149,10 @@ class RayExecutor(Executor):
             the cluster started on this machine with ``ray start`` (or ``RAY_ADDRESS``);
             ``"HOST:PORT"`` joins the cluster whose head node listens there (``ray://`` client
             addresses also work).
-        num_cpus: CPUs of a cluster this executor starts (default: all cores); must be ``None``
-            when joining a cluster (its nodes declare their own).
+        num_cpus: CPUs of a cluster this executor starts (default: ``workers × threads_per_worker``,
+            else all cores); must be ``None`` when joining a cluster (its nodes declare their own).
+        workers: tasks running at once at most (as ``--workers`` means on every backend; default:
+            as many as the cluster's CPUs allow).
         threads_per_worker: CPUs each task requests and torch/BLAS threads it may use.
         gpus_per_task: GPUs each task requests (fractions allowed, e.g. 0.25 to pack four small
             trainings per GPU); jobs must then train on ``cuda``.
@@ -98,7 +170,8 @@ class RayExecutor(Executor):
         self,
         address: str | None = None,
         num_cpus: int | None = None,
-        threads_per_worker: int = 1,
+        workers: int | None = None,
+        threads_per_worker: int | None = 1,
         gpus_per_task: float = 0.0,
         retries: int = 2,
         max_in_flight: int | None = None,
@@ -111,10 +184,19 @@ class RayExecutor(Executor):
                 "num_cpus sets the size of a cluster ggda starts; leave it out with --address (the "
                 "cluster's nodes declare their CPUs)."
             )
-        if threads_per_worker < 1 or retries < 0 or gpus_per_task < 0:
-            raise GGDAError("threads_per_worker must be >= 1, retries >= 0 and gpus_per_task >= 0.")
+        threads_per_worker = 1 if threads_per_worker is None else threads_per_worker
+        if (
+            threads_per_worker < 1
+            or retries < 0
+            or gpus_per_task < 0
+            or (workers is not None and workers < 1)
+        ):
+            raise GGDAError(
+                "workers and threads_per_worker must be >= 1, retries >= 0 and gpus_per_task >= 0."
+            )
         self.address = address
         self.num_cpus = num_cpus
+        self.workers = None if workers is None else int(workers)
         self.threads = int(threads_per_worker)
         self.gpus_per_task = float(gpus_per_task)
         self.retries = int(retries)
@@ -124,6 +206,7 @@ class RayExecutor(Executor):
         self.init_kwargs = dict(init_kwargs or {})
         self._owns_session = False
         self._remote = None
+        self._watchdog: subprocess.Popen | None = None
 
     # -- cluster connection ---------------------------------------------------------------------
     def connect(self) -> RayExecutor:
@@ -133,29 +216,70 @@ class RayExecutor(Executor):
         env = dict(self.runtime_env)
         env["env_vars"] = {**{v: str(self.threads) for v in _THREAD_VARS}, **env.get("env_vars", {})}
         kwargs: dict = {"runtime_env": env, "log_to_driver": False, **self.init_kwargs}
+        token = None
         if self.address is None:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            kwargs.update(address="local", num_cpus=self.num_cpus or os.cpu_count() or 1)
+            cpus = self.num_cpus or (self.workers * self.threads if self.workers else None)
+            kwargs.update(address="local", num_cpus=cpus or os.cpu_count() or 1)
             kwargs.setdefault("include_dashboard", False)
+            kwargs.setdefault("logging_level", logging.WARNING)  # ggda prints its own progress
+            token = f"{os.getpid()}-{secrets.token_hex(8)}"
+            self._start_watchdog(token)  # first: it also sweeps up after a failed start
+            os.environ[_OWNER_VAR] = token  # inherited by every process of the new cluster
         else:
             kwargs["address"] = self.address
+        handlers = _signal_handlers()
         try:
             ray.init(**kwargs)
-        except (ConnectionError, ValueError, RuntimeError) as exc:
+        except BaseException as exc:
+            self._stop_watchdog()
+            if not isinstance(exc, (ConnectionError, ValueError, RuntimeError)):
+                raise
             where = "start a local Ray cluster" if self.address is None else f"join Ray at '{self.address}'"
             raise GGDAError(
                 f"Could not {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
                 "check that `ray status --address ADDRESS` works, or use --backend local."
             ) from exc
+        finally:
+            if token is not None:
+                os.environ.pop(_OWNER_VAR, None)
+            _restore_signal_handlers(handlers)
         self._owns_session = True
+        atexit.register(self.close)
         return self
 
+    def _start_watchdog(self, token: str) -> None:
+        if not sys.platform.startswith("linux"):
+            return  # it reads /proc; elsewhere the atexit/signal paths are the only teardown
+        with contextlib.suppress(OSError):
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-S", "-c", _WATCHDOG, f"{_OWNER_VAR}={token}"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C to the driver's group must not stop it first
+            )
+
     def close(self) -> None:
-        """Disconnect; stops the cluster only if this executor started it (``address=None``)."""
+        """Disconnect; stops the cluster only if this executor started it (``address=None``).
+
+        Registered with ``atexit`` on connect, so it also runs at exit and after SIGINT/SIGTERM.
+        """
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
         if self._owns_session and ray.is_initialized():
-            ray.shutdown()
+            with contextlib.suppress(Exception):
+                ray.shutdown()
         self._owns_session = False
         self._remote = None
+        self._stop_watchdog()
+
+    def _stop_watchdog(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:  # closing its pipe makes it sweep up stragglers and exit
+            with contextlib.suppress(Exception):
+                watchdog.stdin.close()
+                watchdog.wait(timeout=10)
 
     def __enter__(self) -> RayExecutor:
         return self.connect()
@@ -207,6 +331,13 @@ class RayExecutor(Executor):
         todo = self.pending(jobs, store)
         if not todo:
             return 0
+        with DirectoryLock(store.root):
+            todo = self.pending(todo, store)
+            if todo:
+                self._run(todo, store, progress)
+        return len(todo)
+
+    def _run(self, todo: list[Job], store: ResultStore, progress: bool) -> None:
         self.connect()
         if self._remote is None:
             self._remote = ray.remote(_ray_task)
@@ -214,19 +345,23 @@ class RayExecutor(Executor):
         if self.gpus_per_task:
             options["num_gpus"] = self.gpus_per_task
         remote = self._remote.options(**options)
-        limit = self.max_in_flight or 2 * self.slots()
+        limit = self.max_in_flight or 2 * self._ray(self.slots, todo=todo, store=store)
+        if self.workers:
+            limit = min(limit, self.workers)
         # Objects stay referenced in `shared` for the whole run, so their id() cannot be reused.
-        shared = {id(obj): (obj, ray.put(obj)) for obj in self._shareable(todo)}
+        shared = {
+            id(obj): (obj, self._ray(ray.put, obj, todo=todo, store=store)) for obj in self._shareable(todo)
+        }
         attempts = {j.key: 0 for j in todo}
         queue = list(reversed(todo))  # pop() from the end keeps submission in job order
         running: dict = {}
-        bar = tqdm(total=len(todo), desc="jobs (ray)", disable=not progress, leave=False)
+        bar = progress_bar(total=len(todo), desc="jobs (ray)", disable=not progress)
         try:
             while queue or running:
                 while queue and len(running) < limit:
                     job = queue.pop()
-                    running[self._submit(remote, job, store, shared)] = job
-                done, _ = ray.wait(list(running), num_returns=1)
+                    running[self._ray(self._submit, remote, job, store, shared, todo=todo, store=store)] = job
+                done = self._wait(list(running), todo, store)
                 for ref in done:
                     job = running.pop(ref)
                     try:
@@ -240,11 +375,8 @@ class RayExecutor(Executor):
                             raise cause from exc
                         queue.append(job)
                         continue
-                    except RayError as exc:  # worker/node lost beyond Ray's own retries
-                        raise GGDAError(
-                            f"Job {job.key} lost its Ray worker {self.retries + 1} times "
-                            f"({type(exc).__name__}); check memory per task or lower concurrency."
-                        ) from exc
+                    except (RayError, ConnectionError) as exc:  # Ray's own failure, beyond its retries
+                        raise self._failure(exc, todo, store, job) from exc
                     if result is None:
                         if not store.has(job.key):
                             raise GGDAError(
@@ -256,10 +388,88 @@ class RayExecutor(Executor):
                         self._store(store, job, result, seconds)
                     bar.update(1)
         finally:
-            for ref in running:
-                ray.cancel(ref, force=False)
             bar.close()
-        return len(todo)
+            if running and ray.is_initialized():  # (after a lost cluster, any ray call would hang)
+                self._keep_finished(running, store)
+                for ref in running:
+                    with contextlib.suppress(Exception):
+                        ray.cancel(ref, force=True)  # stop the workers now; the rest is not wanted
+
+    # -- Ray's failures -------------------------------------------------------------------------
+    def _ray(self, fn, *args, todo: list[Job], store: ResultStore, **kwargs):
+        """Call a Ray API function; Ray's own failures become one GGDAError."""
+        try:
+            return fn(*args, **kwargs)
+        except GGDAError:
+            raise
+        except (RayError, ConnectionError) as exc:
+            raise self._failure(exc, todo, store) from exc
+
+    def _wait(self, refs: list, todo: list[Job], store: ResultStore) -> list:
+        """Refs that finished (at least one); checks every second that a private cluster lives."""
+        while True:
+            done, _ = self._ray(
+                ray.wait, refs, num_returns=1, timeout=_HEALTH_SECONDS, todo=todo, store=store
+            )
+            if done:
+                return done
+            dead = self._dead_processes()
+            if dead:
+                raise self._failure(None, todo, store, dead=dead)
+
+    def _dead_processes(self) -> list[str]:
+        """Vital processes of the cluster this executor started that have died (else [])."""
+        if not self._owns_session or self.address is not None:
+            return []
+        try:
+            node = ray._private.worker._global_node
+            return sorted({name for name, _ in node.dead_processes() if name in _VITAL})
+        except Exception:  # private API moved: no check rather than a false alarm
+            return []
+
+    def _failure(
+        self, exc: BaseException | None, todo: list[Job], store: ResultStore, job: Job | None = None,
+        dead: list[str] | None = None,
+    ) -> GGDAError:  # fmt: skip
+        stored = sum(store.has(j.key) for j in todo)
+        resume = (
+            f"{stored} of {len(todo)} jobs of this run are stored in {store.root}; rerun the same command "
+            "to resume"
+        )
+        dead = dead if dead is not None else self._dead_processes()
+        if dead:
+            what = (
+                f"The Ray cluster ggda started lost its {' and '.join(_VITAL[d] for d in dead)} (killed, "
+                "most often by the system's out-of-memory killer)"
+            )
+            self.close()  # it cannot recover; stop what is left of it
+            return GGDAError(f"{what}; {resume}, with fewer --workers or --backend local.")
+        if isinstance(exc, OutOfMemoryError):
+            what = f"Ray killed job {job.key if job else '?'} for lack of memory {self.retries + 1} times"
+            return GGDAError(f"{what}; {resume} with fewer --workers (or more memory per task).")
+        first = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else ""
+        kind = type(exc).__name__ if exc is not None else "RayError"
+        if job is not None:
+            what = f"Job {job.key} lost its Ray worker or node {self.retries + 1} times ({kind}: {first})"
+        else:
+            where = "the Ray cluster" if self.address is None else f"the Ray cluster at {self.address}"
+            what = f"Lost contact with {where} ({kind}: {first})"
+        return GGDAError(f"{what}; {resume}, with fewer --workers if memory is short.")
+
+    def _keep_finished(self, running: dict, store: ResultStore) -> None:
+        """After an error or a signal: store the results that already arrived."""
+        try:
+            done, _ = ray.wait(list(running), num_returns=len(running), timeout=0)
+        except Exception:
+            return
+        for ref in done:
+            job = running[ref]
+            try:
+                result, seconds = ray.get(ref, timeout=1)
+                if result is not None:
+                    self._store(store, job, result, seconds)
+            except Exception:  # never mask the error that ended the run
+                continue
 
     def describe(self) -> str:
         """One line on the cluster: nodes and resources (connects if needed)."""

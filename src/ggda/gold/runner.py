@@ -25,6 +25,7 @@ import numpy as np
 from ggda.data.dataset import Dataset
 from ggda.errors import GGDAError
 from ggda.execution import Executor, Job, ResultStore, SerialExecutor, job_key
+from ggda.execution.lock import DirectoryLock
 from ggda.gold.config import VECTORISE_LIMIT, GoldConfig
 from ggda.gold.problem import GoldProblem, load_problem, make_problem, register_problem, save_problem
 from ggda.gold.removal import record_steps, steps_per_epoch
@@ -207,7 +208,9 @@ def compute_gold(
         units: the left-out set I (:func:`ggda.gold.select_units`).
         config: further-training and removal settings.
         out: directory for the result store (resumable) and ``gold.npz``; ``None``: a temporary
-            store (nothing kept, nothing resumed).
+            store (nothing kept, nothing resumed). Claimed for the length of the call
+            (:class:`~ggda.execution.lock.DirectoryLock`): a concurrent call on the same ``out``
+            refuses with an error naming this one.
         executor: how jobs run (default serial, in process).
         meta: extra provenance stored in ``gold.json`` (e.g. the run directory, target ids).
         recipe: further-train with this :class:`~ggda.models.recipe.TrainingRecipe` (a user's
@@ -229,7 +232,8 @@ def compute_gold(
         tmpdir = tempfile.TemporaryDirectory(prefix="ggda-gold-")
         out = tmpdir.name
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # One command per OUT: a second one refuses (naming the first) instead of redoing every job.
+    lock = DirectoryLock(out).acquire() if tmpdir is None else None
     executor = executor or SerialExecutor()
     try:
         if recipe is not None:
@@ -292,6 +296,8 @@ def compute_gold(
             result.save(out)
         return result
     finally:
+        if lock is not None:
+            lock.release()
         if tmpdir is not None:
             tmpdir.cleanup()
 
