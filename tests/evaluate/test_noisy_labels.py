@@ -78,3 +78,24 @@ def test_self_influence_finds_flipped_digits_labels(small_digits):
         suspicion_from_self_influence(self_influence(grouped), grouped.grouping), noisy.noisy
     )
     assert det_g.auc > 0.5
+
+
+def test_methods_without_a_usable_self_influence_give_nan_with_the_reason(small_digits, trained_mlp):
+    """Grad-Cos self-influence is cos(g, g) = 1 (an AUC would rank rounding errors) and RepSim has
+    none: both give a NaN row with a note instead of a number or an abort; Grad-Dot gives a score."""
+    from ggda.evaluate.noisy_labels import DetectionResult, constant_scores, detect_by_self_influence
+
+    train, _ = small_digits
+    noisy = flip_labels(train.subset(np.arange(80)), 0.2, seed=0)
+    task = AttributionTask(trained_mlp)
+    cos = make_method("grad-cos", task).cache(noisy)
+    si = self_influence(cos)
+    assert np.allclose(si, 1.0, atol=1e-5) and constant_scores(si)
+    for name, cause in (("grad-cos", "cos(g, g) = 1"), ("repsim", "sees neither labels nor the loss")):
+        det = detect_by_self_influence(make_method(name, task).cache(noisy), noisy.noisy)
+        assert np.isnan(det.auc) and all(np.isnan(v) for v in det.found.values())
+        assert cause in det.note and det.row()["note"] == det.note
+    det = detect_by_self_influence(make_method("grad-dot", task).cache(noisy), noisy.noisy)
+    assert 0.0 <= det.auc <= 1.0 and det.note is None and "note" not in det.row()
+    assert not constant_scores(np.array([1.0, 1.1])) and constant_scores(np.full(4, 2.0))
+    assert np.isnan(DetectionResult.undefined("why").auc)

@@ -76,3 +76,16 @@ def test_cnn_default_layer_and_errors(setup, small_digits):
         RepSim(task, similarity="euclid")
     with pytest.raises(GGDAError, match="target examples"):
         RepSim(task).cache(train).attribute(CallableProperty(lambda fwd: fwd(prop.X).sum(1)))
+
+
+def test_bare_linear_model_uses_its_input():
+    """A bare nn.Linear is its own (only) parametrised layer: RepSim hooks the model itself, so
+    the representation is the raw input."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(30, 5)).astype(np.float32), rng.integers(0, 3, 30)
+    task = AttributionTask(torch.nn.Linear(5, 3))
+    assert last_layer_name(task.model) == ""
+    scores = RepSim(task).cache((X, y)).attribute(ExampleLoss(X[:4], y[:4]))
+    assert np.allclose(scores, cos(X[:4].astype(np.float64), X.astype(np.float64)), atol=1e-6)
+    with pytest.raises(GGDAError, match="has no module"):
+        RepSim(task, layer="")

@@ -368,12 +368,8 @@ def noisy_cmd(
     _threads(threads)
     import pandas as pd
 
-    from ggda.evaluate import (
-        detect_noisy_labels,
-        self_influence,
-        suspicion_from_self_influence,
-        suspicion_from_test_scores,
-    )
+    from ggda.evaluate import detect_noisy_labels, suspicion_from_test_scores
+    from ggda.evaluate.noisy_labels import detect_by_self_influence
     from ggda.runs import Run
 
     _check_common(scores, method, None, "--method NAME (self-influence)")
@@ -395,8 +391,7 @@ def noisy_cmd(
         for m in method:
             t0 = time.perf_counter()
             att = r.method(m, task, **parse_options(opt)).cache(train, g)
-            si = self_influence(att)
-            det = detect_noisy_labels(suspicion_from_self_influence(si, g), train.noisy)
+            det = detect_by_self_influence(att, train.noisy)  # NaN + note where it has none
             rows.append(
                 {
                     "label": f"{m}-{grouping.replace(':', '-')}",

@@ -13,6 +13,15 @@ Two suspicion scores, both group-native (NOTES A5, gotcha 9):
   member a per-point score.
 * **test harm**: the unit's attribution to the mean test loss, negated (most harmful first),
   divided by the group size.
+
+Some methods have no usable self-influence, and then no AUC is reported (NaN, with the reason
+in ``note``) instead of a number that only looks like one (:func:`detect_by_self_influence`):
+
+* **Grad-Cos**: cos(g_S, g_S) = 1 for every unit, so the "ranking" is floating-point rounding
+  (or, with groups, 1/|S|). Any method whose self-influence is the same for every unit up to a
+  relative 1e-6 is caught the same way.
+* **RepSim**: a representation similarity; it sees neither labels nor the loss, so a flipped
+  label cannot change it (the method says so in ``self_influence_note``).
 """
 
 from __future__ import annotations
@@ -112,15 +121,78 @@ def inspection_order(suspicion: np.ndarray, seed: int = 0) -> np.ndarray:
 
 @dataclass
 class DetectionResult:
-    """How well a suspicion score finds flipped labels."""
+    """How well a suspicion score finds flipped labels (NaN with a ``note`` when it cannot)."""
 
     auc: float
     found: dict[float, float]  # fraction inspected -> fraction of flipped labels found
     inspected: np.ndarray  # curve x: fraction of the data inspected (0..1)
     recall: np.ndarray  # curve y: fraction of flipped labels found
+    note: str | None = None  # why there is no score (auc NaN)
 
     def row(self) -> dict:
-        return {"auc": self.auc, **{f"found@{int(round(q * 100))}%": v for q, v in self.found.items()}}
+        row = {"auc": self.auc, **{f"found@{int(round(q * 100))}%": v for q, v in self.found.items()}}
+        if self.note:
+            row["note"] = self.note
+        return row
+
+    @classmethod
+    def undefined(cls, note: str, fractions: Sequence[float] = FOUND_AT) -> DetectionResult:
+        """No ranking to evaluate: NaN AUC and recalls, and the reason."""
+        nan = float("nan")
+        return cls(nan, {float(q): nan for q in fractions}, np.zeros(0), np.zeros(0), note)
+
+
+#: Self-influence whose spread is below this fraction of its magnitude is treated as constant.
+CONSTANT_RTOL = 1e-6
+
+
+def constant_scores(scores: np.ndarray, rtol: float = CONSTANT_RTOL) -> bool:
+    """True when every entry equals the others up to ``rtol`` of the largest magnitude."""
+    s = np.asarray(scores, dtype=np.float64)
+    scale = float(np.abs(s).max()) if s.size else 0.0
+    return s.size > 1 and float(np.ptp(s)) <= rtol * max(scale, 1e-300)
+
+
+def detect_by_self_influence(
+    attributor: Attributor,
+    noisy: np.ndarray,
+    fractions: Sequence[float] = FOUND_AT,
+    seed: int = 0,
+    block: int = 1024,
+) -> DetectionResult:
+    """Noisy-label detection by a cached attributor's self-influence, or a NaN row with the reason.
+
+    The reason is given (``DetectionResult.note``, AUC NaN) instead of a score when the method
+    declares it has no self-influence (``self_influence_note``, e.g. RepSim), when it cannot
+    evaluate the group-loss property (its error message), or when its self-influence is the same
+    for every unit (Grad-Cos: cos(g, g) = 1), where an AUC would only rank rounding errors.
+    """
+    note = getattr(attributor, "self_influence_note", None)
+    if note:
+        return DetectionResult.undefined(note, fractions)
+    try:
+        si = self_influence(attributor, block=block)
+    except GGDAError as exc:
+        return DetectionResult.undefined(f"no self-influence: {exc}", fractions)
+    if not np.isfinite(si).all():
+        return DetectionResult.undefined(
+            "self-influence contains NaN or inf; check the method's options (damping).", fractions
+        )
+    name = getattr(attributor, "name", type(attributor).__name__)
+    if getattr(attributor, "normalize", False):  # cosine methods: cos(g_S, g_S) = 1 by construction
+        return DetectionResult.undefined(
+            f"{name} self-influence is cos(g, g) = 1 for every unit (measured spread "
+            f"{float(np.ptp(si)):.2g}), so an AUC would only order rounding errors (or group sizes); "
+            "rank by test harm (--scores) or use grad-dot / an influence function.",
+            fractions,
+        )
+    if constant_scores(si):
+        return DetectionResult.undefined(
+            f"{name} self-influence is {float(si[0]):.6g} for every unit, so an AUC would only order "
+            "rounding errors; rank by test harm (--scores) or use another method.",
+            fractions,
+        )
+    return detect_noisy_labels(suspicion_from_self_influence(si, attributor.grouping), noisy, fractions, seed)
 
 
 def detect_noisy_labels(

@@ -40,8 +40,11 @@ HOOKS = ("input", "output")
 
 
 def last_layer_name(model: nn.Module) -> str:
-    """Name of the last module (in registration order) that owns parameters directly."""
-    names = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+    """Name of the last module (in registration order) that owns parameters directly.
+
+    A bare layer (``nn.Linear(d, C)``: the model *is* its only parametrised module) gives ``""``,
+    the model itself, whose input is the raw example."""
+    names = [n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
     if not names:
         raise GGDAError("RepSim found no layer with parameters; pass layer=NAME of a module to hook.")
     return names[-1]
@@ -49,6 +52,12 @@ def last_layer_name(model: nn.Module) -> str:
 
 @register("repsim")
 class RepSim(Attributor):
+    #: Read by noisy-label detection (:func:`ggda.evaluate.noisy_labels.detect_by_self_influence`).
+    self_influence_note = (
+        "RepSim compares representations only; it sees neither labels nor the loss, so a flipped "
+        "label cannot change its self-similarity and it has no self-influence to rank by."
+    )
+
     """RepSim: cosine/dot similarity of hidden representations (last layer's input by default).
 
     Args:
@@ -79,7 +88,7 @@ class RepSim(Attributor):
             raise GGDAError(f"Unknown RepSim hook '{hook}'; choose input or output.")
         modules = dict(task.model.named_modules())
         self.layer = layer if layer is not None else last_layer_name(task.model)
-        if self.layer not in modules or not self.layer:
+        if self.layer not in modules or (layer is not None and not self.layer):
             raise GGDAError(
                 f"RepSim: the model has no module '{layer}'; choose one of {[n for n in modules if n]}."
             )
