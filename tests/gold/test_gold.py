@@ -265,9 +265,9 @@ def test_bad_inputs(tiny):
 
 @pytest.mark.parametrize("path", ["sequential", "vectorised"])
 def test_divergence_names_the_run_and_keeps_finished_jobs(tiny, tmp_path, path):
-    """Up-weighting one point enormously (weight mode, ε < 0) blows up only that run."""
+    """Ascending one point's loss enormously (weight mode, huge ε) blows up only that run."""
     units = point_units(len(tiny[1]), [5])
     with pytest.raises(GGDAError, match=r"diverged .* in run point 5, seed 0, epoch 1"):
-        gold_of(tiny, units, path=path, removal="weight", epsilon=-1e300, lr=1e10, out=tmp_path, seeds=1)
+        gold_of(tiny, units, path=path, removal="weight", epsilon=1e300, lr=1e10, out=tmp_path, seeds=1)
     store = ResultStore(tmp_path / "store")
     assert len(store) == 1 and store.keys()[0].endswith("units=full")  # the full run was kept

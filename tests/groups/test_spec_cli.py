@@ -140,7 +140,7 @@ def test_group_cli_errors(run_dir, tmp_path):
     from ggda.cli.main import main  # noqa: F401  (main() turns GGDAError into one line; runner raises it)
 
     cases = [
-        (["--method", "kmeans", "--groups", "0"], "between 1 and n=300"),
+        (["--method", "kmeans", "--groups", "0"], "--groups 0 is not valid"),
         (["--method", "kmeans", "--groups", "301"], "between 1 and n=300"),
         (["--method", "kmeans", "--group-size", "500"], "Group size 500"),
         (["--method", "kmeans"], "exactly one of"),
