@@ -22,6 +22,7 @@ ray = pytest.importorskip("ray")
 
 from ggda.errors import GGDAError  # noqa: E402
 from ggda.execution import Job, LocalExecutor, ResultStore, job_key, make_executor  # noqa: E402
+from ggda.execution.lifecycle import INTERRUPTED_MESSAGE  # noqa: E402
 from ggda.execution.ray_backend import RayExecutor  # noqa: E402
 from tests.execution import _jobs, _scale_jobs  # noqa: E402
 
@@ -212,11 +213,16 @@ from ggda.execution import Job, ResultStore
 from ggda.execution.ray_backend import RayExecutor
 from tests.execution import _jobs
 jobs = [Job(f"k{i}", _jobs.sleepy, {"x": i, "seconds": 0.1 if i < 2 else 60.0}) for i in range(6)]
+from ggda.execution.lifecycle import INTERRUPTED_MESSAGE, Interrupted, exit_on_signals
 try:
-    RayExecutor(workers=2, retries=0).run(jobs, ResultStore(sys.argv[1]))
+    with exit_on_signals():  # as `ggda` runs every command
+        RayExecutor(workers=2, retries=0).run(jobs, ResultStore(sys.argv[1]))
 except GGDAError as exc:
     print(f"error: {exc}", file=sys.stderr)
     sys.exit(2)
+except Interrupted as exc:
+    print(INTERRUPTED_MESSAGE, file=sys.stderr)
+    sys.exit(exc.exit_code)
 """
 
 
@@ -235,10 +241,11 @@ def _cluster_processes() -> dict[int, str]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("victim", ["raylet", "driver"])
+@pytest.mark.parametrize("victim", ["raylet", "driver", "sigterm"])
 def test_private_cluster_failures_and_teardown(tmp_path, victim):
     """A private cluster that loses its raylet (as under the OOM killer) ends the run with one error
-    line saying how to resume; a SIGKILLed driver leaves no Ray process behind (its watchdog)."""
+    line saying how to resume; SIGTERM (whose handler ``ray.init`` replaces) still ends it with 143
+    and one line; a SIGKILLed driver leaves no Ray process behind (its watchdog)."""
     store = tmp_path / "s"
     env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", _PRIVATE_CLUSTER, str(store)], cwd=ROOT, env=env,
@@ -252,6 +259,8 @@ def test_private_cluster_failures_and_teardown(tmp_path, victim):
         assert any(cmd.endswith("raylet") for cmd in before.values())
         if victim == "raylet":
             os.kill(next(p for p, cmd in before.items() if cmd.endswith("raylet")), signal.SIGKILL)
+        elif victim == "sigterm":
+            proc.send_signal(signal.SIGTERM)
         else:
             proc.kill()
         _, err = proc.communicate(timeout=60)
@@ -264,6 +273,9 @@ def test_private_cluster_failures_and_teardown(tmp_path, victim):
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and "lost its raylet" in lines[0] and "rerun the same command" in lines[0]
         assert "2 of 6 jobs" in lines[0] and "Traceback" not in err
+    if victim == "sigterm":
+        assert proc.returncode == 143 and err.strip().splitlines()[-1] == INTERRUPTED_MESSAGE, err[-3000:]
+        assert len(list(store.glob("*.json"))) == 2
     deadline = time.monotonic() + 20
     while set(_cluster_processes()) & set(before) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -49,7 +49,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import ray
@@ -113,6 +113,20 @@ def _restore_signal_handlers(handlers: dict) -> None:
         if handler is not None:
             with contextlib.suppress(ValueError, OSError, TypeError):
                 signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_unwrapped() -> Iterator[None]:
+    """Ray's blocking calls poll for signals in native code: an exception raised by a signal
+    handler there (ggda's :class:`~ggda.execution.lifecycle.Interrupted` on SIGINT/SIGTERM) comes
+    back wrapped in a ``SystemError``. Re-raise the signal's own exception."""
+    try:
+        yield
+    except SystemError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, BaseException) and not isinstance(cause, Exception):
+            raise cause from None
+        raise
 
 
 def _ray_task(
@@ -365,7 +379,8 @@ class RayExecutor(Executor):
                 for ref in done:
                     job = running.pop(ref)
                     try:
-                        result, seconds = ray.get(ref)
+                        with _signals_unwrapped():
+                            result, seconds = ray.get(ref)
                     except RayTaskError as exc:  # the job function raised
                         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
                         if isinstance(cause, GGDAError):
@@ -399,7 +414,8 @@ class RayExecutor(Executor):
     def _ray(self, fn, *args, todo: list[Job], store: ResultStore, **kwargs):
         """Call a Ray API function; Ray's own failures become one GGDAError."""
         try:
-            return fn(*args, **kwargs)
+            with _signals_unwrapped():
+                return fn(*args, **kwargs)
         except GGDAError:
             raise
         except (RayError, ConnectionError) as exc:
