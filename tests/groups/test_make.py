@@ -29,7 +29,8 @@ def test_every_method_valid_seeded_and_timed(method, small_digits, task):
     g = make_grouping(method, train, n_groups=15, task=task, seed=3)
     assert g.method == method and g.n_groups == 15 and len(g) == len(train)
     assert g.sizes.min() >= 1 and g.seconds > 0
-    assert 0 < g.meta["purity"] <= 1 and g.meta["per_class"] is False
+    # K-Means methods are per-class by default on classification data; random is a plain split
+    assert 0 < g.meta["purity"] <= 1 and g.meta["per_class"] is (method != "random")
     again = make_grouping(method, train, n_groups=15, task=task, seed=3)
     assert np.array_equal(g.labels, again.labels)  # reproducible
     if method != "random":
@@ -128,7 +129,7 @@ def test_empty_clusters_are_reseeded_or_merged():
     assert np.bincount(fixed).tolist() == [1, 3, 2]
     # and through make_grouping the record lands in meta
     dup = Dataset(X=np.repeat(np.eye(4, dtype=np.float32), 10, axis=0), y=np.arange(40) % 2)
-    g = make_grouping("kmeans", dup, n_groups=8)
+    g = make_grouping("kmeans", dup, n_groups=8, per_class=False)
     assert g.n_groups == 8 and g.meta["empty_clusters"] >= 4 and g.meta["empty_policy"] == "reseed"
     g = make_grouping("kmeans", dup, n_groups=12, per_class=True)  # 4 distinct points, 6 groups per class
     assert g.n_groups == 12 and g.purity(dup.y) == 1.0 and g.meta["empty_clusters"] >= 4

@@ -25,14 +25,24 @@ from ggda.errors import GGDAError
 from ggda.groups.grouping import Grouping
 
 GROUPING_METHODS = ("random", "kmeans", "repr-kmeans", "grad-kmeans", "given", "singleton")
-CLUSTER_OPTIONS = ("algorithm", "n_init", "max_iter", "batch_size", "empty")
+CLUSTER_OPTIONS = ("algorithm", "n_init", "max_iter", "batch_size", "empty", "balance", "size_ratio")
+CLUSTERED_METHODS = ("kmeans", "repr-kmeans", "grad-kmeans")
+NORMALIZE = ("unit", "none")
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "random": (),
     "singleton": (),
     "given": ("values", "column"),
     "kmeans": ("standardize", *CLUSTER_OPTIONS),
-    "repr-kmeans": ("layer", "standardize", "chunk_size", *CLUSTER_OPTIONS),
-    "grad-kmeans": ("features", "layer", "projection_dim", "chunk_size", "memory_mb", *CLUSTER_OPTIONS),
+    "repr-kmeans": ("layer", "standardize", "normalize", "chunk_size", *CLUSTER_OPTIONS),
+    "grad-kmeans": (
+        "features",
+        "layer",
+        "projection_dim",
+        "normalize",
+        "chunk_size",
+        "memory_mb",
+        *CLUSTER_OPTIONS,
+    ),
 }
 
 
@@ -139,7 +149,8 @@ def _features(method: str, train, task, seed: int, options: dict) -> tuple[np.nd
         F = feat.representation_features(task, train.X, options.get("layer"), options.get("chunk_size", 4096))
         if options.get("standardize", False):
             F = feat.input_features(F)
-        return F, {"features": "representation", "layer": options.get("layer") or "input of output layer"}
+        info = {"features": "representation", "layer": options.get("layer") or "input of output layer"}
+        return _normalized(F, options.get("normalize", "none"), info)
     task = _task_for(method, task, train)
     kind = options.get("features", "last-layer")
     F = feat.gradient_features(
@@ -158,6 +169,21 @@ def _features(method: str, train, task, seed: int, options: dict) -> tuple[np.nd
         info["projection_dim"] = int(F.shape[1])
     if options.get("layer"):
         info["layer"] = options["layer"]
+    return _normalized(F, options.get("normalize", "unit"), info)
+
+
+def _normalized(F: np.ndarray, normalize: str, info: dict) -> tuple[np.ndarray, dict]:
+    """Rows scaled to unit length (``unit``; zero rows stay zero) or left as they are (``none``).
+
+    Unit rows make K-Means cluster gradient *directions*: on a model that fits its training set
+    most gradients are near zero, and raw Euclidean K-Means spends its clusters on the few
+    high-loss points while every well-fit point falls into one cluster."""
+    if normalize not in NORMALIZE:
+        raise GGDAError(f"Unknown normalize '{normalize}'; choose one of {', '.join(NORMALIZE)}.")
+    info["normalize"] = normalize
+    if normalize == "unit":
+        norms = np.linalg.norm(F, axis=1, keepdims=True)
+        F = np.ascontiguousarray(F / np.where(norms > 0, norms, 1.0), dtype=np.float32)
     return F, info
 
 
@@ -168,7 +194,7 @@ def make_grouping(
     n_groups: int | None = None,
     group_size: int | float | None = None,
     task=None,
-    per_class: bool = False,
+    per_class: bool | None = None,
     seed: int = 0,
     **options,
 ) -> Grouping:
@@ -181,9 +207,14 @@ def make_grouping(
         task: :class:`~ggda.task.AttributionTask` (or the ``nn.Module``) of the trained model;
             needed by ``repr-kmeans`` and ``grad-kmeans``.
         per_class: cluster within each class (label-pure groups; classification only).
+            ``None`` (default): on for the K-Means methods on classification data when K is at
+            least the number of classes, off otherwise (``random`` stays a plain random split).
         seed: seeds the random partition, k-means++ and any random projection.
         options: ``layer``, ``features`` (``last-layer``/``logits``/``projected``),
-            ``projection_dim``, ``standardize``, ``chunk_size``, ``memory_mb``, ``algorithm``
+            ``projection_dim``, ``normalize`` (``unit``, the default for grad-kmeans, or
+            ``none``), ``standardize``, ``chunk_size``, ``memory_mb``, ``balance``
+            (``bounded``, default: every group between m/r and m·r points, m = n/K,
+            r = ``size_ratio`` = 2; ``none``: plain variance-minimising K-Means), ``algorithm``
             (``auto``/``kmeans``/``minibatch``), ``n_init``, ``max_iter``, ``batch_size``,
             ``empty`` (``reseed``/``merge``); ``values``, ``column`` for ``given``.
     """
@@ -218,6 +249,7 @@ def make_grouping(
     if per_class and not classification:
         raise GGDAError("per_class needs class labels; drop --per-class for regression data.")
     K = resolve_n_groups(n, n_groups, group_size)
+    per_class = _default_per_class(method, per_class, classification, train, K, group_size)
 
     meta: dict = {}
     F = None
@@ -236,12 +268,30 @@ def make_grouping(
     return _finish(g, train, per_class, classification)
 
 
+def _default_per_class(method, per_class, classification, train, K, group_size) -> bool:
+    """``per_class=None``: per-class for the K-Means methods on classification data when every
+    class can have a group (K ≥ C, or any target group size)."""
+    if per_class is not None:
+        return bool(per_class)
+    if method not in CLUSTERED_METHODS or not classification or getattr(train, "y", None) is None:
+        return False
+    return group_size is not None or K >= len(np.unique(train.y))
+
+
 def _partition(method: str, n: int, K: int, F, seed: int, cluster_opts: dict) -> tuple[np.ndarray, dict]:
     if method == "random":
         return random_grouping(n, K, seed).labels, {}
-    from ggda.groups.clustering import kmeans_labels
+    from ggda.groups.clustering import BALANCE_POLICIES, SIZE_RATIO, bounded_kmeans_labels, kmeans_labels
 
-    return kmeans_labels(F, K, seed=seed, **cluster_opts)
+    opts = dict(cluster_opts)
+    balance = opts.pop("balance", "bounded")
+    ratio = opts.pop("size_ratio", SIZE_RATIO)
+    if balance not in BALANCE_POLICIES:
+        raise GGDAError(f"Unknown balance '{balance}'; choose one of {', '.join(BALANCE_POLICIES)}.")
+    if balance == "none":
+        labels, meta = kmeans_labels(F, K, seed=seed, **opts)
+        return labels, meta | {"balance": "none"}
+    return bounded_kmeans_labels(F, K, seed=seed, size_ratio=ratio, **opts)
 
 
 def _per_class(method, y, K, group_size, F, seed, cluster_opts) -> tuple[np.ndarray, dict]:
@@ -251,7 +301,9 @@ def _per_class(method, y, K, group_size, F, seed, cluster_opts) -> tuple[np.ndar
     else:
         k = allocate_groups(class_sizes, K)
     labels = np.empty(len(y), dtype=np.int64)
-    offset, empty, algorithms, warns = 0, 0, set(), set()
+    offset, empty, algorithms, warns, rounds = 0, 0, set(), set(), 0
+    unbalanced: list[np.ndarray] = []
+    balance: dict = {}
     for c, kc in enumerate(k):
         rows = np.flatnonzero(inverse == c)
         sub, sub_meta = _partition(
@@ -263,9 +315,19 @@ def _per_class(method, y, K, group_size, F, seed, cluster_opts) -> tuple[np.ndar
         if "algorithm" in sub_meta:
             algorithms.add(sub_meta["algorithm"])
         warns.update(sub_meta.get("warnings", []))
+        balance.update(
+            {key: sub_meta[key] for key in ("balance", "size_ratio", "balance_note") if key in sub_meta}
+        )
+        rounds = max(rounds, int(sub_meta.get("balance_rounds", 0)))
+        if "unbalanced_counts" in sub_meta:
+            unbalanced.append(sub_meta["unbalanced_counts"])
     meta: dict = {"groups_per_class": {str(cls): int(kc) for cls, kc in zip(classes, k, strict=True)}}
     if method != "random":
-        meta.update(algorithm="+".join(sorted(algorithms)), empty_clusters=empty)
+        meta.update(algorithm="+".join(sorted(algorithms)), empty_clusters=empty, **balance)
+        if balance.get("balance") == "bounded":
+            meta["balance_rounds"] = rounds
+        if unbalanced:
+            meta["unbalanced_sizes"] = _size_stats(np.concatenate(unbalanced))
         if empty:
             meta["empty_policy"] = cluster_opts.get("empty", "reseed")
         if warns:
@@ -273,8 +335,16 @@ def _per_class(method, y, K, group_size, F, seed, cluster_opts) -> tuple[np.ndar
     return labels, meta
 
 
+def _size_stats(sizes: np.ndarray) -> dict:
+    sizes = np.asarray(sizes)
+    return {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())}
+
+
 def _finish(g: Grouping, train, per_class: bool, classification: bool) -> Grouping:
     g.meta["per_class"] = bool(per_class)
+    g.meta["sizes"] = _size_stats(g.sizes)
+    if "unbalanced_counts" in g.meta:  # what plain K-Means gave before the size bounds
+        g.meta["unbalanced_sizes"] = _size_stats(g.meta.pop("unbalanced_counts"))
     if classification and getattr(train, "y", None) is not None:
         g.meta["purity"] = g.purity(train.y)
     return g

@@ -3,7 +3,8 @@
 Grammar: ``METHOD[:TOKEN]...`` where TOKEN is
 
 * ``K`` (an integer) — the number of groups, or ``size=S`` — a target group size;
-* ``per-class`` — cluster within each class;
+* ``per-class`` / ``no-per-class`` — cluster within each class, or over all points (the K-Means
+  methods are per-class by default on classification data);
 * ``KEY=VALUE`` — any :func:`~ggda.groups.make_grouping` option (``seed``, ``layer``,
   ``features``, ``projection_dim``, ``algorithm``, ``empty``, ...); values are typed
   (int, float, true/false, none, else string).
@@ -65,9 +66,11 @@ def parse_grouping_spec(spec: str) -> tuple[str, dict]:
                 kwargs["n_groups"] = int(token)
             elif token in ("per-class", "per_class"):
                 kwargs["per_class"] = True
+            elif token in ("no-per-class", "no_per_class"):
+                kwargs["per_class"] = False
             else:
                 raise GGDAError(
-                    f"Cannot read '{token}' in grouping '{spec}'; write K, size=S, per-class or KEY=VALUE "
+                    f"Cannot read '{token}' in grouping '{spec}'; write K, size=S, per-class, no-per-class or KEY=VALUE "
                     "(e.g. grad-kmeans:100:per-class)."
                 )
             continue
