@@ -7,7 +7,7 @@ from ggda.errors import GGDAError
 from ggda.gradients import per_example_gradients
 from ggda.groups import Grouping, random_grouping
 from ggda.methods import make_method
-from ggda.methods.trak import TRAK, margin_output
+from ggda.methods.trak import RIDGE_REL, TRAK, margin_output
 from ggda.models import TrainConfig, build_model, train_model
 from ggda.properties import CallableProperty, ExampleLoss, Margin, MeanLoss
 from ggda.task import AttributionTask
@@ -83,7 +83,7 @@ def test_random_projection_trak_matches_definition(setup_mlp):
     Phi = onehot.T @ G @ P
     q = onehot.T @ (1 - correct_prob(task.model, train.X, train.y))
     psi = per_example_gradients(task, prop.X, prop.y, fn=margin_output).double().numpy() @ P
-    ridge = 1e-3 * np.trace(Phi.T @ Phi) / 128
+    ridge = RIDGE_REL * np.trace(Phi.T @ Phi) / 40  # / min(K, k): K = 40 groups < k = 128
     assert np.isclose(trak.members[0].ridge, ridge, rtol=1e-4)
     ref = closed_form(psi, Phi, q, ridge)
     assert np.abs(trak.attribute(prop) - ref).max() < 1e-3 * np.abs(ref).max()
@@ -152,7 +152,7 @@ def test_ensemble_is_mean_of_single_model_scores(setup_mlp, small_digits, tmp_pa
     last = TRAK(task, proj_dim=64, checkpoints=res.checkpoints, ensemble="checkpoints", n_checkpoints=1)
     final_other = TRAK(task, proj_dim=64, models=[other]).cache(train).attribute(prop)
     assert np.allclose(last.cache(train).attribute(prop), final_other, rtol=1e-5)
-    final = TRAK(task, proj_dim=64, checkpoints=res.checkpoints).cache(train)
+    final = TRAK(task, proj_dim=64, checkpoints=res.checkpoints, ensemble="final").cache(train)
     assert len(final.members) == 1 and final.members[0].task is task
 
 
@@ -357,3 +357,71 @@ def test_staged_projection_equals_projecting_each_group_alone(small_digits, trai
     G = group_gradients(task, train.X, train.y, grouping, fn=method.output_fn)
     expected = member.projector.project(G)
     torch.testing.assert_close(member.features, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+# -- defaults: projection size rule, auto ensembles, seed agreement ------------------------------
+
+
+def test_default_projection_size_rule():
+    from ggda.methods.trak import PROJ_DIM, PROJ_MIN, default_proj_dim
+
+    assert default_proj_dim(1438, 9610) == PROJ_DIM == 2048
+    assert default_proj_dim(1438, 1000) == 1000  # p <= k: exact features
+    assert default_proj_dim(100_000, 10**6, members=1) == 1024  # 100k x k x 4 B within 512 MB
+    assert default_proj_dim(100_000, 10**6, members=6) == PROJ_MIN  # never below PROJ_MIN
+    assert default_proj_dim(50, 10**6, members=11) == PROJ_DIM
+
+
+def test_auto_ensemble_uses_checkpoints_and_skips_the_final_duplicate(small_digits, tmp_path):
+    train, test = small_digits
+    prop = ExampleLoss(test.X[:5], test.y[:5])
+    model = build_model("mlp-s", train.n_features, train.n_outputs, seed=2)
+    res = train_model(
+        model, train, TrainConfig(epochs=3, lr=0.05, seed=2, checkpoint_every=1), checkpoint_dir=tmp_path
+    )
+    task = AttributionTask(model)
+    auto = TRAK(task, proj_dim=64, checkpoints=res.checkpoints).cache(train)
+    # the final model, then epochs 1 and 2; epoch 3's checkpoint is the final model: skipped
+    assert len(auto.members) == 3 and auto.members[0].task is task
+    assert auto.info["duplicates_skipped"] == 1 and auto.info["ensemble"] == "auto"
+    explicit = TRAK(task, proj_dim=64, checkpoints=res.checkpoints[:2], ensemble="checkpoints")
+    both = TRAK(
+        task, proj_dim=64, models=[task.model, *[c.path for c in res.checkpoints[:2]]], ensemble="models"
+    )
+    assert np.allclose(auto.attribute(prop), both.cache(train).attribute(prop), rtol=1e-6)
+    assert len(explicit.cache(train).members) == 2
+    assert (
+        len(TRAK(task, proj_dim=64, checkpoints=res.checkpoints, n_checkpoints=1).cache(train).members) == 1
+    )
+    # no checkpoints, no models: the final model alone
+    assert len(TRAK(task, proj_dim=64).cache(train).members) == 1
+
+
+def test_info_reports_projection_ridge_and_seed_agreement(setup_mlp, logreg):
+    task, train, prop = setup_mlp
+    trak = TRAK(task).cache(train, random_grouping(len(train), 60, seed=0))
+    trak.attribute(prop)
+    info = trak.info
+    assert info["proj_dim"] == 2048 and info["proj_dim_rule"] == "auto" and not info["exact_features"]
+    assert info["members"] == 1 and info["ridge_rel"] == RIDGE_REL and len(info["ridge"]) == 1
+    assert -1.0 <= info["seed_agreement_min"] <= info["seed_agreement"] <= 1.0
+    assert info["seed_agreement_dim"] == 1024
+    assert TRAK(task, agreement=False).cache(train).attribute(prop).shape == (8, len(train))
+    # exact features: p <= default k (logistic regression on 64 inputs: p = 650)
+    lr_task, lr_train, lr_test = logreg
+    exact = TRAK(lr_task).cache(lr_train)
+    exact.attribute(ExampleLoss(lr_test.X, lr_test.y))
+    assert exact.info["exact_features"] and exact.info["proj_dim"] == lr_task.n_params
+    assert exact.info["seed_agreement"] == 1.0
+    kron = TRAK(task, proj_dim=64, projection="kronecker").cache(train)
+    kron.attribute(prop)
+    assert "seed_agreement" not in kron.info and "kronecker" in kron.info["seed_agreement_note"]
+
+
+def test_relative_ridge_is_relative_to_the_mean_nonzero_eigenvalue(setup_mlp):
+    """λ = ridge_rel · tr(kernel) / min(K, k): the same λ whichever of primal/dual is factored."""
+    task, train, _ = setup_mlp
+    grouping = random_grouping(len(train), 20, seed=1)
+    trak = TRAK(task, proj_dim=128, ridge_rel=0.5).cache(train, grouping)
+    Phi = trak.members[0].features.double().numpy()
+    assert np.isclose(trak.members[0].ridge, 0.5 * np.trace(Phi.T @ Phi) / 20, rtol=1e-6)

@@ -8,7 +8,8 @@ and a random projection P_m (its own seed):
   classification, the prediction for regression. Rows form Φ_m (K × k);
 * **kernel** ΦᵀΦ + λI (GGDA's F̂^batched). λ > 0 is what makes TRAK well-posed when K < k (the
   kernel is then singular) or the features are nearly collinear; default λ = ``ridge_rel`` ×
-  tr(ΦᵀΦ)/k, i.e. relative to the mean eigenvalue, or an absolute ``ridge``;
+  tr(ΦᵀΦ)/min(K, k) = 2 × the mean non-zero eigenvalue (a strong ridge: with a weak one TRAK sits at
+  the interpolation peak when k ≈ K; docs/trak.md), or an absolute ``ridge``;
 * **residual weights** q_j aggregated from q_i = 1 − p_i(correct) (classification) or the signed
   residual y_i − f_i (regression) over the group's members (``residual="sum"`` by default, or
   ``"mean"``/``"none"``);
@@ -59,6 +60,7 @@ from ggda.gradients.per_example import iter_per_example_gradients
 from ggda.gradients.projection import (
     DEFAULT_CACHE_MB,
     PROJECTIONS,
+    IdentityProjector,
     KroneckerProjector,
     Projector,
     make_projector,
@@ -72,7 +74,14 @@ from ggda.task import AttributionTask, Params
 OUTPUTS = ("auto", "margin", "prediction")
 TARGETS = ("auto", "output", "property")
 RESIDUALS = ("sum", "mean", "none")
-ENSEMBLES = ("final", "checkpoints", "models")
+ENSEMBLES = ("auto", "final", "checkpoints", "models")
+#: Default relative ridge: λ = ridge_rel × tr(ΦᵀΦ)/k, the kernel's mean eigenvalue (docs/trak.md).
+RIDGE_REL = 2.0
+#: Default projection size (docs/trak.md): PROJ_DIM, lowered (powers of two, not below PROJ_MIN)
+#: until every member's K × k feature matrix fits in half of ``memory_mb``; exact features when p ≤ k.
+PROJ_DIM, PROJ_MIN = 2048, 512
+#: ``ensemble="auto"`` uses at most this many of the latest checkpoints.
+AUTO_CHECKPOINTS = 10
 AVERAGES = ("scores", "trak")
 SOLVERS = ("auto", "primal", "dual")
 TRAK_PROJECTIONS = (*PROJECTIONS, "kronecker")
@@ -96,6 +105,39 @@ def prediction_output(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             "Use output=margin for classifiers."
         )
     return outputs.reshape(y.shape)
+
+
+def default_proj_dim(n_units: int, p: int, members: int = 1, memory_mb: float = 1024.0) -> int:
+    """Projection size k from the number of units K (groups, or points), of parameters p and of
+    ensemble members M: ``PROJ_DIM`` (2048), halved while the M feature matrices (K × k, float32)
+    would exceed half of ``memory_mb`` (never below ``PROJ_MIN``), and at most p — when p ≤ k
+    the exact gradients are used (no projection). docs/trak.md has the LDS measurements behind it:
+    with the default ridge, LDS rises with k up to the exact features, so k is as large as the
+    cost allows.
+    """
+    k = PROJ_DIM
+    while k > PROJ_MIN and members * n_units * k * 4 > memory_mb * 2**19:
+        k //= 2
+    return int(min(k, p))
+
+
+def _same_params(params: Params, others: list[Params]) -> bool:
+    """Whether ``params`` equals (every tensor, exactly) one of ``others``."""
+    for other in others:
+        if params.keys() == other.keys() and all(
+            params[k].shape == other[k].shape and torch.equal(params[k], other[k]) for k in params
+        ):
+            return True
+    return False
+
+
+def _row_pearson(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of A with the same row of B (NaN where one is constant)."""
+    A = A - A.mean(axis=1, keepdims=True)
+    B = B - B.mean(axis=1, keepdims=True)
+    den = np.sqrt((A * A).sum(1) * (B * B).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (A * B).sum(1) / np.where(den > 0, den, 1.0), np.nan)
 
 
 class _Stage:
@@ -158,26 +200,32 @@ class TRAK(Attributor):
     """TRAK: projected output-gradient features, ridge kernel, residual weights, ensembles; group-native.
 
     Args:
-        proj_dim: projection dimension k (TRAK uses 1,000–20,000; default 2048).
+        proj_dim: projection dimension k; default None: :func:`default_proj_dim` (2048, less when
+            the members' K × k features would not fit in half of ``memory_mb``, exact features when
+            p ≤ k).
         projection: ``rademacher`` (default, as in the TRAK library: random ±1/√k, generated 32 signs
             per random word), ``gaussian``, ``identity`` (exact features, k = p; small models) or
             ``kronecker`` (LoGra-style per-layer P_out ⊗ P_in, computed from layer factors without
             forming gradients; Linear/Conv2d models only; feature dimension ≈ ``proj_dim``).
         seed: projection seed of the first ensemble member; member m uses ``seed + m``.
         per_layer: block-diagonal projection, ``proj_dim`` split over the model's layers.
-        ridge: absolute λ added to ΦᵀΦ; default None → ``ridge_rel`` × tr(ΦᵀΦ)/k.
-        ridge_rel: relative λ (fraction of the kernel's mean eigenvalue) used when ``ridge`` is None.
+        ridge: absolute λ added to ΦᵀΦ; default None → ``ridge_rel`` × tr(ΦᵀΦ)/min(K, k).
+        ridge_rel: relative λ (multiple of the kernel's mean non-zero eigenvalue; default 2) used
+            when ``ridge`` is None.
         residual: aggregate q over a group: ``sum`` (GGDA), ``mean``, or ``none`` (q = 1).
         target: ``auto``, ``output`` or ``property`` — what ψ(z) is (module docstring).
         output: model output function: ``auto`` (margin for cross-entropy, prediction for MSE),
             ``margin`` or ``prediction``.
         models: ensemble of independently trained models (modules, state dicts or model files).
         checkpoints: checkpoints (Checkpoint objects, files or state dicts), e.g. ``run.checkpoints``.
-        ensemble: ``final`` (the task's model only; default unless ``models`` is given),
+        ensemble: ``auto`` (default: ``models`` or else the task's model, plus the latest checkpoints,
+            skipping a checkpoint equal to a model already in), ``final`` (the task's model only),
             ``checkpoints`` or ``models``.
-        n_checkpoints: with ``ensemble=checkpoints``, use only the last N.
+        n_checkpoints: use only the last N checkpoints (``auto``: at most ``AUTO_CHECKPOINTS``).
         average: ``scores`` (mean of member scores) or ``trak`` (TRAK paper: mean of the
             un-weighted scores times the mean residual weights).
+        agreement: record in ``info`` the per-target agreement of two independent half-size
+            projections (:meth:`seed_agreement`) at every ``attribute``.
         block_rows, cache_mb: projection block size and the size (MB, default 512) under which the dense
             P is generated once and kept; above it, P is regenerated per gradient block (same numbers).
         max_dim: refuse primal kernels larger than this (k × k float64).
@@ -188,12 +236,12 @@ class TRAK(Attributor):
     def __init__(
         self,
         task: AttributionTask,
-        proj_dim: int = 2048,
+        proj_dim: int | None = None,
         projection: str = "rademacher",
         seed: int = 0,
         per_layer: bool = False,
         ridge: float | None = None,
-        ridge_rel: float = 1e-3,
+        ridge_rel: float = RIDGE_REL,
         residual: str = "sum",
         target: str = "auto",
         output: str = "auto",
@@ -202,6 +250,7 @@ class TRAK(Attributor):
         ensemble: str | None = None,
         n_checkpoints: int | None = None,
         average: str = "scores",
+        agreement: bool = True,
         block_rows: int = 2048,
         cache_mb: float = DEFAULT_CACHE_MB,
         max_dim: int = 8192,
@@ -223,7 +272,11 @@ class TRAK(Attributor):
                 raise GGDAError(f"Unknown TRAK {name} '{value}'; choose one of {', '.join(allowed)}.")
         if (ridge is not None and ridge < 0) or ridge_rel < 0:
             raise GGDAError("TRAK's ridge must be >= 0 (pass e.g. --opt ridge=1e-3).")
+        if proj_dim is not None and int(proj_dim) < 1:
+            raise GGDAError(f"TRAK's proj_dim must be a positive integer; got {proj_dim}.")
         self.proj_dim, self.projection, self.seed, self.per_layer = proj_dim, projection, int(seed), per_layer
+        self.agreement = bool(agreement)
+        self.info: dict = {}
         self.ridge, self.ridge_rel = ridge, float(ridge_rel)
         self.residual_mode, self.target, self.average = residual, target, average
         self.block_rows, self.cache_mb, self.max_dim = int(block_rows), float(cache_mb), int(max_dim)
@@ -247,26 +300,43 @@ class TRAK(Attributor):
         )
 
     def _resolve_ensemble(self, ensemble, models, checkpoints, n_checkpoints) -> list:
-        ensemble = ensemble or ("models" if models else "final")
+        """Ensemble sources (``None`` = the task's model).
+
+        ``auto`` (default): the given ``models`` (else the task's model) plus the latest
+        checkpoints (at most ``AUTO_CHECKPOINTS``, or ``n_checkpoints``); a checkpoint equal to a
+        model already in the ensemble (the final epoch's) is skipped at ``cache`` time.
+        """
+        ensemble = ensemble or "auto"
         if ensemble not in ENSEMBLES:
             raise GGDAError(f"Unknown TRAK ensemble '{ensemble}'; choose one of {', '.join(ENSEMBLES)}.")
         self.ensemble_mode = ensemble
+        if n_checkpoints is not None and n_checkpoints < 1:
+            raise GGDAError(f"n_checkpoints must be >= 1; got {n_checkpoints}.")
         if ensemble == "final":
             return [None]
         if ensemble == "models":
             if not models:
                 raise GGDAError("ensemble=models needs models=[...] (trained modules or model files).")
             return list(models)
+        if ensemble == "auto":
+            last = AUTO_CHECKPOINTS if n_checkpoints is None else int(n_checkpoints)
+            return (list(models) if models else [None]) + list(checkpoints or [])[-last:]
         if not checkpoints:
             raise GGDAError(
                 "ensemble=checkpoints needs checkpoints; train with checkpoints (`ggda train`) or pass them."
             )
         chosen = list(checkpoints)
         if n_checkpoints is not None:
-            if n_checkpoints < 1:
-                raise GGDAError(f"n_checkpoints must be >= 1; got {n_checkpoints}.")
             chosen = chosen[-int(n_checkpoints) :]
         return chosen
+
+    def resolved_proj_dim(self, task: AttributionTask, n_units: int) -> int:
+        """k: ``proj_dim`` if given, else :func:`default_proj_dim` of the units and parameters."""
+        if self.projection == "identity":
+            return task.n_params
+        if self.proj_dim is not None:
+            return int(self.proj_dim)
+        return default_proj_dim(n_units, task.n_params, len(self.ensemble), self.memory_mb)
 
     def _member_task(self, source) -> AttributionTask:
         if source is None:
@@ -287,10 +357,11 @@ class TRAK(Attributor):
 
     def _projector(self, task: AttributionTask, m: int) -> Projector:
         p = task.n_params
-        k = p if self.projection == "identity" else int(self.proj_dim)
+        k = self.resolved_proj_dim(task, self.grouping.n_groups)
         names, slices = module_slices(task) if self.per_layer else (None, None)
+        exact = self.projection == "identity" or (self.proj_dim is None and k >= p)
         return make_projector(
-            self.projection,
+            "identity" if exact else self.projection,
             p,
             k,
             seed=self.seed + m,
@@ -362,7 +433,8 @@ class TRAK(Attributor):
             for start in range(0, K, step):
                 F = features[start : start + step].double()
                 kernel.addmm_(F.T, F)
-        ridge = self.ridge if self.ridge is not None else self.ridge_rel * float(kernel.trace()) / k
+        # relative ridge: ridge_rel × the mean *non-zero* eigenvalue (the kernel's rank is ≤ min(K, k))
+        ridge = self.ridge if self.ridge is not None else self.ridge_rel * float(kernel.trace()) / min(K, k)
         kernel.diagonal().add_(ridge)
         chol, info = torch.linalg.cholesky_ex(kernel)
         if int(info) != 0:
@@ -378,7 +450,7 @@ class TRAK(Attributor):
             self.train.X,
             self.train.y,
             self.grouping,
-            int(self.proj_dim),
+            self.resolved_proj_dim(task, self.grouping.n_groups),
             seed=self.seed + m,
             fn=self.output_fn,
             params=params,
@@ -435,9 +507,16 @@ class TRAK(Attributor):
 
     def _cache(self) -> None:
         self.members = []
-        for m, source in enumerate(self.ensemble):
+        kept: list[Params] = []
+        skipped = 0
+        for source in self.ensemble:
             task = self._member_task(source)
             params = task.params()
+            if self.ensemble_mode == "auto" and _same_params(params, kept):
+                skipped += 1  # e.g. the last checkpoint is the final model
+                continue
+            kept.append(params)
+            m = len(self.members)
             values = torch.full((len(self.train),), float("nan"), dtype=torch.float64, device=task.device)
             if self.projection == "kronecker":
                 projector, features = self._kronecker_features(task, m, params)
@@ -450,6 +529,16 @@ class TRAK(Attributor):
                 q = self.residuals_from_values(task, values)
             residual = self._group_residuals(q)
             self.members.append(_Member(task, projector, features, chol, ridge, dual, residual))
+        self.info = {
+            "ensemble": self.ensemble_mode,
+            "members": len(self.members),
+            "duplicates_skipped": skipped,
+            "proj_dim": int(self.members[0].projector.k),
+            "proj_dim_rule": "auto" if self.proj_dim is None and self.projection != "identity" else "given",
+            "exact_features": isinstance(self.members[0].projector, IdentityProjector),
+            "ridge": [m.ridge for m in self.members],
+            "ridge_rel": None if self.ridge is not None else self.ridge_rel,
+        }
 
     # -- target side --------------------------------------------------------------------------
     def target_mode(self, prop: Property) -> str:
@@ -487,15 +576,18 @@ class TRAK(Attributor):
     def unweighted_scores(self, member: _Member, prop: Property) -> torch.Tensor:
         """(T, K) ψᵀ(ΦᵀΦ + λI)⁻¹φ_j, before the residual weights."""
         psi = self.target_features(member, prop)
-        Phi = member.features
+        return self._solve(psi, member.features, member.chol, member.dual)
+
+    def _solve(self, psi: torch.Tensor, Phi: torch.Tensor, chol: torch.Tensor, dual: bool) -> torch.Tensor:
+        """(T, K) ψᵀ(ΦᵀΦ + λI)⁻¹Φᵀ given the Cholesky factor of the primal or dual kernel."""
         K = Phi.shape[0]
-        step = self._chunk_rows(member.projector.k, torch.float64)
-        if member.dual:  # ψΦᵀ (ΦΦᵀ + λI)⁻¹
+        step = self._chunk_rows(Phi.shape[1], torch.float64)
+        if dual:  # ψΦᵀ (ΦΦᵀ + λI)⁻¹
             B = torch.zeros(K, psi.shape[0], dtype=torch.float64, device=psi.device)
             for start in range(0, K, step):
                 B[start : start + step] = Phi[start : start + step].double() @ psi.T
-            return torch.cholesky_solve(B, member.chol).T
-        W = torch.cholesky_solve(psi.T.contiguous(), member.chol)  # (ΦᵀΦ + λI)⁻¹ψᵀ, (k, T)
+            return torch.cholesky_solve(B, chol).T
+        W = torch.cholesky_solve(psi.T.contiguous(), chol)  # (ΦᵀΦ + λI)⁻¹ψᵀ, (k, T)
         out = torch.zeros(psi.shape[0], K, dtype=torch.float64, device=psi.device)
         for start in range(0, K, step):
             out[:, start : start + step] = (Phi[start : start + step].double() @ W).T
@@ -504,8 +596,55 @@ class TRAK(Attributor):
     def _attribute(self, prop: Property) -> np.ndarray:
         if not self.members:
             raise GGDAError("TRAK has no cached features; call cache(train, grouping) first.")
-        U = [self.unweighted_scores(m, prop).cpu().numpy() for m in self.members]
+        psis = [self.target_features(m, prop) for m in self.members]
+        U = [
+            self._solve(psi, m.features, m.chol, m.dual).cpu().numpy()
+            for psi, m in zip(psis, self.members, strict=True)
+        ]
+        scores = self._combine(U)
+        if self.agreement:
+            self.info.update(self.seed_agreement(psis))
+        return scores
+
+    def _combine(self, U: list[np.ndarray]) -> np.ndarray:
         Q = [m.residual for m in self.members]
         if self.average == "trak":
             return np.mean(U, axis=0) * np.mean(Q, axis=0)[None, :]
         return np.mean([u * q[None, :] for u, q in zip(U, Q, strict=True)], axis=0)
+
+    def seed_agreement(self, psis: list[torch.Tensor]) -> dict:
+        """Per-target agreement of two independent projections, from the features already held.
+
+        The k projection columns are i.i.d., so the even and the odd columns are two independent
+        k/2-dimensional sketches of the same gradients. Each half gets its own kernel (same
+        relative ridge) and ensemble scores; the Pearson correlation of the two halves' scores,
+        per target over the groups, is reported (mean, min, median). It is the agreement of two
+        projection seeds at *half* the size, so a lower bound on the full sketch's. Not defined
+        for exact features (``identity``: 1.0) nor for structured sketches (``kronecker``,
+        ``per_layer``), where columns are not exchangeable.
+        """
+        if isinstance(self.members[0].projector, IdentityProjector):
+            return {"seed_agreement": 1.0, "seed_agreement_note": "exact features (no projection)"}
+        if self.projection == "kronecker" or self.per_layer:
+            kind = "per_layer" if self.per_layer else "kronecker"
+            return {"seed_agreement_note": f"not estimated for {kind} sketches (columns not exchangeable)"}
+        if self.grouping.n_groups < 3 or self.members[0].projector.k < 4:
+            return {"seed_agreement_note": "too few groups or projection dimensions to estimate"}
+        halves = []
+        for start in (0, 1):
+            U = []
+            for psi, m in zip(psis, self.members, strict=True):
+                Phi = m.features[:, start::2]
+                chol, _, dual = self._factorise(Phi)
+                U.append(self._solve(psi[:, start::2], Phi, chol, dual).cpu().numpy())
+            halves.append(self._combine(U))
+        r = _row_pearson(*halves)
+        ok = r[np.isfinite(r)]
+        if not len(ok):
+            return {"seed_agreement_note": "scores are constant per target"}
+        return {
+            "seed_agreement": float(ok.mean()),
+            "seed_agreement_min": float(ok.min()),
+            "seed_agreement_median": float(np.median(ok)),
+            "seed_agreement_dim": int(self.members[0].projector.k // 2),
+        }
