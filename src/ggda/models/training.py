@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ggda.data.batches import ExampleInputs, InputView
 from ggda.data.dataset import Dataset
@@ -26,6 +25,7 @@ from ggda.errors import GGDAError
 from ggda.models.calling import call_model
 from ggda.models.checkpoint import Checkpoint, save_model
 from ggda.models.losses import PerExampleLoss, loss_for
+from ggda.progress import progress as progress_bar
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -133,7 +133,7 @@ def train_model(
     result = TrainResult(model=model)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     step = 0
-    epochs = tqdm(range(1, config.epochs + 1), desc="train", disable=not progress, leave=False)
+    epochs = progress_bar(range(1, config.epochs + 1), desc="train", disable=not progress, leave=False)
     for epoch in epochs:
         model.train()
         total, seen = 0.0, 0

@@ -181,9 +181,9 @@ def build_gradient_store(
         return idx, grouping.labels[idx] - rows.start, rows.stop - rows.start
 
     if executor is None:
-        from tqdm.auto import tqdm
+        from ggda.progress import progress as progress_bar
 
-        for c in tqdm(todo, desc="feature chunks", disable=not progress, leave=False):
+        for c in progress_bar(todo, desc="feature chunks", disable=not progress, leave=False):
             idx, labels, k = members(c)
             block = compute_chunk(task, X[idx], y[idx], labels, k, projector, fn, max_batch, memory_mb)
             store.write_chunk(c, block)

@@ -325,9 +325,11 @@ def _score_all(
 
     # Targets held in memory are prepared once; a target *store* is streamed for every chunk.
     cached = None if isinstance(queries, FeatureStore) else list(prepared())
-    from tqdm.auto import tqdm
+    from ggda.progress import progress as progress_bar
 
-    chunks = tqdm(store.iter_chunks(), total=store.n_chunks, desc="score", disable=not progress, leave=False)
+    chunks = progress_bar(
+        store.iter_chunks(), total=store.n_chunks, desc="score", disable=not progress, leave=False
+    )
     for rows, block in chunks:
         F = _load(block, dev, dtype)
         if normalize:
