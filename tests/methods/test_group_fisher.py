@@ -11,7 +11,7 @@ from ggda.errors import GGDAError
 from ggda.gradients import per_example_gradients
 from ggda.groups import Grouping, random_grouping
 from ggda.methods import make_method
-from ggda.methods.influence import DEFAULT_DAMPING_SCALE, base_damping
+from ggda.methods.influence import DEFAULT_DAMPING_REL, base_damping
 from ggda.properties import ExampleLoss
 from ggda.task import AttributionTask
 
@@ -113,9 +113,14 @@ def test_chunk_and_memory_invariance(setup, K):
 def test_default_damping_and_errors(setup):
     train, task, Xt, yt, G, Gt = setup
     m = make_method("if-group-fisher", task, weight_decay=0.01).cache(train)
+    # default: the spectrum of F + wd·I + λI floored at 1 % of its top (F = per-point Fisher here)
+    top = float(np.linalg.eigvalsh(G.T @ G / len(G))[-1]) + 0.01
+    assert m.info["lambda_max"] == pytest.approx(top, rel=1e-9)
+    assert m.lambda_ == pytest.approx(max(DEFAULT_DAMPING_REL * top, 0.01))
     lam0 = base_damping(task, train.X, train.y)
     np.testing.assert_allclose(lam0, (G**2).mean(), rtol=1e-10)
-    assert m.lambda_ == pytest.approx(DEFAULT_DAMPING_SCALE * lam0 + 0.01)
+    m = make_method("if-group-fisher", task, weight_decay=0.01, damping_scale=100).cache(train)
+    assert m.lambda_ == pytest.approx(100 * lam0 + 0.01)
     with pytest.raises(GGDAError, match="max_groups"):
         make_method("if-group-fisher", task, max_groups=10).cache(train)
     with pytest.raises(GGDAError, match="damping"):

@@ -13,7 +13,12 @@ from ggda.errors import GGDAError
 from ggda.gradients import per_example_gradients
 from ggda.groups import random_grouping
 from ggda.methods import METHODS, make_method
-from ggda.methods.influence import DEFAULT_DAMPING_SCALE, base_damping
+from ggda.methods.influence import (
+    DEFAULT_DAMPING_REL,
+    TrainingCurvature,
+    base_damping,
+    relative_damping,
+)
 from ggda.models import TrainConfig, train_model
 from ggda.properties import ExampleLoss, MeanLoss
 from ggda.task import AttributionTask
@@ -220,17 +225,42 @@ def test_scores_do_not_depend_on_chunk_sizes(small_mlp, method):
     assert np.allclose(a, b, rtol=1e-7, atol=1e-9 * np.abs(a).max())
 
 
-def test_default_damping_is_scaled_mean_squared_gradient_entry(small_mlp):
+def test_default_damping_floors_the_spectrum(small_mlp):
+    """Default λ = max(0, 0.01·λ_max(H + wd·I) − wd): weight decay counts towards the floor."""
+    task, train, prop = small_mlp
+    H = TrainingCurvature(task, train.X, train.y, "gn", 0.0).dense()
+    top = float(torch.linalg.eigvalsh(H)[-1])
+    for wd in (0.0, 1e-4, 1.0):
+        m = make_method("if-cg", task, weight_decay=wd).cache(train)
+        assert m.info["lambda_max"] == pytest.approx(top + wd, rel=1e-3)  # power iteration
+        assert m.lambda_ == pytest.approx(relative_damping(m.info["lambda_max"], wd), rel=1e-12)
+        assert m.lambda_ == pytest.approx(
+            max(0.0, DEFAULT_DAMPING_REL * (top + wd) - wd), rel=1e-3, abs=1e-15
+        )
+    # the other solvers read λ_max from their own work: Ritz values, EK-FAC's eigenvalues
+    p = task.n_params
+    arn = make_method("if-arnoldi", task, rank=p, iterations=p).cache(train)
+    assert arn.info["lambda_max"] == pytest.approx(top, rel=1e-8)
+    assert make_method("ekfac", task).cache(train).lambda_ > 0
+    lissa = make_method("if-lissa", task).cache(train)
+    assert lissa.scale_ == pytest.approx(2 * lissa.info["lambda_max"] + lissa.lambda_)
+
+
+def test_damping_scale_is_the_mean_squared_gradient_rule(small_mlp):
     task, train, prop = small_mlp
     G = per_example_gradients(task, train.X, train.y)
     lam0 = float((G**2).mean())
     assert np.isclose(base_damping(task, train.X, train.y), lam0, rtol=1e-10)  # from layer factors
     # from materialised per-example gradients
     assert np.isclose(base_damping(task.generic(), train.X, train.y), lam0, rtol=1e-10)
-    m = make_method("if-cg", task).cache(train)
-    assert np.isclose(m.lambda_, DEFAULT_DAMPING_SCALE * lam0, rtol=1e-10)
+    m = make_method("if-cg", task, damping_scale=100.0).cache(train)
+    assert np.isclose(m.lambda_, 100.0 * lam0, rtol=1e-10)
     m2 = make_method("if-cg", task, damping_scale=3.0, damping_samples=50).cache(train)
     assert 0.2 * 3 * lam0 < m2.lambda_ < 5 * 3 * lam0 and m2.info["lambda0"] != lam0
+    # the subsample is chosen by id: the same examples however the rows are ordered
+    perm = np.random.default_rng(0).permutation(len(train))
+    m3 = make_method("if-cg", task, damping_scale=3.0, damping_samples=50).cache(train.subset(perm))
+    assert m3.info["lambda0"] == pytest.approx(m2.info["lambda0"], rel=1e-12)
 
 
 def test_mean_aggregate_and_model_level_property(small_mlp):

@@ -18,7 +18,7 @@ one-layer model with squared error the result equals the exact GN inverse. ``fis
 uses the loss gradient at the true labels instead (the empirical Fisher, one cotangent per example).
 
 Scores follow the IF family (:mod:`ggda.methods.influence`): ∇fᵀ (G + λI)⁻¹ g_S / n, positive =
-helpful, damping λ = damping_scale × λ₀ by default.
+helpful, damping by the IF family's rule (λ_max here is the largest corrected eigenvalue).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ class EKFAC(InfluenceFunction):
             yield slice(start, start + self.chunk_size)
 
     # -- training side ------------------------------------------------------------------------
-    def _fit(self) -> None:
+    def _prepare(self) -> None:  # the factors do not depend on λ
         dtype, device = self.task.dtype, self.task.device
         A = [torch.zeros(ly.in_aug, ly.in_aug, dtype=dtype, device=device) for ly in self.layers]
         S = [torch.zeros(ly.out_features, ly.out_features, dtype=dtype, device=device) for ly in self.layers]
@@ -244,6 +244,10 @@ class EKFAC(InfluenceFunction):
         for layer in self.layers:
             layer.eigenvalues /= self.n
         self.info.update(layers=[ly.name for ly in self.layers])
+
+    def _top_eigenvalue(self) -> float:
+        """The largest corrected eigenvalue (+ wd): λ_max of EK-FAC's own curvature."""
+        return max(float(ly.eigenvalues.max()) for ly in self.layers) + self.weight_decay
 
     # -- property side ------------------------------------------------------------------------
     def _solve(self, B: torch.Tensor) -> torch.Tensor:

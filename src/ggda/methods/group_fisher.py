@@ -35,7 +35,8 @@ import torch
 
 from ggda.errors import GGDAError
 from ggda.methods.base import InnerProductAttributor, register
-from ggda.methods.influence import DEFAULT_DAMPING_SCALE, base_damping
+from ggda.methods.influence import DEFAULT_DAMPING_REL, base_damping, relative_damping
+from ggda.methods.second_order import effective_group_vectors, second_order_scores
 from ggda.properties import ExampleLoss, Property
 from ggda.task import AttributionTask
 
@@ -48,16 +49,21 @@ class GroupFisherIF(InnerProductAttributor):
 
     Args:
         task: the attribution task.
-        damping: λ; overrides ``damping_scale``.
-        damping_scale: λ = damping_scale × λ₀, λ₀ = mean_i ‖∇ℓ_i‖² / p (the mean eigenvalue of
-            the per-point empirical Fisher, estimated from per-example gradients exactly as the
-            IF family does, so λ is the same for every grouping of the same data). Default 100,
-            the IF family's default (``DEFAULT_DAMPING_SCALE``).
+        damping: λ; overrides the rules below.
+        damping_rel: the IF family's default rule on this method's own curvature:
+            λ = max(0, damping_rel·λ_max(F̂ + wd·I) − wd) (default 0.01; λ_max of F̂ from its
+            K × K form, so it costs nothing).
+        damping_scale: the former rule, λ = damping_scale × λ₀, λ₀ = mean_i ‖∇ℓ_i‖² / p (per-example
+            gradients, as the IF family); used when given (the default before was 100).
         weight_decay: the L2 coefficient of training, added to F̂ as wd·I (as in the IF family).
-        damping_samples: training points used to estimate λ₀ (seeded subsample; all if None).
+        damping_samples: training points used to estimate λ₀ for ``damping_scale`` (all if None,
+            the default; a subsample is chosen by example id).
         seed: seed of the λ₀ subsample.
         max_groups: refuse more groups than this (default 20,000: the K × K float64 system is
             3.2 GB and its Cholesky ~2.7·10¹² flops there).
+        order: 1 (default) first-order; 2 = second-order group influence
+            (:mod:`ggda.methods.second_order`) with the batched Fisher as the curvature: removing
+            S removes its term g_S g_Sᵀ/|S| from F̂ and renormalises the rest; k > 2 keeps k terms.
         **options: ``aggregate``, ``max_batch``, ``memory_mb`` of :class:`InnerProductAttributor`.
     """
 
@@ -65,23 +71,25 @@ class GroupFisherIF(InnerProductAttributor):
         self,
         task: AttributionTask,
         damping: float | None = None,
-        damping_scale: float = DEFAULT_DAMPING_SCALE,
+        damping_rel: float = DEFAULT_DAMPING_REL,
+        damping_scale: float | None = None,
         weight_decay: float = 0.0,
-        damping_samples: int | None = 1000,
+        damping_samples: int | None = None,
         seed: int = 0,
         max_groups: int = DEFAULT_MAX_GROUPS,
+        order: int = 1,
         **options,
     ) -> None:
         super().__init__(task, **options)
+        if order < 1:
+            raise GGDAError(f"order must be >= 1 (got {order}); e.g. --opt order=2.")
+        self.order = int(order)
         if damping is not None and damping < 0:
             raise GGDAError(f"damping must be >= 0 (got {damping}); e.g. --opt damping=1e-3.")
-        if damping_scale < 0 or weight_decay < 0:
-            raise GGDAError("damping_scale and weight_decay must be >= 0.")
-        self.damping, self.damping_scale, self.weight_decay = (
-            damping,
-            float(damping_scale),
-            float(weight_decay),
-        )
+        if (damping_scale is not None and damping_scale < 0) or damping_rel < 0 or weight_decay < 0:
+            raise GGDAError("damping_rel, damping_scale and weight_decay must be >= 0.")
+        self.damping, self.damping_rel, self.weight_decay = damping, float(damping_rel), float(weight_decay)
+        self.damping_scale = None if damping_scale is None else float(damping_scale)
         self.damping_samples, self.seed, self.max_groups = damping_samples, int(seed), int(max_groups)
         self.info: dict = {}
 
@@ -95,26 +103,42 @@ class GroupFisherIF(InnerProductAttributor):
             )
         super()._cache()  # group gradients (dense _G when it fits) or layer factors
         self.n = len(self.train)
-        if self.damping is not None:
-            lam = float(self.damping)
-        else:
-            lam0 = base_damping(self.task, self.train.X, self.train.y, self.damping_samples, self.seed)
-            lam = self.damping_scale * lam0
-            self.info.update(lambda0=lam0)
-        self.lambda_ = lam + self.weight_decay
-        self.info.update(damping=lam)
         gram = self._gram().to(torch.float64)
         sizes = torch.as_tensor(self.grouping.sizes, dtype=torch.float64, device=gram.device)
         self._d = 1.0 / torch.sqrt(self.n * sizes)  # diag of D
-        M = self._d[:, None] * gram * self._d[None, :]
+        M = self._d[:, None] * gram * self._d[None, :]  # UᵀU: its nonzero spectrum is F̂'s
+        if self.damping is not None:
+            lam = float(self.damping)
+        elif self.damping_scale is not None:
+            lam0 = base_damping(
+                self.task, self.train.X, self.train.y, self.damping_samples, self.seed, self.train.ids
+            )
+            lam = self.damping_scale * lam0
+            self.info.update(lambda0=lam0)
+        else:
+            lmax = _top_eigenvalue(M) + self.weight_decay
+            lam = relative_damping(lmax, self.weight_decay, self.damping_rel)
+            self.info.update(lambda_max=lmax)
+        self.lambda_ = lam + self.weight_decay
+        self.info.update(damping=lam)
         M.diagonal().add_(self.lambda_)
         L, fail = torch.linalg.cholesky_ex(M)
         if int(fail) != 0:
             raise GGDAError(
                 f"λI + UᵀU is not positive definite at λ={self.lambda_:.3g} (collinear group gradients); "
-                "use a positive damping, e.g. --opt damping_scale=100."
+                "use a positive damping, e.g. --opt damping_rel=0.01."
             )
         self._chol = L
+        self._second = None
+        if self.order > 1:
+            self._second = effective_group_vectors(
+                self.side,
+                self.grouping,
+                self.solve,
+                BatchedFisherCurvature(self.side),
+                self.memory_mb,
+                self.order,
+            )
 
     def _gram(self) -> torch.Tensor:
         """G Gᵀ (K × K): from the cached group gradients, else by scoring the training set."""
@@ -136,6 +160,8 @@ class GroupFisherIF(InnerProductAttributor):
 
     # -- property side ------------------------------------------------------------------------
     def _attribute(self, prop: Property) -> np.ndarray:
+        if self._second is not None:
+            return second_order_scores(self.solve(prop.gradients(self.task)), self._second)
         raw = InnerProductAttributor._attribute(self, prop)  # ∇f Gᵀ, (T, K)
         S = torch.as_tensor(raw, device=self.task.device).to(torch.float64) * self._d[None, :]
         Y = torch.cholesky_solve(S.T, self._chol).T  # (∇f Gᵀ D) M⁻¹
@@ -161,3 +187,37 @@ class GroupFisherIF(InnerProductAttributor):
             gids = torch.as_tensor(gids, device=V64.device)
             out -= C[:, gids] @ Gb.to(torch.float64)
         return (out / self.lambda_).to(V.dtype)
+
+
+def _top_eigenvalue(M: torch.Tensor) -> float:
+    """Largest eigenvalue of the symmetric PSD K × K matrix M (dense below 4,096, else power
+    iteration from a seeded start indexed by group)."""
+    if len(M) <= 4096:
+        return float(torch.linalg.eigvalsh(M)[-1])
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(len(M), generator=gen, dtype=M.dtype).to(M.device)
+    mu = 0.0
+    for _ in range(100):
+        w = M @ v
+        mu = float(w.norm() / v.norm())
+        v = w / w.norm().clamp_min(1e-300)
+    return mu
+
+
+class BatchedFisherCurvature:
+    """The batched Fisher as the curvature of the second-order expansion: n F̂ = Σ_j g_j g_jᵀ/|S_j|
+    over all rows, g_j g_jᵀ/|S_j| over group j (``ggda.methods.second_order.Curvature``)."""
+
+    def __init__(self, side) -> None:
+        K, p = side.grouping.n_groups, side.task.n_params
+        G = torch.zeros(K, p, dtype=side.task.dtype, device=side.task.device)
+        for gids, Gb in side.blocks():
+            G[torch.as_tensor(gids, device=G.device)] = Gb.to(G.dtype)
+        self.G = G
+        self.inv_sizes = 1.0 / torch.as_tensor(side.grouping.sizes, dtype=G.dtype, device=G.device)
+
+    def data_product(self, W: torch.Tensor) -> torch.Tensor:
+        return ((W @ self.G.T) * self.inv_sizes[None, :]) @ self.G
+
+    def group_product(self, j: int, w: torch.Tensor) -> torch.Tensor:
+        return self.G[j] * (self.G[j] @ w) * self.inv_sizes[j]

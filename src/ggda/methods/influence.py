@@ -46,11 +46,13 @@ from ggda.linalg.hvp import gnhvp, hvp
 from ggda.linalg.lissa import ihvp_lissa
 from ggda.linalg.multinomial import MultinomialInverse
 from ggda.methods.base import InnerProductAttributor, register
+from ggda.methods.second_order import HessianCurvature, effective_group_vectors, second_order_scores
 from ggda.models.analysis import analyse
+from ggda.properties import Property
 from ggda.task import AttributionTask
 
 HESSIANS = ("exact", "gn")
-DEFAULT_DAMPING_SCALE = 100.0
+DEFAULT_DAMPING_REL = 0.01
 DEFAULT_HESSIAN = "gn"
 
 
@@ -72,6 +74,9 @@ class TrainingCurvature:
         weight_decay: wd of an L2 term (wd/2)‖θ‖² in the training objective.
         chunk_size: data rows per HVP pass.
         vector_block: right-hand sides vectorised together.
+        ids: stable example ids (the Dataset's ``ids``); mini-batches of :meth:`sampler` are drawn
+            over the examples in id order, so the same seed picks the same examples however the
+            rows are ordered. Default: positions.
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class TrainingCurvature:
         weight_decay: float = 0.0,
         chunk_size: int = 512,
         vector_block: int = 32,
+        ids: np.ndarray | None = None,
     ) -> None:
         if kind not in HESSIANS:
             raise GGDAError(f"Unknown hessian '{kind}'; choose exact or gn (e.g. --opt hessian=gn).")
@@ -92,6 +98,12 @@ class TrainingCurvature:
         self.chunk_size, self.vector_block = int(chunk_size), int(vector_block)
         self.Xt, self.yt = task.to_tensor(X, y)
         self.n = len(self.Xt)
+        if ids is not None and len(ids) != self.n:
+            raise GGDAError(f"ids has {len(ids)} entries for {self.n} training rows.")
+        # rows in id order: what a seeded mini-batch draw indexes (row-order invariant)
+        self._id_order = torch.as_tensor(
+            np.argsort(np.asarray(ids), kind="stable") if ids is not None else np.arange(self.n)
+        )
         params = task.params()
         self.theta = task.flatten(params)
         self.p = self.theta.numel()
@@ -137,10 +149,26 @@ class TrainingCurvature:
 
     def product(self, V: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """(mean over ``rows`` (default all) of the per-example curvature) V + wd V, V (T, p)."""
+        if rows is None:
+            m = self.n
+        elif isinstance(rows, slice):
+            m = len(range(*rows.indices(self.n)))
+        else:
+            m = len(rows)
+        out = self.sum_product(V, rows) / m
+        if self.weight_decay:
+            out += self.weight_decay * V
+        return out
+
+    def sum_product(self, V: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """(Σ over ``rows`` (default all) of the per-example curvature) V, V (p,) or (T, p); no
+        weight decay. ``rows``: positions (a tensor or slice)."""
         single = V.ndim == 1
         V = V[None] if single else V
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(self.yt.device)
         Xs, ys = (self.Xt, self.yt) if rows is None else (self.Xt[rows], self.yt[rows])
-        m = len(Xs)
+        m = len(ys)
         forwards = self._chain_forwards() if rows is None else None
         out = torch.zeros_like(V)
         for vs in range(0, len(V), self.vector_block):
@@ -151,9 +179,7 @@ class TrainingCurvature:
                 rows_ = slice(start, start + self.chunk_size)
                 fwd = forwards[c] if forwards is not None else None
                 self._accumulate(acc, block, Xs[rows_], ys[rows_], layers, fwd)
-            out[vs : vs + self.vector_block] = acc / m
-        if self.weight_decay:
-            out += self.weight_decay * V
+            out[vs : vs + self.vector_block] = acc
         return out[0] if single else out
 
     _FORWARD_CACHE_MB = 256.0
@@ -189,14 +215,18 @@ class TrainingCurvature:
         return self.product(V)
 
     def sampler(self, batch_size: int | None, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A stochastic operator: each call uses a fresh uniformly drawn mini-batch (LiSSA)."""
+        """A stochastic operator: each call uses a fresh uniformly drawn mini-batch (LiSSA).
+
+        Draws are made over the examples in id order and each batch is taken in id order, so the
+        sampled examples (and the sums over them) do not depend on the order of the rows.
+        """
         if batch_size is None or batch_size >= self.n:
             return self.matvec
         gen = torch.Generator(device="cpu").manual_seed(seed)
 
         def sample(V: torch.Tensor) -> torch.Tensor:
-            rows = torch.randperm(self.n, generator=gen)[:batch_size].to(self.Xt.device)
-            return self.product(V, rows)
+            picks = torch.randperm(self.n, generator=gen)[:batch_size].sort().values
+            return self.product(V, self._id_order[picks])
 
         return sample
 
@@ -252,17 +282,43 @@ class TrainingCurvature:
 
 
 def base_damping(
-    task: AttributionTask, X: np.ndarray, y: np.ndarray, samples: int | None = 1000, seed: int = 0
+    task: AttributionTask,
+    X: np.ndarray,
+    y: np.ndarray,
+    samples: int | None = None,
+    seed: int = 0,
+    ids: np.ndarray | None = None,
 ) -> float:
-    """λ₀ = mean_i ‖∇ℓ(z_i)‖² / p over (a seeded subsample of ``samples``) training points."""
+    """λ₀ = mean_i ‖∇ℓ(z_i)‖² / p over all training points (default) or ``samples`` of them.
+
+    A subsample is chosen by the examples' ``ids`` (a seeded hash of each id, the ``samples``
+    smallest), not by row position, so λ₀ does not change when the rows are permuted; without
+    ``ids`` positions serve as ids.
+    """
     n = len(X)
     idx = np.arange(n)
     if samples is not None and samples < n:
-        idx = np.sort(np.random.default_rng(seed).choice(n, size=int(samples), replace=False))
+        keys = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+        idx = np.sort(np.argsort(id_hash(keys, seed), kind="stable")[: int(samples)])
     # from layer factors on MLPs (‖δ aᵀ‖² = ‖δ‖²‖a‖²): the per-example gradients of 1,000 points of
     # a 100k-parameter model would be 0.4 GB written only to be squared
-    total = float(per_example_sq_norms(task, X[idx], y[idx]).sum())
-    return total / (len(idx) * task.n_params)
+    sq = per_example_sq_norms(task, X[idx] if len(idx) < n else X, y[idx] if len(idx) < n else y)
+    return float(np.sort(sq.cpu().numpy()).sum()) / (len(idx) * task.n_params)  # sorted: order-free sum
+
+
+def relative_damping(lambda_max: float, weight_decay: float, rel: float = DEFAULT_DAMPING_REL) -> float:
+    """λ = max(0, rel·λ_max − wd): the damping that floors the spectrum of H + wd·I + λI at
+    ``rel`` × its top eigenvalue ``lambda_max`` (of H + wd·I); weight decay counts towards it."""
+    return max(0.0, rel * abs(float(lambda_max)) - float(weight_decay))
+
+
+def id_hash(ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A seeded 64-bit mix (splitmix64) of integer ids: a row-order-free pseudo-random key per example."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(ids, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
 
 class InfluenceFunction(InnerProductAttributor):
@@ -270,17 +326,30 @@ class InfluenceFunction(InnerProductAttributor):
 
     Args:
         task: the attribution task.
-        damping: λ; overrides ``damping_scale``.
-        damping_scale: λ = damping_scale × λ₀ when ``damping`` is not given (default 100, the
-            value of FiMODA's figures; smaller values leave CG unconverged in float32 on a
-            trained digits MLP, see docs/influence.md).
+        damping: λ; overrides the rules below.
+        damping_rel: the default rule: the spectrum of H + wd·I + λI is floored at ``damping_rel``
+            × its largest eigenvalue, i.e. λ = max(0, damping_rel·λ_max(H + wd·I) − wd) (default
+            0.01, chosen on the fidelity suite, docs/fidelity.md: it keeps weight decay as the only
+            damping when that already conditions H, as on L2 logistic regression, and adds enough
+            to a flat non-convex spectrum; it bounds the condition number near 1/damping_rel, so
+            CG converges in tens of iterations and LiSSA within its default depth). λ_max comes
+            from the solver's own curvature (power iteration over all rows; Arnoldi's Ritz values;
+            EK-FAC's corrected eigenvalues).
+        damping_scale: the former rule, λ = damping_scale × λ₀ with λ₀ = mean_i ‖∇ℓ_i‖² / p (the
+            mean squared per-example gradient entry); used when given (the default before was 100).
         hessian: ``"gn"`` (Gauss–Newton, default: PSD, what FiMODA's CG/LiSSA and EK-FAC use) or
             ``"exact"`` (true Hessian; indefinite for trained non-convex models unless damped
             above its most negative eigenvalue).
         weight_decay: the L2 coefficient of training, added to H as wd·I.
         chunk_size: data rows per Hessian pass.
-        damping_samples: training points used to estimate λ₀ (seeded subsample; all if None).
-        seed: seed of every random choice (λ₀ subsample, LiSSA batches, Arnoldi start).
+        damping_samples: training points used to estimate λ₀ for ``damping_scale`` (all if None,
+            the default; a subsample is chosen by example id, not row position).
+        seed: seed of every random choice (λ₀ subsample, LiSSA batches, Arnoldi and power-iteration
+            start vectors).
+        order: 1 (default) first-order influence; 2 = second-order group influence (Basu et al.
+            2020, :mod:`ggda.methods.second_order`): the renormalised removal of each group with
+            its own curvature taken out (K extra solves in ``cache``, for groups rather than
+            points); k > 2 keeps k terms of the same expansion (→ one Newton step).
         **options: ``aggregate``, ``max_batch``, ``memory_mb`` of :class:`InnerProductAttributor`.
     """
 
@@ -290,22 +359,30 @@ class InfluenceFunction(InnerProductAttributor):
         self,
         task: AttributionTask,
         damping: float | None = None,
-        damping_scale: float = DEFAULT_DAMPING_SCALE,
+        damping_rel: float = DEFAULT_DAMPING_REL,
+        damping_scale: float | None = None,
         hessian: str = DEFAULT_HESSIAN,
         weight_decay: float = 0.0,
         chunk_size: int = 512,
-        damping_samples: int | None = 1000,
+        damping_samples: int | None = None,
         seed: int = 0,
+        order: int = 1,
         **options,
     ) -> None:
         super().__init__(task, **options)
+        if order < 1:
+            raise GGDAError(f"order must be >= 1 (got {order}); e.g. --opt order=2.")
+        self.order = int(order)
         if hessian not in HESSIANS:
             raise GGDAError(f"Unknown hessian '{hessian}'; choose exact or gn (e.g. --opt hessian=gn).")
         if damping is not None and damping < 0:
             raise GGDAError(f"damping must be >= 0 (got {damping}); e.g. --opt damping=1e-3.")
-        if damping_scale < 0 or weight_decay < 0:
-            raise GGDAError("damping_scale and weight_decay must be >= 0.")
-        self.damping, self.damping_scale = damping, float(damping_scale)
+        if (damping_scale is not None and damping_scale < 0) or damping_rel < 0 or weight_decay < 0:
+            raise GGDAError("damping_rel, damping_scale and weight_decay must be >= 0.")
+        if damping_samples is not None and damping_samples < 1:
+            raise GGDAError("damping_samples must be >= 1 (or none for all rows).")
+        self.damping, self.damping_rel = damping, float(damping_rel)
+        self.damping_scale = None if damping_scale is None else float(damping_scale)
         self.hessian, self.weight_decay = hessian, float(weight_decay)
         self.chunk_size, self.damping_samples, self.seed = int(chunk_size), damping_samples, int(seed)
         self.info: dict = {}
@@ -315,26 +392,70 @@ class InfluenceFunction(InnerProductAttributor):
         super()._cache()  # group gradients
         self.n = len(self.train)
         self.curvature = TrainingCurvature(
-            self.task, self.train.X, self.train.y, self.hessian, self.weight_decay, self.chunk_size
+            self.task,
+            self.train.X,
+            self.train.y,
+            self.hessian,
+            self.weight_decay,
+            self.chunk_size,
+            ids=self.train.ids,
         )
+        self._lambda_max: float | None = None
+        self._prepare()
         self.lambda_ = self._resolve_damping()
         self._fit()
+        self._second = None
+        if self.order > 1:
+            self._second = effective_group_vectors(
+                self.side,
+                self.grouping,
+                self._solve,
+                HessianCurvature(self.curvature, self.grouping),
+                self.memory_mb,
+                self.order,
+            )
 
     def _resolve_damping(self) -> float:
         if self.damping is not None:
-            self.info.update(damping=float(self.damping))
-            return float(self.damping)
-        lam0 = base_damping(self.task, self.train.X, self.train.y, self.damping_samples, self.seed)
-        self.info.update(lambda0=lam0, damping=self.damping_scale * lam0)
-        return self.damping_scale * lam0
+            lam = float(self.damping)
+        elif self.damping_scale is not None:
+            lam0 = base_damping(
+                self.task, self.train.X, self.train.y, self.damping_samples, self.seed, self.train.ids
+            )
+            lam = self.damping_scale * lam0
+            self.info.update(lambda0=lam0)
+        else:
+            lmax = self.top_eigenvalue()
+            lam = relative_damping(lmax, self.weight_decay, self.damping_rel)
+            self.info.update(lambda_max=lmax)
+        self.info.update(damping=lam)
+        return lam
+
+    def top_eigenvalue(self) -> float:
+        """|λ_max| of the curvature H + wd·I this solver inverts (power iteration over all rows by
+        default; cached)."""
+        if self._lambda_max is None:
+            self._lambda_max = self._top_eigenvalue()
+        return self._lambda_max
+
+    def _top_eigenvalue(self) -> float:
+        return self.curvature.top_eigenvalue(seed=self.seed)
+
+    def _prepare(self) -> None:  # noqa: B027  (optional hook)
+        """Solver work that does not depend on λ (run before the damping is chosen)."""
 
     def _fit(self) -> None:  # noqa: B027  (optional hook)
-        """Solver-specific training-side work (factorisations, eigenpairs)."""
+        """Solver-specific training-side work that needs λ (factorisations, scales)."""
 
     # -- property side ------------------------------------------------------------------------
     def precondition(self, target_grads: torch.Tensor) -> torch.Tensor:
         """(H + λI)⁻¹ ∇f / n, once per property, shared by every group."""
         return self._solve(target_grads) / self.n
+
+    def _attribute(self, prop: Property) -> np.ndarray:
+        if self._second is not None:
+            return second_order_scores(self._solve(prop.gradients(self.task)), self._second)
+        return super()._attribute(prop)
 
     @abstractmethod
     def _solve(self, B: torch.Tensor) -> torch.Tensor:
@@ -427,7 +548,7 @@ class LiSSAIF(InfluenceFunction):
 
     def _fit(self) -> None:
         if self.scale is None:
-            self.scale_ = 2.0 * self.curvature.top_eigenvalue(seed=self.seed) + self.lambda_
+            self.scale_ = 2.0 * self.top_eigenvalue() + self.lambda_
         else:
             self.scale_ = float(self.scale)
         self.info.update(scale=self.scale_)
@@ -450,7 +571,7 @@ class ArnoldiIF(InfluenceFunction):
         super().__init__(task, **options)
         self.rank, self.iterations = int(rank), int(iterations)
 
-    def _fit(self) -> None:
+    def _prepare(self) -> None:
         self.eigen: LowRankEigen = arnoldi(
             self.curvature.matvec,
             self.curvature.p,
@@ -461,6 +582,9 @@ class ArnoldiIF(InfluenceFunction):
             seed=self.seed,
         )
         self.info.update(rank=self.eigen.rank, top_eigenvalue=float(self.eigen.values.abs().max()))
+
+    def _top_eigenvalue(self) -> float:
+        return float(self.eigen.values.abs().max())  # the Ritz value: Arnoldi finds the top first
 
     def _solve(self, B: torch.Tensor) -> torch.Tensor:
         return ihvp_arnoldi(self.eigen, B, self.lambda_)
