@@ -66,7 +66,7 @@ class ExperimentConfig:
     methods: list[str] = field(default_factory=lambda: ["grad-dot", "tracin"])
     groupings: list[str] = field(default_factory=lambda: ["random", "kmeans", "repr-kmeans", "grad-kmeans"])
     ks: list[str] = field(default_factory=lambda: ["n/50", "n/10"])
-    per_class: bool = False
+    per_class: bool | None = None  # None: per class for K-Means methods on classification data
     fractions: list[float] = field(default_factory=lambda: list(FRACTIONS))
     seeds: int = 3
     prune_fractions: list[float] = field(default_factory=lambda: list(PRUNE_FRACTIONS))

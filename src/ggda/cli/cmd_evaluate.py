@@ -433,7 +433,11 @@ def experiment_cmd(
         "random,kmeans,repr-kmeans,grad-kmeans", help="Grouping methods (per-point is always included)."
     ),
     ks: str = typer.Option("n/50,n/10", help="Group counts: integers or n/SIZE."),
-    per_class: bool = typer.Option(False, help="Cluster within each class."),
+    per_class: bool | None = typer.Option(
+        None,
+        "--per-class/--no-per-class",
+        help="Cluster within each class (default: per class for K-Means methods on classification data).",
+    ),
     fractions: str = typer.Option("0.01,0.05,0.1,0.2", help="Retraining-score removal fractions."),
     seeds: int = typer.Option(3, help="Retraining seeds."),
     prune_fractions: str = typer.Option("0.1,0.2,0.3,0.5", help="Pruning fractions ('' to skip)."),

@@ -31,7 +31,11 @@ def group_cmd(
     group_size: float = typer.Option(
         None, help="Target group size S instead of K (K = round(n / S)).", callback=checked(POSITIVE)
     ),
-    per_class: bool = typer.Option(False, help="Cluster within each class: label-pure groups."),
+    per_class: bool | None = typer.Option(
+        None,
+        "--per-class/--no-per-class",
+        help="Cluster within each class (label-pure groups); default: per class for K-Means methods on classification data.",
+    ),
     seed: int = typer.Option(
         0, help="Seed of k-means++, the random partition and projections.", callback=checked(NONNEG_INT)
     ),
