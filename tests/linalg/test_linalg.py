@@ -133,3 +133,21 @@ def test_arnoldi_full_rank_is_exact_and_low_rank_finds_top_eigenpairs():
     U = Q[:, :3]
     proj = (B @ U) / (mu[:3] + 0.1) @ U.T
     assert torch.allclose(ihvp_arnoldi(low, B, 0.1), proj, atol=1e-8)
+
+
+def test_arnoldi_complement_floor_is_exact_for_a_flat_complement():
+    """(H + λI)⁻¹ with the complement at the smallest kept |Ritz value|: exact when the rest of
+    the spectrum is flat at that value; between "drop" and the exact inverse otherwise."""
+    gen = torch.Generator().manual_seed(3)
+    p = 12
+    Q = torch.linalg.qr(torch.randn(p, p, generator=gen, dtype=torch.float64))[0]
+    vals = torch.tensor([9.0, 7.0, 5.0] + [0.5] * (p - 3), dtype=torch.float64)
+    A = Q @ torch.diag(vals) @ Q.T
+    B = torch.randn(4, p, generator=gen, dtype=torch.float64)
+    low = arnoldi(lambda V: V @ A.T, p, iterations=p, rank=4, dtype=torch.float64)
+    floor = float(low.values.abs().min())
+    assert floor == pytest.approx(0.5)
+    ref = torch.linalg.solve(A + 0.1 * torch.eye(p, dtype=torch.float64), B.T).T
+    assert torch.allclose(ihvp_arnoldi(low, B, 0.1, complement=floor), ref, atol=1e-10)
+    with pytest.raises(GGDAError, match="complement"):
+        ihvp_arnoldi(low, B, 0.0, complement=0.0)

@@ -9,7 +9,12 @@ spectrum that dominate influence). The inverse is then applied on that subspace 
     (H + λI)⁻¹ v ≈ U diag(1/(μ + λ)) Uᵀ v,
 
 dropping the complement (Schioppa et al.'s choice: it projects gradients onto the top
-eigendirections). With ``iterations`` and ``rank`` ≥ p the result is the exact damped inverse.
+eigendirections), or — ``complement=μ_c`` — treating the complement as if its eigenvalues were
+μ_c (e.g. the smallest kept Ritz value, an upper bound for them):
+
+    (H + λI)⁻¹ v ≈ U diag(1/(μ + λ)) Uᵀ v + (v − U Uᵀ v)/(μ_c + λ).
+
+With ``iterations`` and ``rank`` ≥ p the result is the exact damped inverse either way.
 """
 
 from __future__ import annotations
@@ -85,7 +90,16 @@ def arnoldi(
     return LowRankEigen(mu[order], Q[:m].T @ S[:, order])
 
 
-def ihvp_arnoldi(eig: LowRankEigen, B: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
-    """U diag(1/(μ + λ)) Uᵀ B for B (p,) or (T, p): the damped inverse on the Ritz subspace."""
+def ihvp_arnoldi(
+    eig: LowRankEigen, B: torch.Tensor, damping: float = 0.0, complement: float | None = None
+) -> torch.Tensor:
+    """U diag(1/(μ + λ)) Uᵀ B for B (p,) or (T, p): the damped inverse on the Ritz subspace, plus
+    (B − U Uᵀ B)/(complement + λ) on its orthogonal complement when ``complement`` is given."""
     coef = B @ eig.vectors  # (T, r)
-    return (coef / (eig.values + damping)) @ eig.vectors.T
+    out = (coef / (eig.values + damping)) @ eig.vectors.T
+    if complement is not None:
+        rest = B - coef @ eig.vectors.T
+        if float(complement) + damping <= 0:
+            raise GGDAError("Arnoldi: the complement needs complement + damping > 0.")
+        out = out + rest / (float(complement) + damping)
+    return out

@@ -52,6 +52,7 @@ from ggda.properties import Property
 from ggda.task import AttributionTask
 
 HESSIANS = ("exact", "gn")
+ARNOLDI_COMPLEMENTS = ("floor", "drop")
 DEFAULT_DAMPING_REL = 0.01
 DEFAULT_HESSIAN = "gn"
 
@@ -565,11 +566,25 @@ class ArnoldiIF(InfluenceFunction):
     Args:
         rank: eigenpairs kept (default 50).
         iterations: Arnoldi steps, i.e. HVPs (default 200); both are capped at p.
+        complement: what happens off the Ritz subspace: ``"floor"`` (default) treats the
+            remaining directions as if their curvature were the smallest kept |Ritz value| (an
+            upper bound for it), (v − UUᵀv)/(μ_min + λ); ``"drop"`` projects them out
+            (Schioppa et al.). On L2 logistic regression (rank 50 of 650) "drop" reaches Pearson
+            0.39 against leave-one-out and "floor" 0.77 (docs/fidelity.md).
     """
 
-    def __init__(self, task: AttributionTask, rank: int = 50, iterations: int = 200, **options) -> None:
+    def __init__(
+        self,
+        task: AttributionTask,
+        rank: int = 50,
+        iterations: int = 200,
+        complement: str = "floor",
+        **options,
+    ) -> None:
         super().__init__(task, **options)
-        self.rank, self.iterations = int(rank), int(iterations)
+        if complement not in ARNOLDI_COMPLEMENTS:
+            raise GGDAError(f"Unknown complement '{complement}'; choose floor or drop.")
+        self.rank, self.iterations, self.complement = int(rank), int(iterations), complement
 
     def _prepare(self) -> None:
         self.eigen: LowRankEigen = arnoldi(
@@ -587,4 +602,7 @@ class ArnoldiIF(InfluenceFunction):
         return float(self.eigen.values.abs().max())  # the Ritz value: Arnoldi finds the top first
 
     def _solve(self, B: torch.Tensor) -> torch.Tensor:
-        return ihvp_arnoldi(self.eigen, B, self.lambda_)
+        floor = None
+        if self.complement == "floor" and self.eigen.rank < self.curvature.p:
+            floor = float(self.eigen.values.abs().min())
+        return ihvp_arnoldi(self.eigen, B, self.lambda_, floor)

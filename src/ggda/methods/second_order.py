@@ -18,9 +18,9 @@ At θ̂ (∇L = 0, so wd·θ̂ = −ḡ) the gradient and Hessian of L_{−S} ar
     ∇L_{−S}(θ̂) = −(g_S − m ḡ) / (n − m) =: −ĝ_S / (n − m),
     ∇²L_{−S}(θ̂) = H + E_S,   E_S = (m H_D − H_S) / (n − m).
 
-One Newton step on L_{−S} from θ̂ gives Δ = (H + E_S)⁻¹ ĝ_S / (n − m); expanding the inverse to
-first order in E_S (which is O(m/n)) — Basu et al.'s second-order term, dropping the third
-derivatives of the loss as they do — gives
+One Newton step on L_{−S} from θ̂ (third derivatives of the loss dropped) gives
+Δ = (H + E_S)⁻¹ ĝ_S / (n − m); expanding the inverse to first order in E_S (which is O(m/n)) —
+the second-order term in the removed fraction, Basu et al.'s expansion — gives
 
     Δ ≈ [H⁻¹ ĝ_S − H⁻¹ E_S H⁻¹ ĝ_S] / (n − m),
 
