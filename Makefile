@@ -33,6 +33,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
+# Fidelity suite (a benchmark, not a test): every method against exact / paired-seed retraining
+# truth on digits (logistic regression + MLP; truth cached in runs/fidelity-cache). Tables in
+# benchmarks/results/fidelity.md; flags (--cnn, --sweep, --heavy) in benchmarks/fidelity/run.py.
+.PHONY: fidelity
+fidelity: $(STAMP)
+	$(BIN)/python benchmarks/fidelity/run.py $(FIDELITY_ARGS)
+
 # Full Fashion-MNIST (60k + 10k) from Debian's dataset-fashion-mnist package.
 data:
 	apt-get update -q && apt-get install -y -q dataset-fashion-mnist
