@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     if args.malloc_mmap:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap)
-    rows = []
+    rows, workers = [], []
     with tempfile.TemporaryDirectory() as tmp:
         state = trained_state(args, Path(tmp))
         for method in args.methods.split(","):
@@ -146,15 +146,18 @@ def main(argv=None) -> int:
                 return run.returncode
             res = json.loads(run.stdout.strip().splitlines()[-1])
             ph = res["phases"]
+            workers.append(res)
             print(f"{method}: {time.perf_counter() - t0:.0f} s in a fresh process", flush=True)
+            for phase, v in ph.items():
+                print(f"  {phase:18s} {v['seconds']:7.1f} s  peak +{v['peak_mb']:5.0f} MiB", flush=True)
             rows.append(
                 [
                     method,
                     ph["grouping"]["seconds"],
                     ph["grouping"]["peak_mb"],
-                    ph[f"{method} points"]["seconds"] + ph[f"{method} options"]["seconds"],
-                    max(ph[f"{method} points"]["peak_mb"], ph[f"{method} options"]["peak_mb"]),
-                    ph[f"{method} groups"]["seconds"] + ph[f"{method} options"]["seconds"],
+                    ph[f"{method} points"]["seconds"],
+                    ph[f"{method} points"]["peak_mb"],
+                    ph[f"{method} groups"]["seconds"],
                     ph[f"{method} groups"]["peak_mb"],
                     res["peak_mb"],
                     res["peak_mb"] / input_mb,
@@ -187,11 +190,11 @@ def main(argv=None) -> int:
     table.notes += [
         "MiB columns: peak RSS (VmHWM, reset per phase) above the RSS after loading data + model and "
         "a 64-image warm-up; 'peak' is the largest over the process's phases",
-        "per point / groups s include the method's option step (EK-FAC's damping estimate, 1,000 images)",
         "warm-up MiB: the 64-image warm-up's own increase (first-use imports of torch.func etc.)",
     ]
     print(table.render())
     print(f"wrote {save(args.name, [table])}")
+    (HERE / "results" / f"{args.name}_phases.json").write_text(json.dumps(workers, indent=1))
     return 0
 
 
