@@ -4,26 +4,17 @@ rank least helpful for every method, and retraining without it must lower the te
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import import_example
 from ggda.errors import GGDAError
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture(scope="module")
 def example():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import csv_data_sources
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return csv_data_sources
+    return import_example("csv_data_sources")
 
 
 def test_csv_example_finds_the_noisy_source(example, tmp_path):

@@ -5,25 +5,18 @@ score through the user's training function."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+from conftest import import_example
+
 N_TRAIN, N_TEST, ROWS = 64, 8, 16
 
 
 @pytest.fixture(scope="module")
 def example():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import fashion_mnist_cnn
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return fashion_mnist_cnn
+    return import_example("fashion_mnist_cnn")
 
 
 def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

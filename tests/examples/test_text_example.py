@@ -3,17 +3,15 @@ synthetic reviews through a Hugging Face ``datasets.Dataset``; fine-tune, attrib
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+
+from conftest import import_example
 
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 pytest.importorskip("tokenizers")
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 GOOD = ["love", "great", "perfect", "comfortable", "beautiful", "soft"]
 BAD = ["ripped", "cheap", "awful", "itchy", "returned", "small"]
@@ -45,12 +43,7 @@ def _reviews(n: int, seed: int):
 
 @pytest.fixture(scope="module")
 def example():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import minilm_reviews_hf
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return minilm_reviews_hf
+    return import_example("minilm_reviews_hf")
 
 
 def test_text_example_end_to_end(example, tmp_path):

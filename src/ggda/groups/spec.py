@@ -20,6 +20,7 @@ from __future__ import annotations
 from ggda.errors import GGDAError
 from ggda.groups.grouping import Grouping
 from ggda.groups.make import GROUPING_METHODS, make_grouping
+from ggda.options import parse_scalar
 
 GROUPING_SPECS = (
     "singleton",
@@ -32,20 +33,6 @@ GROUPING_SPECS = (
     "METHOD:size=S",
     "METHOD:K:per-class",
 )
-
-
-def _typed(raw: str):
-    low = raw.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw
 
 
 def parse_grouping_spec(spec: str) -> tuple[str, dict]:
@@ -79,7 +66,7 @@ def parse_grouping_spec(spec: str) -> tuple[str, dict]:
             key = "group_size"
         elif key in ("k", "groups"):
             key = "n_groups"
-        kwargs[key] = _typed(raw)
+        kwargs[key] = parse_scalar(raw)
     for key in ("n_groups", "group_size"):
         value = kwargs.get(key)
         if value is not None and not isinstance(value, (int, float)):

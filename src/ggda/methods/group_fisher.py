@@ -35,7 +35,7 @@ import torch
 
 from ggda.errors import GGDAError
 from ggda.methods.base import InnerProductAttributor, register
-from ggda.methods.influence import DEFAULT_DAMPING_REL, base_damping, relative_damping
+from ggda.methods.influence import DEFAULT_DAMPING_REL, choose_damping
 from ggda.methods.second_order import effective_group_vectors, second_order_scores
 from ggda.properties import ExampleLoss, Property
 from ggda.task import AttributionTask
@@ -107,20 +107,8 @@ class GroupFisherIF(InnerProductAttributor):
         sizes = torch.as_tensor(self.grouping.sizes, dtype=torch.float64, device=gram.device)
         self._d = 1.0 / torch.sqrt(self.n * sizes)  # diag of D
         M = self._d[:, None] * gram * self._d[None, :]  # UᵀU: its nonzero spectrum is F̂'s
-        if self.damping is not None:
-            lam = float(self.damping)
-        elif self.damping_scale is not None:
-            lam0 = base_damping(
-                self.task, self.train.X, self.train.y, self.damping_samples, self.seed, self.train.ids
-            )
-            lam = self.damping_scale * lam0
-            self.info.update(lambda0=lam0)
-        else:
-            lmax = _top_eigenvalue(M) + self.weight_decay
-            lam = relative_damping(lmax, self.weight_decay, self.damping_rel)
-            self.info.update(lambda_max=lmax)
+        lam = choose_damping(self, lambda: _top_eigenvalue(M) + self.weight_decay)
         self.lambda_ = lam + self.weight_decay
-        self.info.update(damping=lam)
         M.diagonal().add_(self.lambda_)
         L, fail = torch.linalg.cholesky_ex(M)
         if int(fail) != 0:

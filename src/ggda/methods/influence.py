@@ -322,6 +322,25 @@ def id_hash(ids: np.ndarray, seed: int = 0) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def choose_damping(method, top_eigenvalue) -> float:
+    """λ of an IF-family ``method``: its explicit ``damping``, else ``damping_scale``·λ₀, else the
+    spectrum floored at ``damping_rel``·λ_max (``top_eigenvalue()``, weight decay included);
+    recorded in ``method.info``."""
+    if method.damping is not None:
+        lam = float(method.damping)
+    elif method.damping_scale is not None:
+        train = method.train
+        lam0 = base_damping(method.task, train.X, train.y, method.damping_samples, method.seed, train.ids)
+        lam = method.damping_scale * lam0
+        method.info.update(lambda0=lam0)
+    else:
+        lmax = top_eigenvalue()
+        lam = relative_damping(lmax, method.weight_decay, method.damping_rel)
+        method.info.update(lambda_max=lmax)
+    method.info.update(damping=lam)
+    return lam
+
+
 class InfluenceFunction(InnerProductAttributor):
     """Shared machinery of the IF family: curvature operator, damping, 1/n scaling.
 
@@ -417,20 +436,7 @@ class InfluenceFunction(InnerProductAttributor):
             )
 
     def _resolve_damping(self) -> float:
-        if self.damping is not None:
-            lam = float(self.damping)
-        elif self.damping_scale is not None:
-            lam0 = base_damping(
-                self.task, self.train.X, self.train.y, self.damping_samples, self.seed, self.train.ids
-            )
-            lam = self.damping_scale * lam0
-            self.info.update(lambda0=lam0)
-        else:
-            lmax = self.top_eigenvalue()
-            lam = relative_damping(lmax, self.weight_decay, self.damping_rel)
-            self.info.update(lambda_max=lmax)
-        self.info.update(damping=lam)
-        return lam
+        return choose_damping(self, self.top_eigenvalue)
 
     def top_eigenvalue(self) -> float:
         """|λ_max| of the curvature H + wd·I this solver inverts (power iteration over all rows by
