@@ -105,7 +105,7 @@ def run(args) -> dict:
 
 def top_eigenvalue(setting) -> float:
     """λ_max of the Gauss–Newton + wd·I (float64, 100 power iterations)."""
-    from ggda.methods.influence import TrainingCurvature
+    from ggda.methods.curvature import TrainingCurvature
     from ggda.task import AttributionTask
 
     task = setting.task

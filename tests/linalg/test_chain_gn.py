@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ggda.linalg.chain_gn import chain_gn_product
-from ggda.methods.influence import TrainingCurvature
+from ggda.methods.curvature import TrainingCurvature
 from ggda.models.chain import linear_chain
 from ggda.task import AttributionTask
 

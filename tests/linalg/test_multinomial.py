@@ -6,7 +6,7 @@ from torch import nn
 
 from ggda.linalg.multinomial import MultinomialInverse, null_complement_basis
 from ggda.methods import make_method
-from ggda.methods.influence import TrainingCurvature
+from ggda.methods.curvature import TrainingCurvature
 from ggda.properties import ExampleLoss
 from ggda.task import AttributionTask
 

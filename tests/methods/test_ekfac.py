@@ -8,7 +8,7 @@ import torch
 from ggda.data.dataset import Dataset
 from ggda.errors import GGDAError
 from ggda.methods import make_method
-from ggda.methods.influence import TrainingCurvature
+from ggda.methods.curvature import TrainingCurvature
 from ggda.properties import ExampleLoss
 from ggda.task import AttributionTask
 

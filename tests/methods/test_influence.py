@@ -13,12 +13,8 @@ from ggda.errors import GGDAError
 from ggda.gradients import per_example_gradients
 from ggda.groups import random_grouping
 from ggda.methods import METHODS, make_method
-from ggda.methods.influence import (
-    DEFAULT_DAMPING_REL,
-    TrainingCurvature,
-    base_damping,
-    relative_damping,
-)
+from ggda.methods.curvature import TrainingCurvature
+from ggda.methods.influence import DEFAULT_DAMPING_REL, base_damping, relative_damping
 from ggda.models import TrainConfig, train_model
 from ggda.properties import ExampleLoss, MeanLoss
 from ggda.task import AttributionTask

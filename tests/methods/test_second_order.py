@@ -102,7 +102,7 @@ def test_second_order_closes_the_group_underestimate(logreg):
 def _closed_form(task, train, grouping, prop, wd, lam, order):
     """c_S = Σ_{k<order} (−E_S P)^k ĝ_S / (n − m) with dense matrices; scores ∇fᵀ P c_S."""
     from ggda.gradients import per_example_gradients
-    from ggda.methods.influence import TrainingCurvature
+    from ggda.methods.curvature import TrainingCurvature
 
     n = len(train)
     G = per_example_gradients(task, train.X, train.y)
@@ -140,7 +140,7 @@ def test_every_solver_matches_the_closed_form(logreg, method):
     ref = _closed_form(task, train, grouping, prop, WD, lam, 3)
     opts = dict(SOLVERS[method])
     if method == "if-lissa":  # scale just above λ_max(H + λI): the series converges in ~100 steps
-        from ggda.methods.influence import TrainingCurvature
+        from ggda.methods.curvature import TrainingCurvature
 
         top = float(torch.linalg.eigvalsh(TrainingCurvature(task, train.X, train.y, "gn", WD).dense())[-1])
         opts["scale"] = 1.05 * (top + lam)

@@ -12,7 +12,7 @@ vectors. ``vmap(jvp)`` computes the same numbers but batches the T tangents less
 logistic regression with 500 vectors this is ~2.5× faster (``make bench``).
 
 For a single Linear layer (z linear in θ) the Gauss–Newton matrix *is* the exact Hessian, so
-:class:`~ggda.methods.influence.TrainingCurvature` also uses this product for ``hessian="exact"``
+:class:`~ggda.methods.curvature.TrainingCurvature` also uses this product for ``hessian="exact"``
 there.
 """
 

@@ -28,258 +28,28 @@ Solvers (one registered method each, all taking the options above as keyword arg
 
 from __future__ import annotations
 
-import math
 import warnings
 from abc import abstractmethod
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from ggda.errors import GGDAError
+from ggda.gradients.curvature import CURVATURE_KINDS
 from ggda.gradients.per_example import per_example_sq_norms
 from ggda.linalg.arnoldi import LowRankEigen, arnoldi, ihvp_arnoldi
 from ggda.linalg.cg import ihvp_cg
-from ggda.linalg.chain_gn import chain_gn_product, linear_model_hessian, split_vectors
-from ggda.linalg.dense import DenseInverse, dense_from_matvec, factorize
-from ggda.linalg.hvp import gnhvp, hvp
 from ggda.linalg.lissa import ihvp_lissa
-from ggda.linalg.multinomial import MultinomialInverse
 from ggda.methods.base import InnerProductAttributor, register
+from ggda.methods.curvature import TrainingCurvature
 from ggda.methods.second_order import HessianCurvature, effective_group_vectors, second_order_scores
-from ggda.models.analysis import analyse
 from ggda.properties import Property
 from ggda.task import AttributionTask
 
-HESSIANS = ("exact", "gn")
+HESSIANS = CURVATURE_KINDS
 ARNOLDI_COMPLEMENTS = ("floor", "drop")
 DEFAULT_DAMPING_REL = 0.01
 DEFAULT_HESSIAN = "gn"
-
-
-class TrainingCurvature:
-    """The operator V ↦ (mean training-loss Hessian or Gauss–Newton) V + wd·V over a data set.
-
-    Products are accumulated over data chunks of ``chunk_size`` rows and vector blocks of
-    ``vector_block`` so memory stays bounded for any n and any number of right-hand sides.
-
-    On a chain model (Linear → activation → … → Linear, :mod:`ggda.models.chain`) the
-    Gauss–Newton product is computed with plain GEMMs over all vectors at once
-    (:mod:`ggda.linalg.chain_gn`); a single Linear layer also takes that path for the exact
-    Hessian, which equals its Gauss–Newton matrix. ``AttributionTask(gradients="generic")`` forces ``torch.func``.
-
-    Args:
-        task: the attribution task (model, loss, attributed parameters, device, dtype).
-        X, y: the training data (all n rows define the mean).
-        kind: ``"exact"`` Hessian or ``"gn"`` Gauss–Newton.
-        weight_decay: wd of an L2 term (wd/2)‖θ‖² in the training objective.
-        chunk_size: data rows per HVP pass.
-        vector_block: right-hand sides vectorised together.
-        ids: stable example ids (the Dataset's ``ids``); mini-batches of :meth:`sampler` are drawn
-            over the examples in id order, so the same seed picks the same examples however the
-            rows are ordered. Default: positions.
-    """
-
-    def __init__(
-        self,
-        task: AttributionTask,
-        X: np.ndarray,
-        y: np.ndarray,
-        kind: str = "exact",
-        weight_decay: float = 0.0,
-        chunk_size: int = 512,
-        vector_block: int = 32,
-        ids: np.ndarray | None = None,
-    ) -> None:
-        if kind not in HESSIANS:
-            raise GGDAError(f"Unknown hessian '{kind}'; choose exact or gn (e.g. --opt hessian=gn).")
-        if chunk_size < 1 or vector_block < 1:
-            raise GGDAError("chunk_size and vector_block must be >= 1.")
-        self.task, self.kind, self.weight_decay = task, kind, float(weight_decay)
-        self.chunk_size, self.vector_block = int(chunk_size), int(vector_block)
-        self.Xt, self.yt = task.to_tensor(X, y)
-        self.n = len(self.Xt)
-        if ids is not None and len(ids) != self.n:
-            raise GGDAError(f"ids has {len(ids)} entries for {self.n} training rows.")
-        # rows in id order: what a seeded mini-batch draw indexes (row-order invariant)
-        self._id_order = torch.as_tensor(
-            np.argsort(np.asarray(ids), kind="stable") if ids is not None else np.arange(self.n)
-        )
-        params = task.params()
-        self.theta = task.flatten(params)
-        self.p = self.theta.numel()
-        self._shapes = [(name, p.shape, p.numel()) for name, p in params.items()]
-        chain = analyse(task).chain
-        if chain is not None and kind == "exact" and not (chain.depth == 1 and chain.activations[0] is None):
-            chain = None  # a deeper chain's exact Hessian has second-order terms the GN product lacks
-        self.chain = chain
-        self._params, self._slices = params, task.layer_slices()
-        self._forwards: list | None = None  # per-chunk chain forwards, built on the first product
-        self._forwards_built = False
-        if chain is not None:  # vectors per block: keep the (rows, T, width) tangents near 64 MB
-            width = max(d_out for d_out, _ in chain.shapes)
-            self.vector_block = max(self.vector_block, int(16 * 2**20 // (self.chunk_size * width)))
-
-    def _unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, start = {}, 0
-        for name, shape, size in self._shapes:
-            out[name] = theta[start : start + size].reshape(shape)
-            start += size
-        return out
-
-    def _accumulate(
-        self, acc: torch.Tensor, V: torch.Tensor, Xc: torch.Tensor, yc: torch.Tensor, layers, forward=None
-    ) -> None:
-        """acc += Σ over the rows of the (summed-loss) Hessian or GN times V (T, p).
-
-        ``layers``: V split per layer (:func:`~ggda.linalg.chain_gn.split_vectors`) on the chain path,
-        computed once for all row chunks; ``forward``: the chain's cached forward of these rows.
-        """
-        task = self.task
-        if self.chain is not None:  # GEMMs straight into acc
-            chain_gn_product(self.chain, task, self._params, self._slices, Xc, yc, V, layers, acc, forward)
-            return
-
-        def model_fn(theta: torch.Tensor) -> torch.Tensor:
-            return task.forward(self._unflatten(theta), Xc)
-
-        if self.kind == "gn":
-            acc += gnhvp(model_fn, lambda z: task.loss_fn(z, yc).sum(), self.theta, V)
-        else:
-            acc += hvp(lambda theta: task.loss_fn(model_fn(theta), yc).sum(), self.theta, V)
-
-    def product(self, V: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
-        """(mean over ``rows`` (default all) of the per-example curvature) V + wd V, V (T, p)."""
-        if rows is None:
-            m = self.n
-        elif isinstance(rows, slice):
-            m = len(range(*rows.indices(self.n)))
-        else:
-            m = len(rows)
-        out = self.sum_product(V, rows) / m
-        if self.weight_decay:
-            out += self.weight_decay * V
-        return out
-
-    def sum_product(self, V: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
-        """(Σ over ``rows`` (default all) of the per-example curvature) V, V (p,) or (T, p); no
-        weight decay. ``rows``: positions (a tensor or slice)."""
-        single = V.ndim == 1
-        V = V[None] if single else V
-        if isinstance(rows, torch.Tensor):
-            rows = rows.to(self.yt.device)
-        Xs, ys = (self.Xt, self.yt) if rows is None else (self.Xt[rows], self.yt[rows])
-        m = len(ys)
-        forwards = self._chain_forwards() if rows is None else None
-        out = torch.zeros_like(V)
-        for vs in range(0, len(V), self.vector_block):
-            block = V[vs : vs + self.vector_block]
-            layers = split_vectors(self.chain, self._slices, block) if self.chain is not None else None
-            acc = torch.zeros_like(block)
-            for c, start in enumerate(range(0, m, self.chunk_size)):
-                rows_ = slice(start, start + self.chunk_size)
-                fwd = forwards[c] if forwards is not None else None
-                self._accumulate(acc, block, Xs[rows_], ys[rows_], layers, fwd)
-            out[vs : vs + self.vector_block] = acc
-        return out[0] if single else out
-
-    _FORWARD_CACHE_MB = 256.0
-
-    def _chain_forwards(self) -> list | None:
-        """The chain's forward pass of every full-data row chunk, computed on the first product and
-        kept when its hidden activations fit ``_FORWARD_CACHE_MB`` (the first layer's inputs are
-        views of the data): a CG or Arnoldi solve multiplies the same rows at every iteration."""
-        if self.chain is None:
-            return None
-        if not self._forwards_built:
-            self._forwards_built = True
-            chain = self.chain
-            per_row = sum(d_in for _, d_in in chain.shapes[1:]) + sum(
-                d_out
-                for (d_out, _), act in zip(chain.shapes, chain.activations, strict=True)
-                if act is not None
-            )
-            per_row += chain.shapes[-1][0]
-            fits = self.n * per_row * self.Xt.element_size() <= self._FORWARD_CACHE_MB * 2**20
-            self._forwards = (
-                [
-                    chain.forward(self._params, self.Xt[s : s + self.chunk_size])
-                    for s in range(0, self.n, self.chunk_size)
-                ]
-                if fits
-                else None
-            )
-        return self._forwards
-
-    def matvec(self, V: torch.Tensor) -> torch.Tensor:
-        """Full-data product (deterministic)."""
-        return self.product(V)
-
-    def sampler(self, batch_size: int | None, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A stochastic operator: each call uses a fresh uniformly drawn mini-batch (LiSSA).
-
-        Draws are made over the examples in id order and each batch is taken in id order, so the
-        sampled examples (and the sums over them) do not depend on the order of the rows.
-        """
-        if batch_size is None or batch_size >= self.n:
-            return self.matvec
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-
-        def sample(V: torch.Tensor) -> torch.Tensor:
-            picks = torch.randperm(self.n, generator=gen)[:batch_size].sort().values
-            return self.product(V, self._id_order[picks])
-
-        return sample
-
-    def dense(self, block_size: int = 256) -> torch.Tensor:
-        """The (p, p) matrix (small models only); formed directly for a single Linear layer."""
-        chain = self.chain
-        if chain is not None and chain.depth == 1 and chain.activations[0] is None:
-            H = linear_model_hessian(chain, self.task, self._params, self._slices, self.Xt, self.yt)
-            H /= self.n
-            if self.weight_decay:
-                H.diagonal().add_(self.weight_decay)
-            return H
-        return dense_from_matvec(self.matvec, self.p, self.theta.dtype, self.theta.device, block_size)
-
-    def inverse(self, damping: float, block_size: int = 256) -> DenseInverse | MultinomialInverse:
-        """(H + λI)⁻¹ factorised once: in the reduced basis for softmax regression (exact, ~2× faster,
-        :mod:`ggda.linalg.multinomial`), else the dense (p, p) matrix's Cholesky (LU if indefinite)."""
-        chain, mu = self.chain, float(damping) + self.weight_decay
-        if (
-            chain is not None
-            and chain.depth == 1
-            and chain.activations[0] is None
-            and self.task.loss_kind == "cross-entropy"
-            and mu > 0
-        ):
-            w, b = chain.weights[0], chain.biases[0]
-            inv = MultinomialInverse(
-                self.Xt,
-                self._params[w].detach(),
-                self._params[b].detach() if b else None,
-                1.0 / self.n,
-                mu,
-                self._slices[w],
-                self._slices[b] if b else None,
-            )
-            if inv.positive_definite:
-                return inv
-        return factorize(self.dense(block_size), damping, overwrite=True)
-
-    def top_eigenvalue(self, iterations: int = 30, seed: int = 0) -> float:
-        """|largest| eigenvalue by power iteration (used to choose LiSSA's scale)."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        v = torch.randn(self.p, generator=gen, dtype=self.theta.dtype).to(self.theta.device)
-        v /= v.norm()
-        mu = 0.0
-        for _ in range(iterations):
-            w = self.matvec(v)
-            mu = float(w.norm())
-            if mu == 0.0 or not math.isfinite(mu):
-                break
-            v = w / mu
-        return mu
 
 
 def base_damping(

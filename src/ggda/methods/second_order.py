@@ -73,7 +73,7 @@ class Curvature(Protocol):
 
 
 class HessianCurvature:
-    """:class:`Curvature` from a :class:`~ggda.methods.influence.TrainingCurvature` (Hessian or
+    """:class:`Curvature` from a :class:`~ggda.methods.curvature.TrainingCurvature` (Hessian or
     Gauss–Newton products over rows)."""
 
     def __init__(self, curvature, grouping: Grouping) -> None:
