@@ -143,7 +143,9 @@ def train_cmd(
     from ggda.runs import DataSpec, Run
 
     if regression and classification:
-        raise GGDAError("--regression and --classification exclude each other; pass one (or neither to guess).")
+        raise GGDAError(
+            "--regression and --classification exclude each other; pass one (or neither to guess)."
+        )
     spec = DataSpec(
         source=data,
         label=label,

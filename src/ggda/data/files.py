@@ -243,7 +243,9 @@ def frame_to_dataset(
                 f"{what.capitalize()} column '{col}' is not in '{name}'; choose one of {list(frame.columns)}."
             )
     if id_column is not None and id_column in (label, group_column):
-        raise GGDAError(f"Id column '{id_column}' is also the label or group column; pick another --id-column.")
+        raise GGDAError(
+            f"Id column '{id_column}' is also the label or group column; pick another --id-column."
+        )
     if len(frame) == 0:
         raise GGDAError(f"'{name}' has a header but no data rows; pass a file with data.")
     y_raw = frame[label]
@@ -305,7 +307,11 @@ def group_value_names(values) -> np.ndarray:
     """The original values of a group column as strings (index = factorised group id): a float
     column of whole numbers (``70.0``) reads as ``70``, as it was written."""
     values = pd.Index(values)
-    if pd.api.types.is_float_dtype(values) and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
+    if (
+        pd.api.types.is_float_dtype(values)
+        and np.all(np.isfinite(values))
+        and np.all(values == np.round(values))
+    ):
         values = values.astype(np.int64)
     return np.asarray([str(_plain(v)) for v in values], dtype=str)
 
@@ -315,7 +321,9 @@ def _read_ids(col: pd.Series, id_column: str, name: str) -> np.ndarray:
     fix = f"give every row a distinct integer in '{id_column}', or drop --id-column to number rows 0..n-1"
     if col.isna().any():
         row = int(np.flatnonzero(col.isna().to_numpy())[0])
-        raise GGDAError(f"Id column '{id_column}' of '{name}' has missing ids (first in data row {row}); {fix}.")
+        raise GGDAError(
+            f"Id column '{id_column}' of '{name}' has missing ids (first in data row {row}); {fix}."
+        )
     raw = pd.to_numeric(col, errors="coerce")
     if raw.isna().any() or not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw)):
         bad = col[raw.isna() | (raw != np.round(raw))].iloc[0]
