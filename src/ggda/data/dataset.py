@@ -231,4 +231,9 @@ class Dataset:
         if self.kind == "classification":
             counts = np.bincount(self.y, minlength=self.n_classes)
             base += f", C={self.n_classes}, class sizes {counts.min()}..{counts.max()}"
+        elif "target_scale" in self.meta:  # see ggda.data.preprocess.TargetScaler
+            base += (
+                f", target standardised (train mean {self.meta['target_mean']:.4g}, "
+                f"std {self.meta['target_scale']:.4g})"
+            )
         return base
