@@ -11,7 +11,8 @@ provides, such as its weight decay and checkpoints, offered in one place) and
 Layout::
 
     RUN/run.json            data spec, model spec, train config, metrics
-    RUN/split.npz           train_ids, test_ids (and the noisy mask when labels were flipped)
+    RUN/split.npz           train_ids, test_ids (the noisy mask when labels were flipped, the
+                            group names when the data have a group column)
     RUN/model.pt            final model (self-describing)
     RUN/checkpoints/*.pt    checkpoints with epoch, step and learning rate (TracInCP)
 """
@@ -32,12 +33,12 @@ from torch import nn
 from ggda.arrays import read_npz
 from ggda.data.bundled import BUNDLED_DATASETS, OFFICIAL_TEST_SPLITS, load_dataset
 from ggda.data.dataset import Dataset
-from ggda.data.files import load_file
-from ggda.data.preprocess import Standardizer, flip_labels, train_test_split
+from ggda.data.files import ACCEPTED, file_format, load_file
+from ggda.data.preprocess import Standardizer, TargetScaler, flip_labels, train_test_split
 from ggda.errors import GGDAError
 from ggda.io import save_json, save_npz
 from ggda.models.checkpoint import Checkpoint, check_spec, load_into, load_model, load_state, save_model
-from ggda.models.training import TrainConfig, accuracy, resolve_device, train_model
+from ggda.models.training import TrainConfig, accuracy, regression_metrics, resolve_device, train_model
 from ggda.models.zoo import ModelSpec, build_model
 
 if TYPE_CHECKING:
@@ -48,7 +49,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class DataSpec:
-    """How to (re)build the train/test data of a run."""
+    """How to (re)build the train/test data of a run.
+
+    ``kind="auto"`` lets the label decide (:func:`ggda.data.files.infer_label_kind`);
+    :meth:`Run.create` records the kind it resolved to. ``standardize_target`` z-scores a
+    regression target on the training split (see :mod:`ggda.data.preprocess` for why the model
+    and its attributions stay on that scale).
+    """
 
     source: str  # bundled name or file path
     label: str | None = None
@@ -61,6 +68,8 @@ class DataSpec:
     noise: float = 0.0
     noise_seed: int = 0
     max_train: int | None = None  # subsample the training split (seeded) for quick runs
+    id_column: str | None = None  # a column of unique integer data ids (default: row numbers)
+    standardize_target: bool = True  # z-score a regression target (train-split mean and std)
 
     def __post_init__(self) -> None:
         from ggda.options import COUNT, FRACTION, NONNEG_INT, PROBABILITY, Spec, check_fields
@@ -69,7 +78,7 @@ class DataSpec:
             self,
             {
                 "source": Spec(str),
-                "kind": Spec(str, choices=("classification", "regression")),
+                "kind": Spec(str, choices=("classification", "regression", "auto")),
                 "test_fraction": FRACTION,
                 "split_seed": NONNEG_INT,
                 "noise": PROBABILITY,
@@ -87,22 +96,30 @@ def load_source(spec: DataSpec) -> Dataset:
     if spec.source in BUNDLED_DATASETS:
         return load_dataset(spec.source)
     path = Path(spec.source)
-    if path.suffix.lower() in (".csv", ".parquet", ".pq", ".npz"):
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):  # a name too long to be a path is not one
+        exists = False
+    if exists or file_format(path) is not None:
         return load_file(
             path,
             label=spec.label,
             categorical=spec.categorical or None,
             group_column=spec.group_column,
-            kind=spec.kind,
-        )  # type: ignore[arg-type]
+            id_column=spec.id_column,
+            kind=spec.kind,  # type: ignore[arg-type]
+        )
     raise GGDAError(
         f"Unknown data set '{spec.source}'; choose one of {', '.join(BUNDLED_DATASETS)} or pass a "
-        ".csv/.parquet/.npz file path."
+        f"file: {ACCEPTED}."
     )
 
 
 def prepare_data(spec: DataSpec) -> tuple[Dataset, Dataset, Standardizer | None]:
-    """Load, split (seeded), subsample, inject label noise and standardise: (train, test, scaler)."""
+    """Load, split (seeded), subsample, inject label noise and standardise: (train, test, scaler).
+
+    A regression target is standardised too (``spec.standardize_target``) with the training
+    split's mean and std; the values are in both data sets' ``meta`` (:class:`TargetScaler`)."""
     data = load_source(spec)
     if spec.source in OFFICIAL_TEST_SPLITS:
         train, test = data, OFFICIAL_TEST_SPLITS[spec.source]()
@@ -119,6 +136,9 @@ def prepare_data(spec: DataSpec) -> tuple[Dataset, Dataset, Standardizer | None]
     if spec.standardize:
         scaler = Standardizer.fit(train)
         train, test = scaler.transform(train), scaler.transform(test)
+    if spec.standardize_target and train.kind == "regression":
+        target = TargetScaler.fit(train)
+        train, test = target.transform(train), target.transform(test)
     return train, test, scaler
 
 
@@ -166,8 +186,10 @@ def read_run_config(path: Path) -> dict:
 
 def config_data_spec(path: Path, config: dict) -> DataSpec:
     """The :class:`DataSpec` recorded in a run's ``run.json`` (checked like a new one)."""
+    record = dict(config["data"])
+    record.setdefault("standardize_target", False)  # runs written before targets were scaled
     try:
-        return DataSpec(**config["data"])
+        return DataSpec(**record)
     except TypeError as exc:
         raise GGDAError(f"{path / 'run.json'} has an invalid data record ({exc}); {_RUN_FIX}") from exc
     except GGDAError as exc:
@@ -208,7 +230,11 @@ class Run:
         path = check_output_dir(path)  # before any work: a file there, under a file, read-only, too long
         resolve_device(device)
         train_data, test_data, _ = prepare_data(data)
+        data = replace(data, kind=train_data.kind)  # "auto" resolved: the run records what it trained
+        notice = train_data.meta.get("kind_notice")
         if log is not None:
+            if notice:
+                log(f"note: {notice}")
             log(f"data  {train_data.describe()}; test n={len(test_data)}")
         mspec = ModelSpec(model, train_data.n_features, train_data.n_outputs, train_data.input_shape)
         net = build_model(mspec, seed=train.seed)
@@ -220,12 +246,19 @@ class Run:
         if train_data.kind == "classification":
             metrics["train_accuracy"] = accuracy(net, train_data, device)
             metrics["test_accuracy"] = accuracy(net, test_data, device)
+        else:  # in the target's original units
+            target = TargetScaler.of(train_data)
+            for split, part in (("train", train_data), ("test", test_data)):
+                m = regression_metrics(net, part, device, target.mean, target.scale)
+                metrics[f"{split}_mse"], metrics[f"{split}_r2"] = m["mse"], m["r2"]
         config = {
             "data": data.to_dict(),
             "model": mspec.to_dict(),
             "train": train.to_dict(),
             "metrics": metrics,
         }
+        if train_data.kind == "regression" and data.standardize_target:
+            config["target"] = TargetScaler.of(train_data).to_meta()
         run = cls(path, config, train_data, test_data, net, list(result.checkpoints))
         return run.save()
 
@@ -237,6 +270,8 @@ class Run:
         split = {"train_ids": self.train.ids, "test_ids": self.test.ids}
         if self.train.noisy is not None:
             split["noisy"] = self.train.noisy
+        if self.train.group_names is not None:  # the group column's values, by group id
+            split["group_names"] = np.asarray(self.train.group_names, dtype=str)
         save_npz(self.path / "split.npz", **split)
         save_json(self.path / "run.json", self.config, default=str)  # last: the run is complete
         return self
@@ -261,6 +296,25 @@ class Run:
             )
         if "noisy" in split:  # which labels were flipped
             train = replace(train, noisy=split["noisy"])
+        if "group_names" in split:
+            names = split["group_names"].astype(str)
+            if train.group_names is not None and not np.array_equal(names, train.group_names):
+                raise GGDAError(
+                    f"The group column of {path}'s data no longer matches the group names it was trained "
+                    "with; re-run `ggda train`."
+                )
+            train, test = (replace(d, group_names=names) for d in (train, test))
+        if "target" in config and train.kind == "regression":
+            stored = config["target"]
+            if not np.allclose(
+                [stored.get("target_mean", np.nan), stored.get("target_scale", np.nan)],
+                [train.meta.get("target_mean", 0.0), train.meta.get("target_scale", 1.0)],
+                rtol=1e-6,
+            ):
+                raise GGDAError(
+                    f"The target of {path}'s data no longer matches the scaling it was trained with; "
+                    "re-run `ggda train`."
+                )
         try:
             expect = ModelSpec.from_dict(config["model"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -288,7 +342,7 @@ class Run:
 
     @property
     def data_spec(self) -> DataSpec:
-        return DataSpec(**self.config["data"])
+        return config_data_spec(self.path, self.config)
 
     @property
     def model_spec(self) -> ModelSpec:

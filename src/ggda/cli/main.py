@@ -100,13 +100,29 @@ def datasets_cmd() -> None:
 
 @app.command("train")
 def train_cmd(
-    data: str = typer.Option(..., help="Bundled data set name or a .csv/.parquet/.npz file."),
+    data: str = typer.Option(
+        ...,
+        help="Bundled data set name or a file: .csv/.tsv (also .gz, .bz2, .xz, .zip), .parquet/.pq or .npz.",
+    ),
     out: Path = typer.Option(..., help="Run directory to write (model, checkpoints, run.json)."),
     model: str = typer.Option("mlp-s", help="logreg, mlp-s, mlp-m or cnn."),
     label: str = typer.Option(None, help="Label column (CSV/Parquet)."),
     categorical: str = typer.Option("", help="Comma-separated columns to one-hot encode."),
-    group_column: str = typer.Option(None, help="Column of user-given groups (kept out of the features)."),
-    regression: bool = typer.Option(False, help="Regression targets (MSE) instead of classes."),
+    group_column: str = typer.Option(
+        None, help="Column of user-given groups (kept out of the features; its values name the groups)."
+    ),
+    id_column: str = typer.Option(
+        None, help="Column of unique integer data ids (kept out of the features; default: row numbers)."
+    ),
+    regression: bool = typer.Option(
+        False,
+        "--regression",
+        help="Regression (squared error on the standardised target). Default: decided from the label — "
+        "numbers that are not all whole, or many distinct values, are a regression target.",
+    ),
+    classification: bool = typer.Option(
+        False, "--classification", help="Classes, whatever the label looks like (overrides the guess)."
+    ),
     epochs: int = typer.Option(20),
     batch_size: int = typer.Option(64),
     lr: float = typer.Option(0.05),
@@ -126,17 +142,22 @@ def train_cmd(
     from ggda.models.training import TrainConfig
     from ggda.runs import DataSpec, Run
 
+    if regression and classification:
+        raise GGDAError(
+            "--regression and --classification exclude each other; pass one (or neither to guess)."
+        )
     spec = DataSpec(
         source=data,
         label=label,
         categorical=[c for c in categorical.split(",") if c],
         group_column=group_column,
-        kind="regression" if regression else "classification",
+        kind="regression" if regression else "classification" if classification else "auto",
         test_fraction=test_fraction,
         split_seed=seed,
         noise=noise,
         noise_seed=seed,
         max_train=max_train,
+        id_column=id_column,
     )
     config = TrainConfig(
         epochs=epochs,
@@ -151,6 +172,11 @@ def train_cmd(
     r = Run.create(out, spec, model, config, device=device, progress=True, log=typer.echo)
     metrics = r.config["metrics"]
     typer.echo(f"model {model}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    if "test_mse" in metrics:
+        typer.echo(
+            f"test MSE {metrics['test_mse']:.4g} (squared units of '{r.config['data'].get('label')}'), "
+            f"test R² {metrics['test_r2']:.4f} (1 = perfect, 0 = predicting the mean)"
+        )
     typer.echo(f"wrote {out}/ (model.pt, {len(r.checkpoints)} checkpoints, run.json)")
 
 

@@ -38,6 +38,9 @@ class Dataset:
         feature_names: optional column names of ``X``.
         noisy: optional (n,) bool mask of labels flipped by :func:`ggda.data.flip_labels`.
         group_column: optional (n,) user-given group ids (e.g. the data source of each row).
+        group_names: optional original values of the group column as strings, indexed by group
+            id (``group_names[group_column[i]]`` is row i's value, e.g. ``"70"`` for model year
+            70), so outputs can name groups as the user wrote them. Kept by subsets and splits.
     """
 
     X: np.ndarray
@@ -51,6 +54,7 @@ class Dataset:
     noisy: np.ndarray | None = None
     group_column: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    group_names: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.X, ExampleInputs):
@@ -133,6 +137,21 @@ class Dataset:
             self.noisy = np.asarray(self.noisy, dtype=bool)
         if self.group_column is not None:
             self.group_column = np.asarray(self.group_column)
+        if self.group_names is not None:
+            self.group_names = np.asarray(self.group_names).astype(str)
+            if self.group_column is None or self.group_names.ndim != 1:
+                raise GGDAError(
+                    f"group_names of '{self.name}' need a group_column and one name per group id; "
+                    "pass both or neither."
+                )
+            ids = self.group_column
+            if len(ids) and (
+                ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= len(self.group_names)
+            ):
+                raise GGDAError(
+                    f"group_column of '{self.name}' holds ids outside 0..{len(self.group_names) - 1} of its "
+                    f"{len(self.group_names)} group_names; factorise the column (pd.factorize) first."
+                )
 
     def __len__(self) -> int:
         return len(self.y)
@@ -212,4 +231,9 @@ class Dataset:
         if self.kind == "classification":
             counts = np.bincount(self.y, minlength=self.n_classes)
             base += f", C={self.n_classes}, class sizes {counts.min()}..{counts.max()}"
+        elif "target_scale" in self.meta:  # see ggda.data.preprocess.TargetScaler
+            base += (
+                f", target standardised (train mean {self.meta['target_mean']:.4g}, "
+                f"std {self.meta['target_scale']:.4g})"
+            )
         return base

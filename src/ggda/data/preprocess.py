@@ -2,6 +2,14 @@
 
 Standardisation statistics are fitted on the *training* split only and applied to both splits,
 so the test set never leaks into the features the model or a grouping sees.
+
+Regression targets are standardised the same way (:class:`TargetScaler`): a target in the
+thousands (a price, a weight) would otherwise give squared errors of ~10⁶ and a diverging loss at
+any usual learning rate. The model is trained — and attributed — on the standardised target:
+the attribution loss must be the objective the model minimised, and rescaling the target by
+1/s multiplies every squared error, gradient product and group score by the same 1/s², so
+rankings, correlations (LDS) and signs are unchanged. Predictions and test metrics are reported
+in the original units through the scaler recorded with the data (``meta``) and the run.
 """
 
 from __future__ import annotations
@@ -79,6 +87,42 @@ class Standardizer:
     @classmethod
     def from_dict(cls, d: dict) -> Standardizer:
         return cls(np.asarray(d["mean"], np.float32), np.asarray(d["scale"], np.float32))
+
+
+@dataclass
+class TargetScaler:
+    """z-scoring of a regression target, fitted on the training split (``y' = (y - mean) / scale``).
+
+    The fitted values travel with the data in ``meta["target_mean"]``/``meta["target_scale"]``
+    (and in a run's ``run.json``), so any consumer can report in the original units.
+    """
+
+    mean: float
+    scale: float
+
+    @classmethod
+    def fit(cls, data: Dataset) -> TargetScaler:
+        if data.kind != "regression":
+            raise GGDAError(f"'{data.name}' is a {data.kind} data set; only regression targets are scaled.")
+        y = np.asarray(data.y, dtype=np.float64)
+        std = float(y.std()) if len(y) else 1.0
+        return cls(float(y.mean()) if len(y) else 0.0, std if std > 1e-12 else 1.0)
+
+    def transform(self, data: Dataset) -> Dataset:
+        y = ((np.asarray(data.y, dtype=np.float64) - self.mean) / self.scale).astype(np.float32)
+        return replace(data, y=y, meta={**data.meta, **self.to_meta()})
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        """Standardised targets or predictions back in the original units."""
+        return np.asarray(y, dtype=np.float64) * self.scale + self.mean
+
+    def to_meta(self) -> dict:
+        return {"target_mean": self.mean, "target_scale": self.scale}
+
+    @classmethod
+    def of(cls, data: Dataset) -> TargetScaler:
+        """The scaler applied to ``data`` (identity when its target was not standardised)."""
+        return cls(float(data.meta.get("target_mean", 0.0)), float(data.meta.get("target_scale", 1.0)))
 
 
 def flip_labels(data: Dataset, fraction: float, seed: int = 0) -> Dataset:

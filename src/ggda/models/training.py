@@ -143,8 +143,8 @@ def train_model(
             loss = (losses * w[batch]).sum() / len(batch) if w is not None else losses.mean()
             if not torch.isfinite(loss):
                 raise GGDAError(
-                    f"Training loss became {loss.item()} at epoch {epoch}, step {step}; lower the learning "
-                    f"rate (now {config.lr}) or standardise the features."
+                    f"Training loss became {loss.item()} at epoch {epoch}, step {step}; "
+                    + divergence_advice(data, config)
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -168,6 +168,24 @@ def train_model(
             model.train()
     model.eval()
     return result
+
+
+def divergence_advice(data: Dataset, config: TrainConfig) -> str:
+    """What to change after a diverging loss: a lower learning rate always, standardising the
+    features or the target only when they are not standardised already (advice to standardise
+    what already is would send the user to the wrong knob)."""
+    advice = [f"lower the learning rate (now {config.lr})"]
+    if not data.lazy and len(data):
+        X = np.asarray(data.X, dtype=np.float64)
+        if np.abs(X.mean(axis=0)).max(initial=0.0) > 0.5 or X.std(axis=0).max(initial=0.0) > 5.0:
+            advice.append("standardise the features")
+    if data.kind == "regression" and len(data):
+        y = np.asarray(data.y, dtype=np.float64)
+        if abs(y.mean()) > 5.0 or y.std() > 5.0:
+            advice.append("standardise the target (ggda train does it for you)")
+    if len(advice) == 1 and config.optimizer == "sgd" and config.momentum > 0:
+        advice.append(f"lower the momentum (now {config.momentum})")
+    return " or ".join(advice) + "."
 
 
 def device_inputs(X, device: torch.device, dtype: torch.dtype):
@@ -194,3 +212,22 @@ def predict(
 def accuracy(model: nn.Module, data: Dataset, device: str | torch.device = "cpu") -> float:
     out = predict(model, data.X, device)
     return float((out.argmax(1) == data.y).mean())
+
+
+def regression_metrics(
+    model: nn.Module, data: Dataset, device: str | torch.device = "cpu", mean: float = 0.0, scale: float = 1.0
+) -> dict[str, float]:
+    """Mean squared error and R² of a regression model on ``data``, in the original units.
+
+    ``data.y`` and the model's outputs are on the standardised scale the model was trained on;
+    ``mean``/``scale`` (the target scaler's) bring both back (y = y' · scale + mean) before the
+    error is taken, so ``mse`` is in squared original units. R² = 1 − SSE/SST is scale-free.
+    """
+    out = np.asarray(predict(model, data.X, device), dtype=np.float64).reshape(len(data), -1)
+    if out.shape[1] != 1:
+        raise GGDAError(f"A regression model must output one value per example; it outputs {out.shape[1]}.")
+    pred = out[:, 0] * scale + mean
+    y = np.asarray(data.y, dtype=np.float64) * scale + mean
+    sse = float(((pred - y) ** 2).sum())
+    sst = float(((y - y.mean()) ** 2).sum())
+    return {"mse": sse / max(len(y), 1), "r2": 1.0 - sse / sst if sst > 0 else float("nan")}
