@@ -212,8 +212,30 @@ def resolve_grouping(spec: str, run, device: str = "cpu", flag: str = "--groupin
         raise _naming(f"{flag} {spec}", exc) from exc
 
 
+def command_line(ctx: typer.Context) -> str:
+    """The running command as a shell line that reruns it, rebuilt from the parsed options (every
+    option with its value, defaults included, so a later change of a default does not change what
+    the line does); recorded in a result's provenance."""
+    words = ["ggda", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        flag = max(param.opts, key=len)
+        if value is None or param.param_type_name != "option":
+            continue
+        if isinstance(value, bool):
+            if getattr(param, "secondary_opts", None):
+                words.append(flag if value else max(param.secondary_opts, key=len))
+            elif value:
+                words.append(flag)
+            continue
+        for v in value if isinstance(value, list | tuple) else [value]:
+            words += [flag, str(v)]
+    return shlex.join(words)
+
+
 @app.command("attribute")
 def attribute_cmd(
+    ctx: typer.Context,
     run: Path = typer.Option(..., help="Run directory from `ggda train`."),
     method: str = typer.Option("grad-dot", help="Attribution method (see `ggda methods`)."),
     grouping: str = typer.Option(
@@ -263,7 +285,7 @@ def attribute_cmd(
     save_attribution(
         out, scores, grp, r.train.ids, r.test.ids[rows], method,
         options={**r.method_options(method, {"use_lr": False} if no_lr else None, **options), "grouping": grouping},
-        provenance=provenance(run, "ggda " + shlex.join(sys.argv[1:])),
+        provenance=provenance(run, command_line(ctx)),
         prop=prop, seconds=seconds, top_k=top_k,
     )  # fmt: skip
     typer.echo(
