@@ -363,14 +363,19 @@ def load_attribution(path: str | Path, n_train: int | None = None) -> Attributio
     scores = read_npy(path / "scores.npy", _FIX)
     meta = _read_meta(path)
     members = None
+    where = path / "groups.npy"
     try:
+        labels = read_npy(where, _FIX) if where.exists() else None  # every file present is checked
         if (path / "members.csv").exists():
-            members = _read_csv(path / "members.csv", ("train_id", "group", "group_name"))
+            where = path / "members.csv"
+            members = _read_csv(where, ("train_id", "group", "group_name"))
             if "position" in members.columns:
                 members = members.sort_values("position", kind="stable")
             grouping = Grouping(members["group"].to_numpy())
-        elif (path / "groups.npy").exists():
-            grouping = Grouping(read_npy(path / "groups.npy", _FIX))
+            if labels is not None and not np.array_equal(np.asarray(labels), grouping.labels):
+                raise GGDAError(f"{path / 'groups.npy'} and {where} disagree on the groups; {_FIX}")
+        elif labels is not None:
+            grouping = Grouping(labels)
         elif n_train is not None:
             grouping = Grouping.singleton(n_train)
         elif scores.ndim == 2:
@@ -380,7 +385,6 @@ def load_attribution(path: str | Path, n_train: int | None = None) -> Attributio
         if n_train is not None:
             grouping.check_matches(n_train, "the run's training set")
     except GGDAError as exc:
-        where = path / ("members.csv" if members is not None else "groups.npy")
         raise GGDAError(str(exc) if where.name in str(exc) else f"{where}: {exc}") from exc
     if scores.ndim != 2 or scores.shape[1] != grouping.n_groups or not np.issubdtype(scores.dtype, np.number):
         raise GGDAError(
