@@ -142,6 +142,8 @@ def test_column_grouping_names_from_a_file_and_from_codes(run_dir, run, tmp_path
     assert g.names == ["71", "73", "74"] and g.labels.tolist() == [1, 0, 1, 2]
     with pytest.raises(GGDAError, match="names"):
         Grouping(np.array([0, 1]), names=["a"])
+    with pytest.raises(GGDAError, match="distinct"):
+        Grouping(np.array([0, 1]), names=["a", "a"])
 
 
 def test_csv_column_grouping_keeps_names_end_to_end(tmp_path):
@@ -206,6 +208,9 @@ def test_features_score_records_data_ids(run_dir, run, tmp_path):
                 [int(v) for v in row["train_ids"].split()], res.groups[row["group_name"]]
             )
     assert json.loads((out / "meta.json").read_text())["kernel"] == "none"
+    # rescoring into the same directory without --bottom-k leaves no stale bottom_k.csv behind
+    invoke("features", "score", "--run", run_dir, "--store", store, "--targets", 2, "--full", "--out", out)
+    assert not (out / "bottom_k.csv").exists() and load_attribution(out).values.shape == (2, 6)
     # a grouping other than the store's is refused, not used to name its rows' members
     from ggda.store import FeatureStore
     from ggda.store.scoring import check_store_grouping

@@ -29,12 +29,13 @@ and halves the size of a (targets × groups) matrix. A score beyond float32's ra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -250,6 +251,8 @@ def save_attribution(
     for name, table in (("top_k", top), ("bottom_k", bottom)):
         if table is not None and table[0].shape[1] > 0:
             save_csv(out / f"{name}.csv", top_table(table[0], table[1], grouping, train_ids, row_ids, names))
+        else:  # a table of an earlier result in this directory would describe other scores
+            (out / f"{name}.csv").unlink(missing_ok=True)
     meta = {
         "format": FORMAT,
         "method": method,
@@ -263,8 +266,20 @@ def save_attribution(
         "provenance": provenance or {},
         **(extra or {}),
     }
-    write_text(out / "meta.json", json.dumps(meta, indent=2, default=str))
+    write_text(out / "meta.json", json.dumps(meta, indent=2, default=_json_value))
     return out
+
+
+def _json_value(obj: Any) -> Any:
+    """JSON for what options hold besides plain values: paths, NumPy scalars/arrays, records such
+    as checkpoints (their fields), anything else as its text."""
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic | np.ndarray):
+        return obj.tolist()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    return str(obj)
 
 
 @dataclass

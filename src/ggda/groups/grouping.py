@@ -63,6 +63,8 @@ class Grouping:
                 raise GGDAError(
                     f"The grouping has {len(counts)} groups but {len(self.names)} names; pass one name per group."
                 )
+            if len(set(self.names)) != len(self.names):
+                raise GGDAError("Group names must be distinct; two groups share a name.")
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
