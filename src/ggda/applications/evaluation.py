@@ -414,3 +414,19 @@ def evaluate_lds(
     result = lds_evaluation(run, ranked, retrainer, subsets, alpha, range(seeds))
     result.write(out)
     return result
+
+
+def evaluate_noisy(
+    run: Run,
+    out: str | Path,
+    scores: Sequence[str | Path] = (),
+    methods: Sequence[str] = (),
+    grouping: GroupingSource = None,
+    grouping_label: str = "singleton",
+    options: dict | None = None,
+    device: str = "cpu",
+) -> Evaluation:
+    """``ggda evaluate noisy`` end to end: detection table and ``flagged.csv`` in ``out``."""
+    result = noisy_evaluation(run, scores, methods, grouping, grouping_label, options, device)
+    result.write(out)
+    return result

@@ -234,16 +234,15 @@ def noisy_cmd(
 ) -> None:
     """Noisy-label detection: AUC and fraction of flipped labels found in the top 5/10/20%."""
     _threads(threads)
-    from ggda.applications.evaluation import noisy_evaluation
+    from ggda.applications.evaluation import evaluate_noisy
     from ggda.runs import Run
 
     _check_common(scores, method, None, "--method NAME (self-influence)")
     r = Run.load(run)
     out = _outputs(run, "noisy", out)
-    result = noisy_evaluation(
-        r, scores, method, _grouping_source(grouping, r), grouping, parse_options(opt), device
+    result = evaluate_noisy(
+        r, out, scores, method, _grouping_source(grouping, r), grouping, parse_options(opt), device
     )
-    result.write(out)
     _print(result, out)
 
 
