@@ -254,3 +254,16 @@ def test_noisy_flagged_ids(tmp_path):
     noisy_ids = set(r.train.ids[r.train.noisy].tolist())
     assert flagged["flipped"].tolist() == [int(i) in noisy_ids for i in flagged["train_id"]]
     assert set(flagged["train_id"]) <= set(r.train.ids.tolist())
+
+
+def test_lds_scores_the_targets_a_result_chose_by_id(run_dir, run, tmp_path):
+    wanted = [int(run.test.ids[9]), int(run.test.ids[2]), int(run.test.ids[5])]
+    out = tmp_path / "a"
+    invoke("attribute", "--run", run_dir, "--grouping", "random:6", "--target-ids", ",".join(map(str, wanted)),
+           "--out", out)  # fmt: skip
+    ev = tmp_path / "lds"
+    invoke("evaluate", "lds", "--run", run_dir, "--scores", out, "--subsets", 3, "--epochs", 1, "--backend", "serial",
+           "--out", ev)  # fmt: skip
+    per_target = pd.read_csv(ev / "lds_targets.csv")
+    assert per_target["target_id"].tolist() == wanted and (per_target["label"] == "a").all()
+    assert json.loads((ev / "lds.json").read_text())["rows"][0]["targets"] == 3
