@@ -537,8 +537,8 @@ def test_confined_path_refuses_a_symlink_escape(tmp_path):
 
 def test_attribute_output_stays_in_the_run_directory(fresh_run, tmp_path):
     """`--grouping given:values=../../..` (or any name) cannot write outside RUN/attributions."""
-    from ggda.cli.main import write_scores
     from ggda.groups.grouping import Grouping
+    from ggda.results import save_attribution
     from ggda.runs import Run
 
     before = set(tmp_path.rglob("*"))
@@ -546,10 +546,12 @@ def test_attribute_output_stays_in_the_run_directory(fresh_run, tmp_path):
     label = "given:values=../../../escaped".replace(":", "-")
     out = confined_path(fresh_run / "attributions", f"grad-dot-{label}")
     g = Grouping.singleton(len(r.train))
-    write_scores(out, np.zeros((2, len(r.train)), np.float32), g, r, "grad-dot", "test-loss", 0.0, 3)
+    save_attribution(
+        out, np.zeros((2, len(r.train)), np.float32), g, r.train.ids, r.test.ids[:2], "grad-dot", top_k=3
+    )
     created = set(tmp_path.rglob("*")) - before
     root = fresh_run / "attributions"
-    assert {p.name for p in created} >= {"scores.npy", "groups.npy", "top_k.csv", "meta.json"}
+    assert {p.name for p in created} >= {"scores.npy", "groups.npy", "members.csv", "top_k.csv", "meta.json"}
     assert all(p == root or root in p.parents for p in created), created
     assert not (tmp_path / "escaped").exists() and not (fresh_run.parent.parent / "escaped").exists()
 

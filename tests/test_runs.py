@@ -67,8 +67,8 @@ def test_run_options_are_offered_once(run_dir):
 
 @pytest.mark.parametrize("method", ["if-cg", "tracin"])
 def test_same_scores_under_every_command(run_dir, tmp_path, method):
+    from ggda.applications.evaluation import rankings
     from ggda.applications.experiment import ExperimentConfig, attribute_all
-    from ggda.cli.cmd_evaluate import _rankings
     from ggda.execution import ResultStore
     from ggda.gold.compare import method_scores
     from ggda.groups.grouping import Grouping
@@ -86,9 +86,9 @@ def test_same_scores_under_every_command(run_dir, tmp_path, method):
     assert attribute.shape == (TARGETS, n)
 
     # ggda evaluate (--method computes the attribution in the command)
-    evaluate, _ = _rankings(r, [], [method], "singleton", [], "cpu", per_target=TARGETS)[
+    evaluate = rankings(r, [], [method], singleton, "singleton", {}, "cpu", per_target=TARGETS)[
         f"{method}-singleton"
-    ]
+    ].scores
 
     # ggda compare (the method path of compare_methods)
     compare = method_scores(method, r.task(), r.train, singleton, prop, np.arange(n), run=r)
@@ -102,8 +102,9 @@ def test_same_scores_under_every_command(run_dir, tmp_path, method):
     assert not failures, failures
     experiment = scores[f"{method}|singleton"]["example"]
 
+    assert attribute.dtype == np.float32  # the one saved dtype (ggda.results)
     for name, other in (("evaluate", evaluate), ("compare", compare), ("experiment", experiment)):
-        np.testing.assert_array_equal(other, attribute, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(other).astype(np.float32), attribute, err_msg=name)
 
     # the run's options matter: without them the scores differ
     without = "weight_decay" if method == "if-cg" else "checkpoints"

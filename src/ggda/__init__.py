@@ -8,7 +8,8 @@ the special case of singleton groups.
 from ggda.data.dataset import Dataset
 from ggda.errors import GGDAError
 from ggda.groups.grouping import Grouping
+from ggda.results import AttributionResult, load_attribution
 from ggda.task import AttributionTask
 
-__all__ = ["AttributionTask", "Dataset", "GGDAError", "Grouping"]
+__all__ = ["AttributionResult", "AttributionTask", "Dataset", "GGDAError", "Grouping", "load_attribution"]
 __version__ = "0.1.0"

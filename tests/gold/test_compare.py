@@ -146,6 +146,12 @@ def test_cli_gold_then_compare(tmp_path):
     assert (gold / "compare" / "compare.png").exists()
     table = (gold / "compare" / "compare.csv").read_text()
     assert "grad-dot" in table and "tracin" in table
+    summary = json.loads((gold / "compare" / "compare.json").read_text())  # the data compared, by id
+    split = np.load(run / "split.npz")
+    assert summary["target_ids"] == split["test_ids"][:5].tolist()
+    units = summary["unit_train_ids"]
+    assert len(units) == 12 and all(len(v) == 1 for v in units.values())
+    assert {v[0] for v in units.values()} <= set(split["train_ids"].tolist())
     from ggda.models.checkpoint import save_model
 
     bogus = save_model(tmp_path / "bogus.pt", nn.Sequential(nn.Linear(64, 3)))

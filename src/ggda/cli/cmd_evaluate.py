@@ -1,26 +1,21 @@
 """``ggda evaluate retraining|prune|lds|noisy`` and ``ggda experiment``.
 
 The evaluate commands act on a run directory (``ggda train``) and attribution directories
-(``ggda attribute``: scores.npy + groups.npy + meta.json), or compute the attribution themselves
-with ``--method``/``--grouping``. All retrains go to one shared store, ``RUN/evaluations/retrains``,
+(``ggda attribute``, read by :func:`ggda.load_attribution`), or compute the attribution themselves
+with ``--method``/``--grouping``; the work is :mod:`ggda.applications.evaluation`, this module
+parses, calls it and prints. All retrains go to one shared store, ``RUN/evaluations/retrains``,
 so evaluations resume and share identical retrains.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import typer
 
-from ggda.arrays import read_npy
 from ggda.cli.main import _threads, app, check_backend, checked, parse_options, resolve_grouping
 from ggda.errors import GGDAError
-from ggda.io import save_csv, write_text
-from ggda.options import COUNT, FRACTION, Spec, check_each, check_method
+from ggda.options import COUNT, FRACTION, Spec, check_each
 from ggda.outputs import check_output_dir
 
 evaluate_app = typer.Typer(no_args_is_help=True, help="Evaluate attributions by acting on them (retraining).")
@@ -44,122 +39,18 @@ def _floats(text: str, what: str, spec: Spec | None = None) -> list[float]:
     return check_each(what, values, spec) if spec is not None else values
 
 
-def _load_scores(path: Path, n_train: int) -> tuple[str, np.ndarray, object, dict]:
-    """An attribution directory (``ggda attribute``): scores, grouping and meta, each file
-    checked (readable, shapes that agree with the run, finite scores) and named when it is not."""
-    from ggda.groups.grouping import Grouping
-
-    fix = "rerun the `ggda attribute` command that wrote it."
-    if not path.is_dir():
-        raise GGDAError(f"--scores {path} is not a directory; pass an output directory of `ggda attribute`.")
-    if not (path / "scores.npy").exists():
-        raise GGDAError(f"{path} has no scores.npy; pass an output directory of `ggda attribute`.")
-    scores = read_npy(path / "scores.npy", fix)
-    try:
-        if (path / "groups.npy").exists():
-            grouping = Grouping(read_npy(path / "groups.npy", fix))
-            grouping.check_matches(n_train, "the run's training set")
-        else:
-            grouping = Grouping.singleton(n_train)
-    except GGDAError as exc:
-        raise GGDAError(str(exc) if "groups.npy" in str(exc) else f"{path / 'groups.npy'}: {exc}") from exc
-    if scores.ndim != 2 or scores.shape[1] != grouping.n_groups or not np.issubdtype(scores.dtype, np.number):
-        raise GGDAError(
-            f"{path / 'scores.npy'} has shape {scores.shape} ({scores.dtype}), not (targets, "
-            f"{grouping.n_groups} groups); {fix}"
-        )
-    if not np.isfinite(scores).all():
-        raise GGDAError(f"{path / 'scores.npy'} contains NaN or inf scores; {fix}")
-    meta: dict = {}
-    if (path / "meta.json").exists():
-        try:
-            meta = json.loads((path / "meta.json").read_bytes().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise GGDAError(
-                f"{path / 'meta.json'} is not valid JSON (truncated or overwritten); {fix}"
-            ) from exc
-        if not isinstance(meta, dict):
-            raise GGDAError(f"{path / 'meta.json'} is not a JSON object; {fix}")
-    return path.name, scores, grouping, meta
+def _print(result, out: Path) -> None:
+    """The evaluation's table, its notes and the files written."""
+    for note in result.notes:
+        typer.echo(note)
+    typer.echo(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    ids = ", ".join(f"{stem}.csv" for stem in result.ids)
+    typer.echo(f"wrote {out}/{result.name}.csv" + (f" (data ids: {ids})" if ids else ""))
 
 
-def _retrainer(
-    r,
-    run: Path,
-    store: Path | None,
-    backend: str,
-    workers: int | None,
-    mode: str,
-    epochs: int | None,
-    device: str,
-):
-    from ggda.evaluate import Retrainer, RetrainSpec
-
-    cfg = r.train_config
-    if epochs is not None:
-        cfg = replace(cfg, epochs=epochs)  # checked again by TrainConfig
-    spec = RetrainSpec(r.model_spec, cfg, r.data_spec, device, mode)
-    executor = r.executor(backend, workers)
-    return Retrainer(
-        spec, store or run / "evaluations" / "retrains", executor, r.train, r.test, progress=True
-    )
-
-
-def _rankings(
-    r,
-    scores_dirs: list[Path],
-    methods: list[str],
-    grouping: str,
-    opts: list[str],
-    device: str,
-    per_target: int = 0,
-):
-    """label -> (scores, grouping) from attribution directories and/or methods computed here."""
-    from ggda.groups.grouping import Grouping
-
-    out: dict[str, tuple[np.ndarray, Grouping]] = {}
-    for d in scores_dirs:
-        label, scores, g, meta = _load_scores(d, len(r.train))
-        if per_target and meta.get("property") == "mean-test-loss":
-            raise GGDAError(
-                f"{d} attributes the mean test loss; LDS needs per-target scores (--property test-loss)."
-            )
-        if not per_target and scores.shape[0] > 1:
-            typer.echo(
-                f"note: {label} has {scores.shape[0]} targets; ranking by their mean (use --property mean-test-loss)."
-            )
-        out[label] = (scores, g)
-    if methods:
-        from ggda.properties import ExampleLoss, MeanLoss
-
-        for m in methods:  # every method's name and options before any of them runs
-            check_method(m, r.method_options(m, **parse_options(opts)))
-
-        g = resolve_grouping(grouping, r)
-        task = r.task(device)
-        prop = (
-            ExampleLoss(r.test.X[:per_target], r.test.y[:per_target])
-            if per_target
-            else MeanLoss(r.test.X, r.test.y)
-        )
-        for m in methods:
-            t0 = time.perf_counter()
-            scores = r.method(m, task, **parse_options(opts)).cache(r.train, g).attribute(prop)
-            typer.echo(
-                f"{m} on {g.n_groups} groups: {time.perf_counter() - t0 + g.seconds:.2f}s (grouping included)"
-            )
-            out[f"{m}-{grouping.replace(':', '-')}"] = (scores, g)
-    if not out:
-        raise GGDAError("Nothing to evaluate; pass --scores DIR (from `ggda attribute`) or --method NAME.")
-    return out
-
-
-def _write(out: Path, name: str, frame, payload: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    save_csv(out / f"{name}.csv", frame)
-    write_text(out / f"{name}.json", json.dumps(payload, indent=2, default=float))
-    typer.echo(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    typer.echo(f"wrote {out}/{name}.csv")
+def _grouping_source(grouping: str, r):
+    """The --grouping spec, resolved only when a --method needs it (after its options are checked)."""
+    return lambda: resolve_grouping(grouping, r)
 
 
 _RUN = typer.Option(..., help="Run directory from `ggda train`.")
@@ -216,7 +107,7 @@ def _removal_command(
     threads,
 ):
     _threads(threads)
-    from ggda.evaluate import pruning_curves, retraining_score
+    from ggda.applications.evaluation import evaluate_removal
     from ggda.evaluate.retraining_score import FILLS
     from ggda.runs import Run
 
@@ -226,21 +117,11 @@ def _removal_command(
     _check_common(scores, method, backend, "--method NAME")
     r = Run.load(run)
     out = _outputs(run, kind, out, store)
-    rankings = _rankings(r, scores, method, grouping, opt, device)
-    retrainer = _retrainer(r, run, store, backend, workers, mode, epochs, device)
-    fn = retraining_score if kind == "retraining" else pruning_curves
-    result = fn(retrainer, rankings, fracs, list(range(seeds)), fill=fill)
-    frame = result.table()
-    typer.echo(f"retrains run now: {retrainer.executed} (the rest came from {retrainer.store.root})")
-    _write(
-        out,
-        kind,
-        frame,
-        {
-            "rows": frame.to_dict(orient="records"),
-            "no_removal": result.none_accuracy.tolist() if result.none_accuracy is not None else None,
-        },
-    )
+    result = evaluate_removal(
+        kind, r, out, scores, method, _grouping_source(grouping, r), grouping, parse_options(opt),
+        fracs, seeds, fill, backend, workers, mode, epochs, store, device, log=typer.echo,
+    )  # fmt: skip
+    _print(result, out)
 
 
 @evaluate_app.command("retraining")
@@ -321,30 +202,17 @@ def lds_cmd(
 ) -> None:
     """Linear datamodeling score over the scores' units (subsets drawn over groups)."""
     _threads(threads)
-    import pandas as pd
-
-    from ggda.evaluate import lds
+    from ggda.applications.evaluation import evaluate_lds
     from ggda.runs import Run
 
     _check_common(scores, method, backend, "--method NAME")
     r = Run.load(run)
     out = _outputs(run, "lds", out, store)
-    rankings = _rankings(r, scores, method, grouping, opt, device, per_target=min(targets, len(r.test)))
-    retrainer = _retrainer(r, run, store, backend, workers, mode, epochs, device)
-    rows = []
-    by_grouping: dict[bytes, list[str]] = {}
-    for label, (_, g) in rankings.items():
-        by_grouping.setdefault(g.labels.tobytes(), []).append(label)
-    for labels in by_grouping.values():
-        g = rankings[labels[0]][1]
-        res = lds(retrainer, {lb: rankings[lb][0] for lb in labels}, g, subsets, alpha, list(range(seeds)))
-        rows += [
-            {"label": lb, "K": g.n_groups, "lds": v.score, "sem": v.sem, "targets": len(v.per_target)}
-            for lb, v in res.items()
-        ]
-    typer.echo(f"retrains run now: {retrainer.executed}")
-    frame = pd.DataFrame(rows)
-    _write(out, "lds", frame, {"rows": rows, "subsets": subsets, "alpha": alpha})
+    result = evaluate_lds(
+        r, out, scores, method, _grouping_source(grouping, r), grouping, parse_options(opt), targets,
+        subsets, alpha, seeds, backend, workers, mode, epochs, store, device, log=typer.echo,
+    )  # fmt: skip
+    _print(result, out)
 
 
 @evaluate_app.command("noisy")
@@ -366,52 +234,16 @@ def noisy_cmd(
 ) -> None:
     """Noisy-label detection: AUC and fraction of flipped labels found in the top 5/10/20%."""
     _threads(threads)
-    import pandas as pd
-
-    from ggda.evaluate import detect_noisy_labels, suspicion_from_test_scores
-    from ggda.evaluate.noisy_labels import detect_by_self_influence
+    from ggda.applications.evaluation import evaluate_noisy
     from ggda.runs import Run
 
     _check_common(scores, method, None, "--method NAME (self-influence)")
     r = Run.load(run)
-    train = r.train  # carries the mask of flipped labels
-    if train.noisy is None or not train.noisy.any():
-        raise GGDAError(f"{run} has no flipped labels; train it with `ggda train --noise 0.1`.")
     out = _outputs(run, "noisy", out)
-    for m in method:
-        check_method(m, r.method_options(m, **parse_options(opt)))
-    rows = []
-    for d in scores:
-        label, s, g, _ = _load_scores(d, len(train))
-        det = detect_noisy_labels(suspicion_from_test_scores(s, g), train.noisy)
-        rows.append({"label": label, "ranking": "test-harm", "K": g.n_groups, **det.row()})
-    if method:
-        g = resolve_grouping(grouping, r)
-        task = r.task(device)
-        for m in method:
-            t0 = time.perf_counter()
-            att = r.method(m, task, **parse_options(opt)).cache(train, g)
-            det = detect_by_self_influence(att, train.noisy)  # NaN + note where it has none
-            rows.append(
-                {
-                    "label": f"{m}-{grouping.replace(':', '-')}",
-                    "ranking": "self-influence",
-                    "K": g.n_groups,
-                    "seconds": time.perf_counter() - t0 + g.seconds,
-                    **det.row(),
-                }
-            )
-    if not rows:
-        raise GGDAError(
-            "Nothing to evaluate; pass --method NAME (self-influence) or --scores DIR (test harm)."
-        )
-    frame = pd.DataFrame(rows)
-    _write(
-        out,
-        "noisy",
-        frame,
-        {"rows": rows, "n_flipped": int(train.noisy.sum())},
+    result = evaluate_noisy(
+        r, out, scores, method, _grouping_source(grouping, r), grouping, parse_options(opt), device
     )
+    _print(result, out)
 
 
 def _scoped(pairs: list[str], flag: str) -> dict[str, dict]:

@@ -274,6 +274,11 @@ def compare_cmd(
             "gold": str(gold),
             "title": f"{Path(str(meta.get('run', run))).name}: {len(result.unit_ids)} {meta.get('units', {}).get('kind', 'units')}, "
             f"{cfg.get('seeds')} seeds, {cfg.get('optimizer')} lr={cfg.get('lr')}, {cfg.get('removal')}",
+            # the data behind each column and row of similarity.npz / compare.csv, by data id
+            "target_ids": r.test.ids[:n_targets].tolist(),
+            "unit_train_ids": {
+                str(int(u)): r.train.ids[grouping.members(int(u))].tolist() for u in result.unit_ids
+            },
         }
     )
     comp.save(out)

@@ -12,12 +12,10 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import typer
 
-from ggda.cli.main import _threads, app, check_backend, checked, resolve_grouping
+from ggda.cli.main import _threads, app, check_backend, checked, command_line, resolve_grouping
 from ggda.errors import GGDAError
-from ggda.io import save_csv, write_text
 from ggda.options import COUNT, NONNEG_INT, POSITIVE
 from ggda.outputs import check_output_dir, new_output_dir
 from ggda.paths import confined_path
@@ -111,11 +109,16 @@ def build_cmd(
 
 @features_app.command("score")
 def score_cmd(
+    ctx: typer.Context,
     run: Path = typer.Option(..., help="The run the store was built from."),
     store: Path = typer.Option(..., help="Store directory from `ggda features build`."),
     prop: str = typer.Option("test-loss", "--property", help="test-loss, mean-test-loss or margin."),
     targets: int = typer.Option(
         50, help="Number of test points used as targets (first N; 0 = all).", callback=checked(NONNEG_INT)
+    ),
+    target_ids: str = typer.Option(
+        None,
+        help="Comma-separated data ids of the test points to score, e.g. 3,17,42 (instead of --targets).",
     ),
     kernel: str = typer.Option("none", help="none (Grad-Dot in the store's space) or fisher (projected IF)."),
     damping: float = typer.Option(
@@ -135,13 +138,14 @@ def score_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     threads: int = typer.Option(None),
 ) -> None:
-    """Score test targets against a feature store, chunk by chunk; write top-k tables."""
+    """Score test targets against a feature store, chunk by chunk; write top-k tables with data ids
+    (the `ggda attribute` result format; with --full, `ggda.load_attribution(OUT)` reads it)."""
     _threads(threads)
-    import pandas as pd
-
     from ggda.properties import make_property
+    from ggda.results import provenance, save_attribution, select_targets
     from ggda.runs import Run
     from ggda.store import KERNELS, FeatureStore, score_store, target_features
+    from ggda.store.scoring import check_store_grouping
 
     if kernel not in KERNELS:
         raise GGDAError(f"--kernel {kernel}: unknown kernel; choose one of {', '.join(KERNELS)}.")
@@ -150,10 +154,13 @@ def score_cmd(
     r = Run.load(run)
     fs = FeatureStore.open(store)
     task = r.task(device)
-    n_targets = len(r.test) if targets <= 0 else min(targets, len(r.test))
-    property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])
+    rows = select_targets(r.test.ids, None if targets <= 0 else targets, target_ids)
+    property_fn = make_property(prop, r.test.X[rows], r.test.y[rows])
     out = out or confined_path(store, f"scores-{prop}-{kernel}")
     check_output_dir(out)
+    spec = str(fs.config.get("grouping_spec", "singleton"))
+    grp = resolve_grouping(spec, r, device)  # the store's rows, to name their members by data id
+    check_store_grouping(fs, grp, r.train.ids)
     with new_output_dir(out):  # a failure while scoring leaves no directory behind
         t0 = time.perf_counter()
         Q = target_features(fs, task, property_fn)
@@ -163,36 +170,14 @@ def score_cmd(
             device=task.device, progress=True,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
-        sizes = fs.sizes()
-        sizes = np.ones(fs.n_rows, dtype=np.int64) if sizes is None else sizes
-        per_example = prop != "mean-test-loss"
-        for name, idx, val in (
-            ("top_k", res.top_indices, res.top_scores),
-            ("bottom_k", res.bottom_indices, res.bottom_scores),
-        ):
-            if idx.shape[1] == 0:
-                continue
-            rows = [
-                {
-                    "target": t,
-                    "target_id": int(r.test.ids[t]) if per_example else -1,
-                    "rank": rank,
-                    "group": int(g),
-                    "score": float(val[t, rank - 1]),
-                    "size": int(sizes[g]),
-                }
-                for t in range(idx.shape[0])
-                for rank, g in enumerate(idx[t], 1)
-            ]
-            save_csv(out / f"{name}.csv", pd.DataFrame(rows))
-        meta = {
-            "store": str(store),
-            "property": prop,
-            "targets": int(Q.shape[0]),
-            "seconds": seconds,
-            **res.info,
-        }
-        write_text(out / "meta.json", json.dumps(meta, indent=2, default=float))
+        save_attribution(
+            out, None, grp, r.train.ids, r.test.ids[rows], f"features-{kernel}",
+            options={"kernel": kernel, "damping": damping, "normalize": normalize, "aggregate": aggregate,
+                     "store": str(store), "grouping": spec},
+            provenance=provenance(run, command_line(ctx)), prop=prop, seconds=seconds,
+            top=(res.top_indices, res.top_scores), bottom=(res.bottom_indices, res.bottom_scores),
+            extra={"store": str(store), "targets": int(Q.shape[0]), "full": full, **res.info},
+        )  # fmt: skip
     typer.echo(f"scored {Q.shape[0]} targets x {fs.n_rows} groups ({kernel}) in {seconds:.2f}s -> {out}/")
 
 

@@ -6,16 +6,14 @@ exit code 2 and no traceback.
 
 from __future__ import annotations
 
-import json
+import shlex
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import typer
 
 from ggda.errors import GGDAError
-from ggda.io import save_csv, save_npy, write_text
 from ggda.options import COUNT, NONNEG_INT, parse_scalar
 from ggda.outputs import check_output_dir
 from ggda.paths import confined_path
@@ -227,7 +225,7 @@ def resolve_grouping(spec: str, run, device: str = "cpu", flag: str = "--groupin
                 f"{flag} column: this run's data has no group column; train with --group-column NAME "
                 "or pass a file."
             )
-        return Grouping.from_ids(run.train.group_column)
+        return Grouping.from_ids(run.train.group_column, names=getattr(run.train, "group_names", None))
     try:
         if is_file(spec):
             g = Grouping.load(spec)
@@ -240,8 +238,30 @@ def resolve_grouping(spec: str, run, device: str = "cpu", flag: str = "--groupin
         raise _naming(f"{flag} {spec}", exc) from exc
 
 
+def command_line(ctx: typer.Context) -> str:
+    """The running command as a shell line that reruns it, rebuilt from the parsed options (every
+    option with its value, defaults included, so a later change of a default does not change what
+    the line does); recorded in a result's provenance."""
+    words = ["ggda", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        flag = max(param.opts, key=len)
+        if value is None or param.param_type_name != "option":
+            continue
+        if isinstance(value, bool):
+            if getattr(param, "secondary_opts", None):
+                words.append(flag if value else max(param.secondary_opts, key=len))
+            elif value:
+                words.append(flag)
+            continue
+        for v in value if isinstance(value, list | tuple) else [value]:
+            words += [flag, str(v)]
+    return shlex.join(words)
+
+
 @app.command("attribute")
 def attribute_cmd(
+    ctx: typer.Context,
     run: Path = typer.Option(..., help="Run directory from `ggda train`."),
     method: str = typer.Option("grad-dot", help="Attribution method (see `ggda methods`)."),
     grouping: str = typer.Option(
@@ -250,6 +270,10 @@ def attribute_cmd(
     prop: str = typer.Option("test-loss", "--property", help="test-loss, mean-test-loss or margin."),
     targets: int = typer.Option(
         50, help="Number of test points used as targets (first N).", callback=checked(COUNT)
+    ),
+    target_ids: str = typer.Option(
+        None,
+        help="Comma-separated data ids of the test points to attribute, e.g. 3,17,42 (instead of --targets).",
     ),
     aggregate: str = typer.Option("sum", help="Group score: sum or mean over members."),
     no_lr: bool = typer.Option(False, help="TracIn: drop the learning-rate weights (GGDA's variant)."),
@@ -261,9 +285,11 @@ def attribute_cmd(
     device: str = typer.Option("cpu"),
     threads: int = typer.Option(None),
 ) -> None:
-    """Attribute test behaviour to training groups; writes scores.npy and a top-k table."""
+    """Attribute test behaviour to training groups; writes scores.npy, the members' data ids and a
+    top-k table (read it back with `ggda.load_attribution(DIR)`)."""
     _threads(threads)
     from ggda.properties import make_property
+    from ggda.results import provenance, save_attribution, select_targets
     from ggda.runs import Run
 
     r = Run.load(run)
@@ -271,8 +297,8 @@ def attribute_cmd(
     out = out or confined_path(run / "attributions", f"{method}-{label}")
     check_output_dir(out)
     options = {"aggregate": aggregate, **parse_options(opt)}
-    n_targets = min(targets, len(r.test))
-    property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])
+    rows = select_targets(r.test.ids, targets, target_ids)
+    property_fn = make_property(prop, r.test.X[rows], r.test.y[rows])
     grp = resolve_grouping(grouping, r, device)
     # the run's weight decay and checkpoints reach the methods that take them; --opt overrides
     attributor = r.method(method, r.task(device), offer={"use_lr": False} if no_lr else None, **options)
@@ -282,53 +308,14 @@ def attribute_cmd(
         status.update(f"{method}: scoring {property_fn.n_targets} targets x {grp.n_groups} groups")
         scores = attributor.attribute(property_fn)
     seconds = time.perf_counter() - t0
-    write_scores(out, scores, grp, r, method, prop, seconds, top_k)
+    save_attribution(
+        out, scores, grp, r.train.ids, r.test.ids[rows], method,
+        options={**r.method_options(method, {"use_lr": False} if no_lr else None, **options), "grouping": grouping},
+        provenance=provenance(run, command_line(ctx)),
+        prop=prop, seconds=seconds, top_k=top_k,
+    )  # fmt: skip
     typer.echo(
         f"{method} on {grp.n_groups} groups x {scores.shape[0]} targets in {seconds:.2f}s -> {out}/scores.npy"
-    )
-
-
-def write_scores(
-    out: Path, scores: np.ndarray, grouping, run, method: str, prop: str, seconds: float, top_k: int = 10
-) -> None:
-    import pandas as pd
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_npy(out / "scores.npy", scores)
-    save_npy(out / "groups.npy", grouping.labels)
-    rows = []
-    sizes = grouping.sizes
-    for t in range(scores.shape[0]):
-        order = np.argsort(-scores[t])[:top_k]
-        for rank, g in enumerate(order, 1):
-            members = grouping.members(int(g)) if sizes[g] <= 5 else None
-            per_example = prop != "mean-test-loss"
-            rows.append(
-                {
-                    "target": t,
-                    "target_id": int(run.test.ids[t]) if per_example else -1,
-                    "rank": rank,
-                    "group": int(g),
-                    "score": float(scores[t, g]),
-                    "size": int(sizes[g]),
-                    "train_ids": ""
-                    if members is None
-                    else " ".join(str(int(run.train.ids[m])) for m in members),
-                }
-            )
-    save_csv(out / "top_k.csv", pd.DataFrame(rows))
-    write_text(
-        out / "meta.json",
-        json.dumps(
-            {
-                "method": method,
-                "property": prop,
-                "seconds": seconds,
-                "grouping": grouping.summary(),
-                "shape": list(scores.shape),
-            },
-            indent=2,
-        ),
     )
 
 

@@ -27,7 +27,7 @@ in ``note``) instead of a number that only looks like one (:func:`detect_by_self
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -128,6 +128,8 @@ class DetectionResult:
     inspected: np.ndarray  # curve x: fraction of the data inspected (0..1)
     recall: np.ndarray  # curve y: fraction of flipped labels found
     note: str | None = None  # why there is no score (auc NaN)
+    #: training positions from most to least suspicious (who to inspect first); empty when undefined
+    order: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def row(self) -> dict:
         row = {"auc": self.auc, **{f"found@{int(round(q * 100))}%": v for q, v in self.found.items()}}
@@ -207,9 +209,10 @@ def detect_noisy_labels(
     if not np.isfinite(suspicion).all():
         raise GGDAError("Suspicion scores contain NaN or inf; check the attribution method's options.")
     auc = float(roc_auc_score(noisy, suspicion))
-    hits = np.cumsum(noisy[inspection_order(suspicion, seed)])
+    order = inspection_order(suspicion, seed)
+    hits = np.cumsum(noisy[order])
     n, total = len(noisy), int(noisy.sum())
     found = {float(q): float(hits[max(int(round(q * n)), 1) - 1] / total) for q in fractions}
     inspected = np.arange(0, n + 1) / n
     recall = np.concatenate([[0.0], hits / total])
-    return DetectionResult(auc, found, inspected, recall)
+    return DetectionResult(auc, found, inspected, recall, order=order)

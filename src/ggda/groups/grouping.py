@@ -24,12 +24,16 @@ class Grouping:
         method: how it was made (``singleton``, ``random``, ``kmeans``, ``given``, ...).
         seconds: time spent building it (GGDA's reviewers asked for it in the runtimes).
         meta: free-form record (e.g. re-seeded empty clusters).
+        names: optional name of each group (index = group id), e.g. the values of a ``column``
+            grouping (``model_year`` 70..82 rather than 0..12), so results can be read by name;
+            ``None`` means the group ids themselves are the names (see :meth:`group_names`).
     """
 
     labels: np.ndarray
     method: str = "given"
     seconds: float = 0.0
     meta: dict = field(default_factory=dict)
+    names: list[str] | None = None
 
     def __post_init__(self) -> None:
         labels = np.asarray(self.labels)
@@ -53,6 +57,14 @@ class Grouping:
                 "(relabel with np.unique(ids, return_inverse=True)[1])."
             )
         self.labels = labels
+        if self.names is not None:
+            self.names = [str(v) for v in self.names]
+            if len(self.names) != len(counts):
+                raise GGDAError(
+                    f"The grouping has {len(counts)} groups but {len(self.names)} names; pass one name per group."
+                )
+            if len(set(self.names)) != len(self.names):
+                raise GGDAError("Group names must be distinct; two groups share a name.")
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
@@ -61,11 +73,29 @@ class Grouping:
         return cls(np.arange(n, dtype=np.int64), method="singleton")
 
     @classmethod
-    def from_ids(cls, ids: np.ndarray, method: str = "given") -> Grouping:
-        """Any hashable ids per point (strings, sparse ints) relabelled to 0..K-1 in sorted order."""
+    def from_ids(
+        cls, ids: np.ndarray, method: str = "given", names: np.ndarray | list[str] | None = None
+    ) -> Grouping:
+        """Any hashable ids per point (strings, sparse ints) relabelled to 0..K-1 in sorted order.
+
+        Each group is named after its value; when ``ids`` are integer codes into ``names`` (a data
+        set's factorised group column and its ``group_names``), group ``g`` is named
+        ``names[code]``, the column's original value, so a subset that misses some values (a
+        train split) still names every group right.
+        """
         uniq, labels = np.unique(np.asarray(ids), return_inverse=True)
-        g = cls(labels.astype(np.int64), method=method)
-        g.meta["names"] = [str(u) for u in uniq]
+        if names is not None:
+            names = np.asarray(names)
+            if uniq.dtype.kind not in "iu" or uniq.min() < 0 or uniq.max() >= len(names):
+                raise GGDAError(
+                    f"Group codes {uniq[:5].tolist()} do not index {len(names)} group names; pass integer "
+                    "codes 0..len(names)-1."
+                )
+            named = [str(names[int(u)]) for u in uniq]
+        else:
+            named = [str(u) for u in uniq]
+        g = cls(labels.astype(np.int64), method=method, names=named)
+        g.meta["names"] = named  # kept for readers of the older record
         return g
 
     # -- views --------------------------------------------------------------------------------
@@ -83,6 +113,15 @@ class Grouping:
     @property
     def is_singleton(self) -> bool:
         return self.n_groups == len(self.labels)
+
+    def group_names(self, ids: np.ndarray | None = None) -> list[str]:
+        """A name per group: :attr:`names` when given; else, for singletons with the training
+        set's data ``ids``, each point's id; else the group id (``"0"``, ``"1"``, ...)."""
+        if self.names is not None:
+            return list(self.names)
+        if ids is not None and self.is_singleton and self.method == "singleton":
+            return [str(v) for v in np.asarray(ids)]
+        return [str(g) for g in range(self.n_groups)]
 
     def members(self, group: int) -> np.ndarray:
         return np.flatnonzero(self.labels == group)

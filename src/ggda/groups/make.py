@@ -106,7 +106,7 @@ def given_grouping(train, values=None, column: str = "group") -> Grouping:
                 "The training data has no group column; train with --group-column NAME or pass "
                 "values= (CLI: --values FILE), an array or a .npy/.csv/.parquet file of group ids."
             )
-        g = Grouping.from_ids(train.group_column, method="given")
+        g = Grouping.from_ids(train.group_column, method="given", names=getattr(train, "group_names", None))
     elif isinstance(values, (str, Path)):
         g = Grouping.load(values, column=column)
     else:

@@ -32,6 +32,7 @@ import torch
 
 from ggda.errors import GGDAError
 from ggda.gradients.per_example import iter_per_example_gradients
+from ggda.groups.grouping import Grouping
 from ggda.properties import ExampleProperty, Property
 from ggda.store.build import projector_for, task_fingerprint
 from ggda.store.features import FeatureStore
@@ -107,6 +108,27 @@ def target_features(
         ]
         return torch.cat(parts)
     return projector.project(prop.gradients(task))
+
+
+def check_store_grouping(
+    store: FeatureStore, grouping: Grouping, train_ids: np.ndarray | None = None
+) -> None:
+    """Refuse ``grouping`` unless it is the one the store's rows were built over (same group of
+    every training point), so the data ids written for a row's members are that row's members."""
+    from ggda.data.digest import content_digest
+
+    built = store.config.get("grouping")
+    if grouping.n_groups != store.n_rows or (built is not None and built != content_digest(grouping.labels)):
+        raise GGDAError(
+            f"The store at {store.path} was built over another grouping than "
+            f"{store.config.get('grouping_spec', 'the one given')} gives now ({grouping.n_groups} groups for "
+            f"{store.n_rows} rows); score it with the run it was built from, or rebuild it."
+        )
+    if train_ids is not None and store.n_points not in (None, len(train_ids)):
+        raise GGDAError(
+            f"The store at {store.path} holds {store.n_points} training points, the run has {len(train_ids)}; "
+            "score it with the run it was built from."
+        )
 
 
 def store_gram(store: FeatureStore, device: str | torch.device = "cpu") -> torch.Tensor:
