@@ -26,8 +26,10 @@ from ggda.models.calling import (
     eager_attention_error,
     expands_padding_mask,
     is_forward_ad_attention_error,
+    is_vmap_branch_error,
     model_output,
     use_eager_attention,
+    vmap_branch_error,
 )
 from ggda.models.checkpoint import load_into, load_state
 from ggda.models.losses import LOSS_KINDS, PerExampleLoss, loss_for, loss_kind_of
@@ -43,7 +45,11 @@ class AttributionTask:
     Args:
         model: any ``nn.Module``. A batch of inputs reaches it as ``model(x)`` for a tensor,
             ``model(*x)`` for a tuple and ``model(**x)`` for a dict (token ids + attention mask);
-            an output with ``.logits`` (Hugging Face) gives its logits.
+            an output with ``.logits`` (Hugging Face) gives its logits. A Hugging Face encoder
+            fed dicts gets its padding mask as the 4-D additive mask (vmap-safe; checked once to
+            give the same outputs), and a model whose SDPA attention meets forward-mode AD
+            (influence-function curvature products) is switched to ``eager`` attention with a
+            warning — both in :mod:`ggda.models.calling`.
         loss: per-example loss ``(outputs, targets) -> (B,)`` (e.g.
             ``nn.CrossEntropyLoss(reduction="none")``), or ``"classification"``,
             ``"regression"``, ``"cross-entropy"``, ``"mse"``.
@@ -188,6 +194,10 @@ class AttributionTask:
                 raise eager_attention_error(self.model) from exc
             attention_forward_ad_notice(self.model)
             out = functional_call(self.model, {**self.fixed(), **params}, args, kwargs)
+        except RuntimeError as exc:
+            if is_vmap_branch_error(exc):
+                raise vmap_branch_error(self.model) from exc
+            raise
         return model_output(out)
 
     @property

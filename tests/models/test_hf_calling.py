@@ -127,3 +127,23 @@ def test_other_models_keep_their_own_calls():
         task.params(), {"x": torch.ones(2, 3, 4), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
     )
     assert out.shape == (2, 2)
+
+
+class _Branchy(torch.nn.Module):
+    """Branches on an input value, as transformers' mask builder does (``if mask.all():``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x) if bool(x.sum() > 0) else -self.lin(x)
+
+
+def test_input_dependent_branches_under_vmap_name_the_fix_in_one_line():
+    from ggda.gradients import per_example_gradients
+
+    task = AttributionTask(_Branchy())
+    with pytest.raises(GGDAError, match="override forward") as err:
+        per_example_gradients(task, np.ones((4, 3), np.float32), np.zeros(4, np.int64))
+    assert "\n" not in str(err.value)

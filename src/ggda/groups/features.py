@@ -13,6 +13,10 @@
   seeded Gaussian random projection, computed in chunks so the (n × p) matrix never exists.
 
 All of them return float32 NumPy arrays (n, d) ready for scikit-learn, and run on ``task.device``.
+The model-based ones read the data exactly as attribution does — ``task.to_tensor`` batches
+(:func:`task_batches`) fed to ``task.forward`` — so in-memory arrays, lazy torch / Hugging Face
+inputs and packed token rows (decoded by the token task's forward) take one path. Input K-Means
+refuses non-float inputs (token ids): ``KMEANS_ON_IDS`` says to use repr- or grad-kmeans.
 """
 
 from __future__ import annotations

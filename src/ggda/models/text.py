@@ -24,9 +24,11 @@ parameters. Training or attributing the tail is the same computation as on the f
 tests check gradients agree), at a fraction of the cost.
 
 **Any Hugging Face model.** :class:`TextClassificationTask` runs any dict-input model (e.g.
-``AutoModelForSequenceClassification``) on packed tokens: it unpacks the fields, turns the 2-D
-padding mask into the 4-D additive mask transformers accepts as-is (its own mask builder has
+``AutoModelForSequenceClassification``) on packed tokens: it unpacks the fields and hands the
+dict to :class:`~ggda.task.AttributionTask`'s forward, where :mod:`ggda.models.calling` turns the
+2-D padding mask into the 4-D additive mask transformers accepts as-is (its own mask builder has
 data-dependent branches that ``torch.func.vmap`` cannot trace) and reads ``.logits``.
+:func:`task_for_tokens` gives groupings (and anyone holding a plain task) that task for token rows.
 
 Dropout is set to 0 for models built here, so the training objective is a deterministic function
 of the parameters (further-training and leave-out comparisons then measure data, not noise).
@@ -50,7 +52,7 @@ from ggda.data.dataset import Dataset
 from ggda.data.text import DEFAULT_FIELDS, unpack_tokens
 from ggda.errors import GGDAError
 from ggda.io import save_npy
-from ggda.models.calling import expands_padding_mask, extended_attention_mask
+from ggda.models.calling import call_args, expands_padding_mask, extended_attention_mask, model_output
 from ggda.models.losses import PerExampleLoss
 from ggda.models.training import TrainResult
 from ggda.task import AttributionTask, Params
@@ -316,15 +318,13 @@ class PackedInputs(nn.Module):
         self, model: nn.Module, fields: Sequence[str] = DEFAULT_FIELDS, mask_4d: bool = True
     ) -> None:
         super().__init__()
-        self.model, self.fields, self.mask_4d = model, tuple(fields), mask_4d
+        self.model, self.fields = model, tuple(fields)
+        self.mask_4d = mask_4d and expands_padding_mask(model)  # checked here, outside vmap
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        inputs = unpack_tokens(X, self.fields)
-        if self.mask_4d and "attention_mask" in inputs:
-            inputs["attention_mask"] = extended_attention_mask(
-                inputs["attention_mask"], X.dtype if X.is_floating_point() else torch.float32
-            )
-        return logits_of(self.model(**inputs))
+        dtype = next(self.model.parameters()).dtype
+        args, kwargs = call_args(unpack_tokens(X, self.fields), dtype if self.mask_4d else None)
+        return model_output(self.model(*args, **kwargs))
 
 
 # -- the attribution task -------------------------------------------------------------------------
