@@ -219,7 +219,7 @@ def lds_check(factory, train_fn, train_hf, test_hf, scores: dict, grouping, n_ta
     """LDS of each method's group scores: retrain on ``n_subsets`` random halves of the groups."""
     train = from_huggingface(train_hf, label="label", inputs=COLUMNS)
     test = from_huggingface(test_hf.select(range(n_targets)), label="label", inputs=COLUMNS)
-    recipe = UserRecipe(factory, train_fn, key=key)  # key: results of other settings are not reused
+    recipe = UserRecipe(factory, train_fn, key=key)  # key + the callables' fields name the stored results
     retrainer = Retrainer(RetrainSpec(recipe=recipe), store, SerialExecutor(), train, test, progress=True)
     results = lds(retrainer, scores, grouping, n_subsets=n_subsets, seeds=(0,))
     return {name: r.score for name, r in results.items()}, retrainer.executed
@@ -329,7 +329,7 @@ def run(factory: BertClassifier, tokenizer, data, opts: Options) -> dict:
     # 3. LDS with the user's training function (a random attribution as the baseline: about 0)
     if opts.lds_subsets > 0:
         store = (opts.out or Path(tempfile.mkdtemp(prefix="ggda-minilm-"))) / "retrains"
-        key = f"minilm-hf|{factory}|{train_fn}|max_len={opts.max_len}"
+        key = f"minilm-hf|max_len={opts.max_len}"  # factory and loop settings: UserRecipe digests them
         rand = np.random.default_rng(0).normal(size=groups[opts.methods[0]].shape)
         scores = {**groups, "random": rand}
         with meter("lds"):
