@@ -147,3 +147,22 @@ def test_input_dependent_branches_under_vmap_name_the_fix_in_one_line():
     with pytest.raises(GGDAError, match="override forward") as err:
         per_example_gradients(task, np.ones((4, 3), np.float32), np.zeros(4, np.int64))
     assert "\n" not in str(err.value)
+
+
+def test_every_grouping_on_dict_batches_of_a_plain_hf_task():
+    from ggda.groups import make_grouping
+
+    train, _ = _dict_data(24, 0)
+    task = AttributionTask(_bert(), layers=LAYERS)
+    for method, options in [
+        ("random", {}),
+        ("repr-kmeans", {}),
+        ("grad-kmeans", {}),
+        ("grad-kmeans", {"features": "projected", "projection_dim": 8}),
+    ]:
+        for per_class in (False, True):
+            g = make_grouping(method, train, n_groups=4, task=task, per_class=per_class, **options)
+            assert g.labels.shape == (24,) and np.array_equal(np.unique(g.labels), np.arange(4))
+            assert not per_class or g.meta["purity"] == 1.0
+    with pytest.raises(GGDAError, match="repr-kmeans or grad-kmeans"):
+        make_grouping("kmeans", train, n_groups=4)

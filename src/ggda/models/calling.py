@@ -82,9 +82,9 @@ def expands_padding_mask(model: nn.Module) -> bool:
             ok = own.shape == ours.shape and bool(torch.allclose(own, ours, rtol=tol, atol=tol / 10))
         except Exception:  # noqa: BLE001 - any failure: the model keeps its own mask handling
             ok = False
-    try:
+    try:  # cached on the model: copies (checkpoints, workers) keep the decision
         model._ggda_mask_4d = ok  # type: ignore[attr-defined]
-    except AttributeError:
+    except Exception:  # noqa: BLE001 - a module that refuses attributes is probed again next time
         pass
     return ok
 
