@@ -92,7 +92,7 @@ def load_csv(train_path, test_path, label: str, source: str, categorical):
     mean, std = train_df[numeric].mean(), train_df[numeric].std().replace(0, 1)
     both = pd.concat([train_df, test_df], ignore_index=True)
     both[numeric] = (both[numeric] - mean) / std
-    data = from_frame(both, label=label, kind="classification", categorical=categorical, group_column=source)
+    data = from_frame(both, label=label, categorical=categorical, group_column=source)  # kind inferred
     n = len(train_df)
     sources = sorted(train_df[source].astype(str).unique())  # group id k = sources[k] (sorted)
     return data.subset(np.arange(n), "train"), data.subset(np.arange(n, len(both)), "test"), sources

@@ -335,10 +335,7 @@ def retraining(
     recipe = UserRecipe(
         functools.partial(make_model, width=width),
         functools.partial(train, default_epochs=epochs, lr=lr),
-        # the settings inside the partials are not in ggda's default key (the functions' names):
-        # name them, or retrains stored under other settings would be reused
-        key=f"fashion-cnn|width={width}|epochs={epochs}|lr={lr}",
-    )
+    )  # the partials' settings (width, epochs, lr) are part of the recipe's stored identity
     executor = SerialExecutor() if workers <= 1 else make_executor("local", workers=workers)
     retrainer = Retrainer(
         RetrainSpec(recipe=recipe), store, executor, from_torch(train_set), from_torch(test_set)

@@ -29,8 +29,9 @@ size fine-tuning takes 1.4 min (test accuracy 0.755), attribution 9.3 min (DataI
 and the 10 LDS retrains 3.3 min; peak memory is set by the per-example gradients of the 1.9M
 attributed parameters (32 at a time), not by the data.
 
-The ggda-facing code is :class:`HFTask`, :func:`attribute` and :func:`lds_check`; everything
-else is what a Hugging Face user already has.
+The ggda-facing code is :func:`attribute` and :func:`lds_check` (a plain ``AttributionTask`` of
+the model: ggda feeds it the dict batches and builds the vmap-safe attention mask itself);
+everything else is what a Hugging Face user already has.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.func import functional_call  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from ggda.data.sources import from_huggingface  # noqa: E402
@@ -61,7 +61,6 @@ from ggda.execution import SerialExecutor  # noqa: E402
 from ggda.groups.make import make_grouping  # noqa: E402
 from ggda.methods import make_method  # noqa: E402
 from ggda.models.recipe import UserRecipe  # noqa: E402
-from ggda.models.text import extended_attention_mask  # noqa: E402
 from ggda.properties import ExampleLoss  # noqa: E402
 from ggda.task import AttributionTask  # noqa: E402
 
@@ -113,8 +112,9 @@ class BertClassifier:
 
     ``path``: a local model directory (the packaged MiniLM); or ``config``: ``BertConfig`` keyword
     arguments for a small randomly initialised model (the test uses one). Dropout is 0 so that
-    training is a deterministic function of the data and the seed; ``eager`` attention because
-    ggda's influence functions differentiate twice through it (SDPA has no forward-mode AD).
+    training is a deterministic function of the data and the seed. The attention implementation
+    is transformers' default: ggda builds the vmap-safe padding mask itself and switches SDPA to
+    eager attention only if an influence function's curvature products need forward-mode AD.
     """
 
     path: str | None = None
@@ -134,12 +134,11 @@ class BertClassifier:
                 self.path,
                 num_labels=self.n_labels,
                 local_files_only=True,
-                attn_implementation="eager",
                 **common,
             )
         else:
             cfg = BertConfig(**{**self.config, **common, "num_labels": self.n_labels})
-            model = BertForSequenceClassification._from_config(cfg, attn_implementation="eager")
+            model = BertForSequenceClassification(cfg)
         keep = tuple(p + "." for p in trained_prefixes(model))
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(keep))
@@ -183,17 +182,6 @@ def accuracy(model: nn.Module, data, batch_size: int = 128) -> float:
 
 
 # -- ggda: the task, attribution and LDS --------------------------------------------------------------
-class HFTask(AttributionTask):
-    """``model(**batch)`` for ggda, with the 0/1 padding mask turned into the 4-D additive mask that
-    transformers uses as is: its own mask builder branches on the data (``mask.all()``), which
-    ``torch.func.vmap`` (per-example gradients) cannot trace."""
-
-    def forward(self, params, batch):
-        batch = dict(batch)
-        batch["attention_mask"] = extended_attention_mask(batch["attention_mask"], self.dtype)
-        return functional_call(self.model, {**self.fixed(), **params}, (), batch).logits
-
-
 def method_options(name: str, checkpoints, trak_dim: int) -> dict:
     # max_batch=32: groups of more than 16 reviews get one batched backward each instead of padded
     # vmapped tiles (about 2x faster for this 1.9M-parameter layer, and less memory)
@@ -213,7 +201,7 @@ def attribute(model, checkpoints, train_hf, test_hf, n_targets, n_groups, method
     """Per-review and per-group scores of every method, and the Grad-K-Means grouping."""
     train = from_huggingface(train_hf, label="label", inputs=COLUMNS)  # lazy: rows read per batch
     targets = from_huggingface(test_hf.select(range(n_targets)), label="label", inputs=COLUMNS)
-    task = HFTask(model, layers=trained_prefixes(model))
+    task = AttributionTask(model, layers=trained_prefixes(model))  # model(**batch), as in training
     prop = ExampleLoss(targets)  # one property per target review: its test loss
     with meter("grad-kmeans"):
         grouping = make_grouping("grad-kmeans", train, n_groups=n_groups, task=task, seed=0)
@@ -231,7 +219,7 @@ def lds_check(factory, train_fn, train_hf, test_hf, scores: dict, grouping, n_ta
     """LDS of each method's group scores: retrain on ``n_subsets`` random halves of the groups."""
     train = from_huggingface(train_hf, label="label", inputs=COLUMNS)
     test = from_huggingface(test_hf.select(range(n_targets)), label="label", inputs=COLUMNS)
-    recipe = UserRecipe(factory, train_fn, key=key)  # key: results of other settings are not reused
+    recipe = UserRecipe(factory, train_fn, key=key)  # key + the callables' fields name the stored results
     retrainer = Retrainer(RetrainSpec(recipe=recipe), store, SerialExecutor(), train, test, progress=True)
     results = lds(retrainer, scores, grouping, n_subsets=n_subsets, seeds=(0,))
     return {name: r.score for name, r in results.items()}, retrainer.executed
@@ -341,7 +329,7 @@ def run(factory: BertClassifier, tokenizer, data, opts: Options) -> dict:
     # 3. LDS with the user's training function (a random attribution as the baseline: about 0)
     if opts.lds_subsets > 0:
         store = (opts.out or Path(tempfile.mkdtemp(prefix="ggda-minilm-"))) / "retrains"
-        key = f"minilm-hf|{factory}|{train_fn}|max_len={opts.max_len}"
+        key = f"minilm-hf|max_len={opts.max_len}"  # factory and loop settings: UserRecipe digests them
         rand = np.random.default_rng(0).normal(size=groups[opts.methods[0]].shape)
         scores = {**groups, "random": rand}
         with meter("lds"):

@@ -20,7 +20,17 @@ from torch.func import functional_call
 
 from ggda.data.batches import ExampleInputs, InputView, is_batch, take, to_device
 from ggda.errors import GGDAError
-from ggda.models.calling import call_args, model_output
+from ggda.models.calling import (
+    attention_forward_ad_notice,
+    call_args,
+    eager_attention_error,
+    expands_padding_mask,
+    is_forward_ad_attention_error,
+    is_vmap_branch_error,
+    model_output,
+    use_eager_attention,
+    vmap_branch_error,
+)
 from ggda.models.checkpoint import load_into, load_state
 from ggda.models.losses import LOSS_KINDS, PerExampleLoss, loss_for, loss_kind_of
 from ggda.models.training import resolve_device
@@ -35,7 +45,11 @@ class AttributionTask:
     Args:
         model: any ``nn.Module``. A batch of inputs reaches it as ``model(x)`` for a tensor,
             ``model(*x)`` for a tuple and ``model(**x)`` for a dict (token ids + attention mask);
-            an output with ``.logits`` (Hugging Face) gives its logits.
+            an output with ``.logits`` (Hugging Face) gives its logits. A Hugging Face encoder
+            fed dicts gets its padding mask as the 4-D additive mask (vmap-safe; checked once to
+            give the same outputs), and a model whose SDPA attention meets forward-mode AD
+            (influence-function curvature products) is switched to ``eager`` attention with a
+            warning — both in :mod:`ggda.models.calling`.
         loss: per-example loss ``(outputs, targets) -> (B,)`` (e.g.
             ``nn.CrossEntropyLoss(reduction="none")``), or ``"classification"``,
             ``"regression"``, ``"cross-entropy"``, ``"mse"``.
@@ -95,6 +109,7 @@ class AttributionTask:
         self.param_names: list[str] = chosen
         self.layers = None if layers is None else list(layers)
         self.dtype = next(self.model.parameters()).dtype
+        expands_padding_mask(self.model)  # decided here, outside any torch.func transform
 
     # -- parameters ---------------------------------------------------------------------------
     def params(self) -> Params:
@@ -126,6 +141,8 @@ class AttributionTask:
         state.setdefault("loss_kind", loss_kind_of(state.get("loss_fn")))
         state.setdefault("_loss_checked", True)
         self.__dict__.update(state)
+        if "model" in state:
+            expands_padding_mask(self.model)
 
     def generic(self) -> AttributionTask:
         """The same task with every gradient through ``torch.func`` (the reference for fast paths)."""
@@ -167,8 +184,28 @@ class AttributionTask:
     # -- functional model ---------------------------------------------------------------------
     def forward(self, params: Params, X) -> torch.Tensor:
         """Model outputs at ``params`` (attributed parameters; others fixed) for a batch ``X``."""
-        args, kwargs = call_args(X)
-        return model_output(functional_call(self.model, {**self.fixed(), **params}, args, kwargs))
+        args, kwargs = call_args(X, self.dtype if self.padding_mask_4d else None)
+        try:
+            out = functional_call(self.model, {**self.fixed(), **params}, args, kwargs)
+        except NotImplementedError as exc:  # SDPA under forward-mode AD (curvature products)
+            if not is_forward_ad_attention_error(exc):
+                raise
+            if not use_eager_attention(self.model):
+                raise eager_attention_error(self.model) from exc
+            attention_forward_ad_notice(self.model)
+            out = functional_call(self.model, {**self.fixed(), **params}, args, kwargs)
+        except RuntimeError as exc:
+            if is_vmap_branch_error(exc):
+                raise vmap_branch_error(self.model) from exc
+            raise
+        return model_output(out)
+
+    @property
+    def padding_mask_4d(self) -> bool:
+        """Whether dict batches' ``attention_mask`` reaches the model as the 4-D additive mask
+        (Hugging Face encoders: their own mask builder cannot be vmapped; see
+        :mod:`ggda.models.calling`). Decided once per model."""
+        return expands_padding_mask(self.model)
 
     def losses(self, params: Params, X, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.forward(params, X), y)

@@ -133,6 +133,32 @@ def from_huggingface(
     return _finish(HFInputs(dataset, inputs, collate_fn), y, kind, n_classes, name, ids, groups)
 
 
+#: A float label with more distinct values than this (or any non-integer value) is a regression target.
+MAX_FLOAT_CLASSES = 20
+
+
+def infer_kind(labels) -> TaskKind:
+    """``classification`` or ``regression`` from a label column's values.
+
+    Booleans, strings/categories and integers are class labels; floats are a regression target
+    when any value has a fractional part or they take more than ``MAX_FLOAT_CLASSES`` distinct
+    values (a float-typed column of a few whole numbers, e.g. 0.0/1.0 read from a CSV with
+    missing-value handling, stays classification). Why: a numeric target such as miles per gallon
+    must not silently become a 127-class classification.
+    """
+    import pandas as pd
+
+    series = labels if isinstance(labels, pd.Series) else pd.Series(np.asarray(labels))
+    if pd.api.types.is_bool_dtype(series) or not pd.api.types.is_numeric_dtype(series):
+        return "classification"
+    if pd.api.types.is_integer_dtype(series):
+        return "classification"
+    values = series.dropna().to_numpy(dtype=np.float64)
+    if not np.all(values == np.round(values)) or len(np.unique(values)) > MAX_FLOAT_CLASSES:
+        return "regression"
+    return "classification"
+
+
 def from_frame(
     frame,
     label: str,
@@ -142,12 +168,24 @@ def from_frame(
     group_column: str | None = None,
     name: str = "data",
 ) -> Dataset:
-    """A pandas ``DataFrame`` (the CSV/Parquet loader's path): one-hot categoricals, numeric X."""
+    """A pandas ``DataFrame`` (the CSV/Parquet loader's path): one-hot categoricals, numeric X.
+
+    ``kind=None`` infers it from the label column (:func:`infer_kind`): integer, boolean and
+    categorical/string labels are classes; float labels with fractional values or more than
+    ``MAX_FLOAT_CLASSES`` distinct values are a regression target. The choice is recorded in
+    ``dataset.meta["kind_inferred"]``; pass ``kind=`` to override it.
+    """
     from ggda.data.files import frame_to_dataset
 
-    return frame_to_dataset(
+    inferred = kind is None and label in getattr(frame, "columns", ())
+    if inferred:
+        kind = infer_kind(frame[label])
+    data = frame_to_dataset(
         frame, label=label, kind=kind, categorical=categorical, group_column=group_column, name=name
     )
+    if inferred:
+        data.meta["kind_inferred"] = data.kind
+    return data
 
 
 def as_dataset(data: Any, labels: Sequence | np.ndarray | None = None, **kwargs) -> Dataset:

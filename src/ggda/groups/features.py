@@ -13,6 +13,10 @@
   seeded Gaussian random projection, computed in chunks so the (n × p) matrix never exists.
 
 All of them return float32 NumPy arrays (n, d) ready for scikit-learn, and run on ``task.device``.
+The model-based ones read the data exactly as attribution does — ``task.to_tensor`` batches
+(:func:`task_batches`) fed to ``task.forward`` — so in-memory arrays, lazy torch / Hugging Face
+inputs and packed token rows (decoded by the token task's forward) take one path. Input K-Means
+refuses non-float inputs (token ids): ``KMEANS_ON_IDS`` says to use repr- or grad-kmeans.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ggda.data.batches import ExampleInputs
+from ggda.data.batches import ExampleInputs, iter_rows
 from ggda.errors import GGDAError
 from ggda.models.capture import Capture
 from ggda.task import AttributionTask
@@ -37,14 +41,23 @@ GRADIENT_FEATURES = ("last-layer", "logits", "projected")
 LAZY_INPUT_DIM = 256
 
 
+#: Why K-Means on the inputs is refused for token ids and other non-feature inputs, and what to use.
+KMEANS_ON_IDS = (
+    "K-Means on the inputs would cluster raw token ids or other non-float inputs, not features; use "
+    "repr-kmeans (the model's representation) or grad-kmeans (its loss gradients) instead."
+)
+
+
 def _lazy_input_features(X: ExampleInputs, batch_size: int = 1024) -> np.ndarray:
     parts, proj = [], None
     for _, batch in X.iter_batches(batch_size):
         if not isinstance(batch, torch.Tensor):
             raise GGDAError(
-                "K-Means on inputs needs one tensor per example; these inputs are tuples/dicts — "
-                "use repr-kmeans or grad-kmeans."
+                "K-Means on inputs needs one float tensor per example; these inputs are tuples/dicts "
+                "(token ids and masks?): use repr-kmeans or grad-kmeans instead."
             )
+        if not batch.is_floating_point():
+            raise GGDAError(KMEANS_ON_IDS)
         F = batch.reshape(len(batch), -1).float()
         if F.shape[1] > LAZY_INPUT_DIM:
             if proj is None:
@@ -89,8 +102,9 @@ def find_output_layer(task: AttributionTask, X: np.ndarray) -> OutputLayer:
     """Find the output layer by running the model on two examples with hooks (execution order, not
     definition order, decides which ``nn.Linear`` is last)."""
     linear = [(name, m) for name, m in task.model.named_modules() if isinstance(m, nn.Linear)]
+    _, head, _ = next(task_batches(task, X, None, 2))
     with Capture([m for _, m in linear]) as cap, torch.no_grad():
-        output = task.forward(task.params(), task.batch(X[:2]))
+        output = task.forward(task.params(), head)
     if not cap.order:
         raise GGDAError(
             "The model has no nn.Linear layer, so last-layer gradients are undefined; "
@@ -109,9 +123,15 @@ def _named_module(model: nn.Module, layer: str) -> nn.Module:
     return modules[layer]
 
 
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
+def task_batches(
+    task: AttributionTask, X, y: np.ndarray | None = None, chunk_size: int = 2048
+) -> Iterator[tuple[slice, object, torch.Tensor | None]]:
+    """``(rows, inputs, targets)`` chunks exactly as the task batches them (``task.to_tensor``):
+    the one path for in-memory arrays, lazy torch/Hugging Face inputs and packed token rows, so
+    every feature is computed on what ``task.forward`` is given in attribution."""
+    Xt, yt = task.to_tensor(X, y)
+    for rows, xb in iter_rows(Xt, chunk_size):
+        yield rows, xb, None if yt is None else yt[rows]
 
 
 # -- representations ----------------------------------------------------------------------------
@@ -129,9 +149,9 @@ def representation_features(
     else:
         module, take_input = _named_module(task.model, layer), False
     store: list[torch.Tensor] = []
-    for rows in _chunks(len(X), chunk_size):
+    for _, xb, _ in task_batches(task, X, None, chunk_size):
         with Capture([module]) as cap, torch.no_grad():
-            task.forward(task.params(), task.batch(X[rows]))
+            task.forward(task.params(), xb)
         call = cap.last(0)
         t = call.input if take_input else call.output
         if not isinstance(t, torch.Tensor):
@@ -154,7 +174,7 @@ def _closed_form_delta(task: AttributionTask, out: torch.Tensor, y: torch.Tensor
 
 
 def _layer_io_and_delta(
-    task: AttributionTask, module: nn.Linear, direct: bool, Xb: torch.Tensor, yb: torch.Tensor
+    task: AttributionTask, module: nn.Linear, direct: bool, Xb, yb: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, δ) of one chunk: the layer input and ∂ℓ_i/∂o_i (per example, since losses are per example)."""
     # the output becomes a leaf: downstream layers see it, so autograd stops at this layer
@@ -204,9 +224,8 @@ def last_layer_gradients(
     dim_in = module.out_features * (module.in_features + int(has_bias))
     projector = None if projection_dim is None else GaussianProjector(dim_in, projection_dim, seed, task)
     parts = []
-    Xt, yt = task.to_tensor(X, y)
-    for rows in _chunks(len(X), chunk_size):
-        h, delta = _layer_io_and_delta(task, module, direct, Xt[rows], yt[rows])
+    for _, xb, yb in task_batches(task, X, y, chunk_size):
+        h, delta = _layer_io_and_delta(task, module, direct, xb, yb)
         if h.ndim != 2:
             raise GGDAError(
                 f"The layer's input has shape {tuple(h.shape)}; closed-form gradients need one vector per "
@@ -224,10 +243,9 @@ def logit_gradients(
 ) -> np.ndarray:
     """δ_i = ∂ℓ_i/∂o_i at the output layer (C numbers per example): the "activation gradient"."""
     found = find_output_layer(task, X)
-    Xt, yt = task.to_tensor(X, y)
     parts = [
-        _layer_io_and_delta(task, found.module, found.direct, Xt[rows], yt[rows])[1].float().cpu()
-        for rows in _chunks(len(X), chunk_size)
+        _layer_io_and_delta(task, found.module, found.direct, xb, yb)[1].float().cpu()
+        for _, xb, yb in task_batches(task, X, y, chunk_size)
     ]
     return np.ascontiguousarray(torch.cat(parts).numpy())
 

@@ -123,6 +123,9 @@ def given_grouping(train, values=None, column: str = "group") -> Grouping:
 
 # -- features -----------------------------------------------------------------------------------
 def _task_for(method: str, task, train):
+    """The task whose forward the features go through: a bare model becomes a task, and on packed
+    token rows (``ggda.data.text.token_dataset``) a plain task becomes the token-reading task, so
+    the model sees ``input_ids``/``attention_mask`` and never the packed floats."""
     if task is None:
         raise GGDAError(
             f"{method} needs the trained model: pass task=AttributionTask(model) (CLI: --run RUN of a "
@@ -132,17 +135,28 @@ def _task_for(method: str, task, train):
 
     from ggda.task import AttributionTask
 
+    if not isinstance(task, (nn.Module, AttributionTask)):
+        raise GGDAError(f"task must be an AttributionTask or an nn.Module; got {type(task).__name__}.")
+    if is_token_data(train):
+        from ggda.models.text import task_for_tokens
+
+        return task_for_tokens(task, train.meta.get("fields") or ("input_ids", "attention_mask"), train.kind)
     if isinstance(task, nn.Module):
         task = AttributionTask(task, loss=train.kind)
-    if not isinstance(task, AttributionTask):
-        raise GGDAError(f"task must be an AttributionTask or an nn.Module; got {type(task).__name__}.")
     return task
+
+
+def is_token_data(train) -> bool:
+    """Rows of packed token ids (``ggda.data.text.token_dataset``), not features."""
+    return (getattr(train, "meta", None) or {}).get("format") == "tokens"
 
 
 def _features(method: str, train, task, seed: int, options: dict) -> tuple[np.ndarray, dict]:
     from ggda.groups import features as feat
 
     if method == "kmeans":
+        if is_token_data(train):
+            raise GGDAError(feat.KMEANS_ON_IDS)
         return feat.input_features(train.X, options.get("standardize", True)), {"features": "inputs"}
     if method == "repr-kmeans":
         task = _task_for(method, task, train)

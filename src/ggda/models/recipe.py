@@ -25,7 +25,10 @@ be module-level functions (or picklable callables), not lambdas.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
+import os
 import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -177,8 +180,90 @@ class UserRecipe(TrainingRecipe):
         return self.loss_fn or loss_for(kind)
 
     def describe(self) -> dict:
-        def name(fn) -> str:
-            return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+        """Identity of the recipe for result stores: the code's names (or ``key``) and a digest of
+        the hyper-parameters bound into the callables (``functools.partial`` arguments, a callable
+        instance's fields), so two recipes that train differently never share stored results."""
+        key = self.key or f"{_callable_name(self.model_factory)}|{_callable_name(self.train_fn)}"
+        try:
+            params = "|".join(_callable_state(fn) for fn in (self.model_factory, self.train_fn))
+        except _Undescribable as exc:
+            if self.key is None:
+                raise GGDAError(
+                    f"UserRecipe cannot tell the settings of {exc} apart; pass key='...' naming "
+                    "the code and its hyper-parameters (change it whenever they change)."
+                ) from None
+            params = "key-only"  # the user's key stands for the settings
+        user = hashlib.sha1(f"{key}|{params}".encode()).hexdigest()[:16]
+        return {"user": user, "key": key, "params": hashlib.sha1(params.encode()).hexdigest()[:16]}
 
-        key = self.key or f"{name(self.model_factory)}|{name(self.train_fn)}"
-        return {"user": hashlib.sha1(key.encode()).hexdigest()[:16], "key": key}
+
+class _Undescribable(Exception):
+    """A callable holds state whose value cannot be written down stably."""
+
+
+def _callable_name(fn) -> str:
+    fn = getattr(fn, "func", fn) if isinstance(fn, functools.partial) else fn
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn) or inspect.isclass(fn) or inspect.isbuiltin(fn)):
+        fn = type(fn)  # a callable instance: its class
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _callable_state(fn, depth: int = 0) -> str:
+    """What a callable was configured with: partial args/keywords (recursively), a bound method's
+    instance, a callable instance's fields; plain functions and classes carry none."""
+    if isinstance(fn, functools.partial):
+        args = ",".join(_value_text(a, depth + 1) for a in fn.args)
+        kwargs = ",".join(f"{k}={_value_text(v, depth + 1)}" for k, v in sorted(fn.keywords.items()))
+        return f"partial({_callable_name(fn.func)};{_callable_state(fn.func, depth + 1)};{args};{kwargs})"
+    if inspect.ismethod(fn):
+        return _value_text(fn.__self__, depth + 1)
+    if inspect.isfunction(fn) or inspect.isclass(fn) or inspect.isbuiltin(fn):
+        return ""
+    return _value_text(fn, depth + 1)
+
+
+def _value_text(value, depth: int) -> str:
+    """A stable text of a hyper-parameter value (arrays and tensors by content digest)."""
+    if depth > 8:
+        raise _Undescribable(type(value).__name__)
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return repr(value)
+    if isinstance(value, os.PathLike):
+        return repr(os.fspath(value))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_value_text(v, depth + 1) for v in value]
+        return f"{type(value).__name__}({','.join(sorted(items) if isinstance(value, (set, frozenset)) else items)})"
+    if isinstance(value, dict):
+        return (
+            "{"
+            + ",".join(
+                f"{_value_text(k, depth + 1)}:{_value_text(v, depth + 1)}"
+                for k, v in sorted(value.items(), key=lambda kv: repr(kv[0]))
+            )
+            + "}"
+        )
+    if isinstance(value, (np.ndarray, np.generic, torch.Tensor)):
+        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        digest = hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()[:16]
+        return f"array({arr.dtype},{arr.shape},{digest})"
+    if (
+        isinstance(value, (functools.partial,))
+        or callable(value)
+        and (
+            inspect.isfunction(value)
+            or inspect.isclass(value)
+            or inspect.isbuiltin(value)
+            or inspect.ismethod(value)
+        )
+    ):
+        return f"{_callable_name(value)}[{_callable_state(value, depth + 1)}]"
+    if isinstance(value, nn.Module):  # a module's identity is its class and weights
+        state = {k: v for k, v in value.state_dict().items()}
+        return f"{_callable_name(value)}{_value_text(state, depth + 1)}"
+    if hasattr(value, "__dict__") or hasattr(value, "__slots__"):
+        fields = dict(vars(value)) if hasattr(value, "__dict__") else {}
+        for slot in getattr(type(value), "__slots__", ()):
+            if hasattr(value, slot):
+                fields[slot] = getattr(value, slot)
+        return f"{_callable_name(value)}{_value_text(fields, depth + 1)}"
+    raise _Undescribable(f"a {type(value).__name__} value")

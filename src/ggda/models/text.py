@@ -24,9 +24,11 @@ parameters. Training or attributing the tail is the same computation as on the f
 tests check gradients agree), at a fraction of the cost.
 
 **Any Hugging Face model.** :class:`TextClassificationTask` runs any dict-input model (e.g.
-``AutoModelForSequenceClassification``) on packed tokens: it unpacks the fields, turns the 2-D
-padding mask into the 4-D additive mask transformers accepts as-is (its own mask builder has
+``AutoModelForSequenceClassification``) on packed tokens: it unpacks the fields and hands the
+dict to :class:`~ggda.task.AttributionTask`'s forward, where :mod:`ggda.models.calling` turns the
+2-D padding mask into the 4-D additive mask transformers accepts as-is (its own mask builder has
 data-dependent branches that ``torch.func.vmap`` cannot trace) and reads ``.logits``.
+:func:`task_for_tokens` gives groupings (and anyone holding a plain task) that task for token rows.
 
 Dropout is set to 0 for models built here, so the training objective is a deterministic function
 of the parameters (further-training and leave-out comparisons then measure data, not noise).
@@ -45,12 +47,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ggda.data.dataset import Dataset
 from ggda.data.text import DEFAULT_FIELDS, unpack_tokens
 from ggda.errors import GGDAError
 from ggda.io import save_npy
+from ggda.models.calling import call_args, expands_padding_mask, extended_attention_mask, model_output
 from ggda.models.losses import PerExampleLoss
 from ggda.models.training import TrainResult
 from ggda.task import AttributionTask, Params
@@ -127,17 +129,6 @@ def load_encoder(path: str | Path | None = None, dropout: float = 0.0, attn_impl
 
 
 # -- building blocks ------------------------------------------------------------------------------
-def extended_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(…, L) 0/1 padding mask → (…, 1, L, L) additive mask (0 keep, dtype-min drop).
-
-    transformers passes a 4-D mask through unchanged; building it here keeps the forward free of
-    data-dependent branches, so it can be vmapped.
-    """
-    m = mask.to(dtype)[..., None, None, :]
-    length = mask.shape[-1]
-    return ((1.0 - m) * torch.finfo(dtype).min).expand(*mask.shape[:-1], 1, length, length)
-
-
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked mean over tokens (sentence-transformers' pooling): padding never contributes."""
     m = mask.to(hidden.dtype)[..., None]
@@ -327,15 +318,13 @@ class PackedInputs(nn.Module):
         self, model: nn.Module, fields: Sequence[str] = DEFAULT_FIELDS, mask_4d: bool = True
     ) -> None:
         super().__init__()
-        self.model, self.fields, self.mask_4d = model, tuple(fields), mask_4d
+        self.model, self.fields = model, tuple(fields)
+        self.mask_4d = mask_4d and expands_padding_mask(model)  # checked here, outside vmap
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        inputs = unpack_tokens(X, self.fields)
-        if self.mask_4d and "attention_mask" in inputs:
-            inputs["attention_mask"] = extended_attention_mask(
-                inputs["attention_mask"], X.dtype if X.is_floating_point() else torch.float32
-            )
-        return logits_of(self.model(**inputs))
+        dtype = next(self.model.parameters()).dtype
+        args, kwargs = call_args(unpack_tokens(X, self.fields), dtype if self.mask_4d else None)
+        return model_output(self.model(*args, **kwargs))
 
 
 # -- the attribution task -------------------------------------------------------------------------
@@ -365,13 +354,50 @@ class TextClassificationTask(AttributionTask):
         self.fields, self.mask_4d = tuple(fields), mask_4d
 
     def forward(self, params: Params, X: torch.Tensor) -> torch.Tensor:
-        state = {**self.fixed(), **params}
         if getattr(self.model, "ggda_packed_input", False):
-            return functional_call(self.model, state, (X,))
-        inputs = unpack_tokens(X, self.fields)
-        if self.mask_4d and "attention_mask" in inputs:
-            inputs["attention_mask"] = extended_attention_mask(inputs["attention_mask"], self.dtype)
-        return logits_of(functional_call(self.model, state, (), inputs))
+            return super().forward(params, X)
+        # the dict of fields then takes the one model-calling path (4-D mask, .logits, SDPA)
+        return super().forward(params, unpack_tokens(X, self.fields))
+
+    @property
+    def padding_mask_4d(self) -> bool:
+        """The 4-D additive mask (vmap-safe) unless ``mask_4d=False`` or the model reads it
+        differently from its own 0/1 mask (checked once, :func:`~ggda.models.calling.expands_padding_mask`)."""
+        return bool(getattr(self, "mask_4d", True)) and expands_padding_mask(self.model)
+
+    @classmethod
+    def from_task(
+        cls, task: AttributionTask, fields: Sequence[str] = DEFAULT_FIELDS
+    ) -> TextClassificationTask:
+        """The same model, loss, attributed layers, device and gradient path, reading packed token rows."""
+        out = cls(task.model, loss=task.loss_fn, device=task.device, fields=fields)
+        out.param_names = list(task.param_names)
+        out.layers = task.layers
+        out.loss_kind, out.gradients = task.loss_kind, task.gradients
+        out._loss_checked = getattr(task, "_loss_checked", True)
+        return out
+
+
+def task_for_tokens(
+    task: AttributionTask | nn.Module, fields: Sequence[str] = DEFAULT_FIELDS, loss="classification"
+) -> AttributionTask:
+    """The task that reads packed token rows (:func:`ggda.data.text.pack_tokens`) for ``task``.
+
+    A :class:`TextClassificationTask`, a model that takes packed rows itself (``ggda_packed_input``)
+    or a task subclass with its own ``forward`` is returned as is; a plain task (or a bare model)
+    of a Hugging Face-style model becomes a :class:`TextClassificationTask` with the same settings,
+    so its forward unpacks ``input_ids``/``attention_mask`` instead of feeding packed floats to
+    the embedding layer.
+    """
+    if isinstance(task, nn.Module):
+        if getattr(task, "ggda_packed_input", False):
+            return AttributionTask(task, loss=loss)
+        return TextClassificationTask(task, loss=loss, fields=fields)
+    if isinstance(task, TextClassificationTask) or getattr(task.model, "ggda_packed_input", False):
+        return task
+    if type(task).forward is not AttributionTask.forward:  # the user's own forward decides
+        return task
+    return TextClassificationTask.from_task(task, fields)
 
 
 # -- cached features ------------------------------------------------------------------------------
