@@ -119,9 +119,13 @@ class CheckpointRecorder:
         self.group_lrs: list[float] = []
 
     # -- what the callbacks call --------------------------------------------------------------
-    def begin(self) -> None:
-        """Start a new trajectory: forget entries of an earlier run into the same directory."""
+    def begin(self, resume_step: int = 0) -> None:
+        """Start a trajectory. A fresh run (``resume_step=0``) forgets the entries of an earlier
+        run into the same directory; a run resumed at optimizer step ``resume_step`` keeps the
+        recorded entries up to that step (the trajectory it continues)."""
         self.entries = []
+        if resume_step > 0 and (self.run_dir / INDEX_FILE).exists():
+            self.entries = [e for e in read_index(self.run_dir)["checkpoints"] if e["step"] <= resume_step]
         self.lr = None
         self._write_index()
 

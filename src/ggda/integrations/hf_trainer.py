@@ -53,7 +53,7 @@ class GGDACheckpointCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.recorder.begin()
+            self.recorder.begin(resume_step=state.global_step)  # > 0 with resume_from_checkpoint
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         # after optimizer.step(), before lr_scheduler.step(): the rate this step used

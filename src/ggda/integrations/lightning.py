@@ -58,7 +58,7 @@ class GGDACheckpointCallback(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            self.recorder.begin()
+            self.recorder.begin(resume_step=trainer.global_step)  # > 0 when fit resumes from ckpt_path
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.recorder.note_lr(optimizer)
