@@ -31,7 +31,8 @@ STYLE = """
 .ex table{font-size:10px;margin:0} .ex blockquote{margin:0;text-align:left;font-size:11px;max-width:160px}
 .sep{align-self:center;font-weight:bold;padding:0 6px;font-size:12px}
 .help figcaption{color:#075} .harm figcaption{color:#a20} .flip{color:#a00;font-weight:bold}
-.card{border:1px solid #ddd;padding:6px 10px;margin:6px 0;border-radius:4px}
+.cards{display:flex;flex-wrap:wrap;gap:8px}
+.card{flex:1 1 45%;border:1px solid #ddd;padding:6px 10px;margin:3px 0;border-radius:4px;font-size:13px}
 """
 
 
@@ -194,6 +195,7 @@ def gallery_section(insp: Inspection, r: Renderer) -> str:
         parts.append(
             f"<h3>{_e(entry['grouping'])}, K = {_e(entry['K'])} (ranked by {_e(first_method)})</h3>"
             f"<p class='note'>group sizes {int(sizes.min())}–{int(sizes.max())} (median {float(np.median(sizes)):g})</p>"
+            "<div class='cards'>"
         )
         for g in select.gallery_groups(first, select.GALLERY_GROUPS):
             g = int(g)
@@ -214,6 +216,7 @@ def gallery_section(insp: Inspection, r: Renderer) -> str:
                 f"size {len(members)}; class mix {mix_text}<br>{score_text}"
                 f"<div class='exrow'>{figs}</div></div>"
             )
+        parts.append("</div>")
     return "\n".join(parts)
 
 

@@ -70,6 +70,14 @@ def _annotate_sparse(ax, points: list[tuple[float, float, str]], min_px: float =
                 break
 
 
+def _suptitle(fig, text: str) -> None:
+    """A figure title wrapped to the figure's width (a one-panel figure cuts a long title off)."""
+    import textwrap
+
+    width = max(30, int(fig.get_figwidth() * 11))
+    fig.suptitle(textwrap.fill(text, width), fontsize=10)
+
+
 def _colors(methods) -> dict[str, str]:
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     return {m: cycle[i % len(cycle)] for i, m in enumerate(sorted(set(methods)))}
@@ -138,7 +146,7 @@ def score_vs_time(results: dict, out: Path) -> str | None:
         plt.Line2D([], [], color="k", ls=":", label="no removal"),
     ]
     axes.flat[0].legend(handles=handles, fontsize=7, loc="best")
-    fig.suptitle("Retraining score vs attribution time (labels: K, where they fit)" + _seed_note(results))
+    _suptitle(fig, "Retraining score vs attribution time (labels: K, where they fit)" + _seed_note(results))
     return _save(fig, out, "score_vs_time.png")
 
 
@@ -174,7 +182,9 @@ def grouping_ablation(results: dict, out: Path, fraction: float | None = None) -
         ax.set_ylabel(f"accuracy after removing top {fraction:.0%}")
         ax.grid(alpha=0.3, axis="y")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Grouping ablation (lower = grouping keeps the attribution faithful)" + _seed_note(results))
+    _suptitle(
+        fig, "Grouping ablation (lower = grouping keeps the attribution faithful)" + _seed_note(results)
+    )
     return _save(fig, out, "grouping_ablation.png")
 
 
@@ -227,7 +237,7 @@ def removal_curves(results: dict, out: Path, key: str = "retraining") -> str | N
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     title = "Accuracy after removing the most helpful points" if key == "retraining" else "Dataset pruning"
-    fig.suptitle(title + _seed_note(results))
+    _suptitle(fig, title + _seed_note(results))
     return _save(fig, out, f"{key}_curves.png")
 
 
@@ -273,7 +283,7 @@ def _removal_bars(
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
     title = "Accuracy after removing the most helpful points" if key == "retraining" else "Dataset pruning"
-    fig.suptitle(f"{title}: {fraction:.0%} removed {order}" + _seed_note(results))
+    _suptitle(fig, f"{title}: {fraction:.0%} removed {order}" + _seed_note(results))
     return _save(fig, out, f"{key}_curves.png")
 
 
@@ -346,8 +356,9 @@ def noisy_curves(results: dict, out: Path, ranking: str = "self-influence") -> s
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     info = results.get("noisy_info", {})
-    fig.suptitle(
-        f"Noisy-label detection: {info.get('n_flipped', '?')} flipped labels, model {info.get('model', '?')}"
+    _suptitle(
+        fig,
+        f"Noisy-label detection: {info.get('n_flipped', '?')} flipped labels, model {info.get('model', '?')}",
     )
     return _save(fig, out, f"noisy_{ranking}.png")
 
@@ -371,5 +382,5 @@ def gold_similarity(results: dict, out: Path) -> str | None:
         ax.set_ylabel(f"{metric} to gold (mean ± SEM)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Similarity to the further-training gold standard")
+    _suptitle(fig, "Similarity to the further-training gold standard")
     return _save(fig, out, "gold_similarity.png")
