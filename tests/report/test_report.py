@@ -265,6 +265,13 @@ def test_findings_follow_the_numbers():
     # with 3 seeds, a difference inside the combined SEM is not called a win
     tied = " ".join(findings(_ablation(gk=0.901, rnd=0.90, seeds=3)))
     assert "(within noise of random groups)" in tied
+    pruned = _ablation(gk=0.9, rnd=0.9)
+    pruned["pruning"] = [{**r, "fraction": 0.3} for r in pruned["retraining"]]  # per-point 0.80, random 0.96
+    text = " ".join(findings(pruned))
+    assert (
+        "by per-point tracin): accuracy 0.800, at or below no removal (0.970); worse than random pruning (0.960)"
+        in text
+    )
 
 
 def test_sem_only_from_three_seeds():

@@ -53,21 +53,31 @@ def _log_x(ax) -> None:
     ax.tick_params(axis="x", labelsize=8)
 
 
-def _annotate_sparse(ax, points: list[tuple[float, float, str]], min_px: float = 14.0) -> None:
-    """Label points without overlaps: a label is placed at one of a few offsets around its point
-    only where no placed label lies within ``min_px`` pixels; crowded points stay unlabelled
-    (their marker and the table carry K)."""
-    ax.figure.canvas.draw()  # final limits and scales
-    placed: list[np.ndarray] = []
-    offsets = [(4, 4), (4, -10), (-14, 4), (-14, -10)]
+def _annotate_sparse(ax, points: list[tuple[float, float, str]], pad: float = 2.0) -> None:
+    """Label points without overlaps: each label tries a few offsets around its point and is kept
+    at the first where its drawn box (padded by ``pad`` pixels) meets no label already placed;
+    where none fits the point stays unlabelled (its marker and the table carry K)."""
+    fig = ax.figure
+    fig.canvas.draw()  # final limits, scales and a renderer
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    offsets = [(4, 3), (4, -9), (-4, 3), (-4, -9), (0, 8), (0, -14)]
     for x, y, text in points:
-        base = ax.transData.transform((x, y))
         for dx, dy in offsets:
-            where = base + np.array([dx, dy])
-            if all(np.abs(where - q).max() >= min_px for q in placed):
-                placed.append(where)
-                ax.annotate(text, (x, y), fontsize=7, xytext=(dx, dy), textcoords="offset points")
+            label = ax.annotate(
+                text,
+                (x, y),
+                fontsize=7,
+                xytext=(dx, dy),
+                textcoords="offset points",
+                ha="left" if dx >= 0 else "right",
+            )
+            box = label.get_window_extent(renderer).expanded(1.0, 1.0).padded(pad)
+            inside = ax.get_window_extent(renderer)
+            if box.x0 >= inside.x0 and box.x1 <= inside.x1 and not any(box.overlaps(q) for q in placed):
+                placed.append(box)
                 break
+            label.remove()
 
 
 def _suptitle(fig, text: str) -> None:
@@ -87,7 +97,7 @@ def _save(fig, out: Path, name: str) -> str:
     fig.tight_layout()
     try:
         with atomic_open(Path(out) / name) as fh:  # a full disk leaves no truncated figure
-            fig.savefig(fh, format="png", dpi=DPI)
+            fig.savefig(fh, format="png", dpi=DPI, bbox_inches="tight")  # keeps a legend below the panels
     finally:
         plt.close(fig)
     return name
@@ -145,7 +155,14 @@ def score_vs_time(results: dict, out: Path) -> str | None:
         plt.Line2D([], [], color="grey", ls="--", label="random removal"),
         plt.Line2D([], [], color="k", ls=":", label="no removal"),
     ]
-    axes.flat[0].legend(handles=handles, fontsize=7, loc="best")
+    # below the panels: inside one it hides points
+    fig.legend(
+        handles=handles,
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(len(handles), 5 if cols == 1 else 9),
+    )
     _suptitle(fig, "Retraining score vs attribution time (labels: K, where they fit)" + _seed_note(results))
     return _save(fig, out, "score_vs_time.png")
 

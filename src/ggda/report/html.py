@@ -1,8 +1,10 @@
 """The experiment report: one self-contained ``index.html`` next to its PNG figures.
 
-The page leads with the numbers a reader checks first (no-removal accuracy, the per-point vs
-random gap at the largest removal fraction, the best grouping at each K), then one section per
-evaluation with its figure, a short note on how to read it and the table behind it.
+The page leads with findings computed from the measured numbers (no canned narrative), then the
+data (test points next to their most helpful/harmful training examples, a group gallery, flagged
+noisy labels; :mod:`ggda.report.examples`), one section per evaluation with its figure, a note
+on how to read it and the table behind it, and a configuration and provenance block (every
+option, the options each method ran with, seeds, package versions, the regenerating command).
 """
 
 from __future__ import annotations
@@ -132,6 +134,23 @@ def findings(results: dict) -> list[str]:
 
 def _other_findings(results: dict) -> list[str]:
     lines = []
+    seeds = _seeds(results)
+    prune = pd.DataFrame(results.get("pruning", []))
+    none = results.get("no_removal", {}).get("acc_mean")
+    if not prune.empty and none is not None and {"fraction", "acc_mean", "grouping"} <= set(prune):
+        f = float(prune["fraction"].max())
+        at = prune[np.isclose(prune["fraction"], f)]
+        rnd = at[at["label"] == "random"]
+        for _, p in at[at["grouping"] == "singleton"].iterrows():
+            text = (
+                f"Pruning {f:.0%} (least valuable first by per-point {_e(p['method'])}): accuracy "
+                f"{p['acc_mean']:.3f}, {'above' if p['acc_mean'] > none else 'at or below'} no removal ({none:.3f})"
+            )
+            if len(rnd):
+                r = float(rnd["acc_mean"].iloc[0])
+                verdict = _compare(-p["acc_mean"], -r, p["acc_sem"], float(rnd["acc_sem"].iloc[0]), seeds)
+                text += f"; {verdict} random pruning ({r:.3f})"
+            lines.append(text + ".")
     lds = pd.DataFrame(results.get("lds", []))
     if not lds.empty and "lds" in lds:
         best, worst = lds.sort_values("lds").iloc[-1], lds.sort_values("lds").iloc[0]
@@ -215,8 +234,9 @@ def write_report(results: dict, out: str | Path, title: str | None = None) -> Pa
     parts.append(
         f"<p>n_train={_e(ref['n_train'])}, n_test={_e(ref['n_test'])}, reference model test accuracy {ref['test_accuracy']:.4f}. "
         f"Methods: {_e(', '.join(map(str, cfg['methods'])))}; groupings: {_e(', '.join(map(str, cfg['groupings'])))} at K = {_e(', '.join(map(str, cfg['ks'])))} "
-        f"(per-point always included). {results['retrains']['distinct']} distinct retrains "
-        f"({results['retrains']['ran']} run now, {results['retrains']['seconds']:.0f}s); total {results['seconds']:.0f}s.</p>"
+        f"(per-point always included). {results['retrains']['distinct']} distinct retrains; the latest invocation "
+        f"ran {results['retrains']['ran']} of them ({results['retrains']['seconds']:.0f}s) and loaded the rest from the "
+        f"stores in this folder; it took {results['seconds']:.0f}s in all.</p>"
     )
     parts.append(
         "<h2>Findings</h2><p class='note'>Each sentence is computed from the numbers below.</p><ul>"
