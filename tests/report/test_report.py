@@ -235,6 +235,11 @@ def test_user_strings_are_escaped(tmp_path, modality):
     else:
         assert f"f{escaped}" in page
     assert not [r for r in parse(page).refs if not (tmp_path / r).is_file()]
+    # the examples shown follow the saved scores (linspace: the last ids are the most helpful)
+    elements = parse(page).elements
+    helpful = [int(d["data-id"]) for _, d in elements if "help" in (d.get("class") or "").split()]
+    harmful = [int(d["data-id"]) for _, d in elements if "harm" in (d.get("class") or "").split()]
+    assert helpful == [11, 10, 9] and harmful == [0, 1, 2]
 
 
 def _ablation(gk: float, rnd: float, seeds: int = 2) -> dict:

@@ -29,6 +29,8 @@ STYLE = """
 .ex img{width:56px;height:56px;image-rendering:pixelated;border:1px solid #999}
 .ex.target img{border:3px solid #333}
 .ex table{font-size:10px;margin:0} .ex blockquote{margin:0;text-align:left;font-size:11px;max-width:160px}
+.extab td,.extab th{font-size:11px;padding:1px 5px} .extab tr.help td:first-child{color:#075}
+.extab tr.harm td:first-child{color:#a20} .extab tr.target{font-weight:bold}
 .sep{align-self:center;font-weight:bold;padding:0 6px;font-size:12px}
 .help figcaption{color:#075} .harm figcaption{color:#a20} .flip{color:#a00;font-weight:bold}
 .cards{display:flex;flex-wrap:wrap;gap:8px}
@@ -128,6 +130,38 @@ class Renderer:
         more = f"<tr><td colspan=2>… {len(x) - MAX_FEATURES} more</td></tr>" if len(x) > MAX_FEATURES else ""
         return f"<table>{rows}{more}</table>"
 
+    def block(self, items: list[tuple], attrs: str = "") -> str:
+        """A row of examples: ``("sep", text)`` separators and ``(split, id, caption, cls)``
+        examples (``caption`` is HTML the caller escaped). Images and texts become a row of
+        figures; tabular rows one small table (a row per example, a column per feature)."""
+        if self.modality != "tabular":
+            cells = [
+                f"<span class='sep'>{_e(item[1])}</span>" if item[0] == "sep" else self.figure(*item)
+                for item in items
+            ]
+            return f"<div class='exrow' {attrs}>{''.join(cells)}</div>"
+        width = len(next((x for x in self.insp.arrays.get("display_X", [])), [])) or 0
+        names = (self.insp.record.get("feature_names") or [f"x{i}" for i in range(width)])[:MAX_FEATURES]
+        more = "<th>…</th>" if width > MAX_FEATURES else ""
+        head = "<tr><th>example</th>" + "".join(f"<th>{_e(n)}</th>" for n in names) + more + "</tr>"
+        rows = []
+        for item in items:
+            if item[0] == "sep":
+                rows.append(f"<tr><th colspan='{len(names) + 2}'>{_e(item[1])}</th></tr>")
+                continue
+            split, ident, caption, cls = (*item, "")[:4]
+            x = self.features(split, ident)
+            values = (
+                "".join(f"<td>{v:.4g}</td>" for v in x[:MAX_FEATURES])
+                if x is not None
+                else f"<td colspan='{len(names)}'>not saved</td>"
+            )
+            rows.append(
+                f"<tr class='ex {cls}' data-split='{_e(split)}' data-id='{int(ident)}'>"
+                f"<td>{caption}</td>{values}{'<td></td>' if more else ''}</tr>"
+            )
+        return f"<table class='extab' {attrs}>{head}{''.join(rows)}</table>"
+
     def figure(self, split: str, ident: int, caption: str, cls: str = "") -> str:
         """An example with its caption (``caption`` is HTML the caller escaped)."""
         return (
@@ -154,21 +188,19 @@ def influential_section(insp: Inspection, r: Renderer) -> str:
         parts.append(f"<h3>{_e(method)} (per point)</h3>")
         for t, (tid, ty) in enumerate(zip(a["target_ids"].tolist(), a["target_y"].tolist(), strict=True)):
             helpful, harmful = select.top_bottom(scores[t], k)
-            cells = [r.figure("test", tid, f"test id {_e(tid)}<br>label {_e(insp.label(ty))}", "target")]
+            items: list[tuple] = [("test", tid, f"test id {_e(tid)}<br>label {_e(insp.label(ty))}", "target")]
             for kind, pos in (("help", helpful), ("harm", harmful)):
-                cells.append(f"<span class='sep'>{'helpful' if kind == 'help' else 'harmful'}</span>")
+                items.append(("sep", "helpful" if kind == "help" else "harmful"))
                 for p in pos:
-                    cells.append(
-                        r.figure(
+                    items.append(
+                        (
                             "train",
                             int(train_ids[p]),
                             f"{scores[t, p]:+.3g}<br>id {int(train_ids[p])}, {_e(insp.label(train_y[p]))}",
                             kind,
                         )
                     )
-            parts.append(
-                f"<div class='exrow' data-method='{_e(method)}' data-target='{int(tid)}'>{''.join(cells)}</div>"
-            )
+            parts.append(r.block(items, f"data-method='{_e(method)}' data-target='{int(tid)}'"))
     return "\n".join(parts)
 
 
@@ -207,14 +239,15 @@ def gallery_section(insp: Inspection, r: Renderer) -> str:
                 for m, s in gscores.items()
             )
             shown = select.gallery_members(labels, g, select.GALLERY_MEMBERS, seed)
-            figs = "".join(
-                r.figure("train", int(train_ids[p]), f"id {int(train_ids[p])}, {_e(insp.label(train_y[p]))}")
-                for p in shown
+            figs = r.block(
+                [
+                    ("train", int(train_ids[p]), f"id {int(train_ids[p])}, {_e(insp.label(train_y[p]))}", "")
+                    for p in shown
+                ]
             )
             parts.append(
                 f"<div class='card' data-grouping='{_e(glabel)}' data-group='{g}'><b>group {g}</b>: "
-                f"size {len(members)}; class mix {mix_text}<br>{score_text}"
-                f"<div class='exrow'>{figs}</div></div>"
+                f"size {len(members)}; class mix {mix_text}<br>{score_text}{figs}</div>"
             )
         parts.append("</div>")
     return "\n".join(parts)
@@ -234,23 +267,24 @@ def flagged_section(insp: Inspection, r: Renderer) -> str:
     for method, by_rank in flagged.items():
         for ranking, f in by_rank.items():
             found = int(sum(bool(v) for v in f["flipped"]))
-            figs = []
+            items = []
             for i, s, given, orig, flip in zip(
                 f["ids"], f["suspicion"], f["given"], f["original"], f["flipped"], strict=True
             ):
                 state = "<span class='flip'>flipped</span>" if flip else "not flipped"
-                figs.append(
-                    r.figure(
+                items.append(
+                    (
                         "train",
                         int(i),
                         f"id {int(i)}: given {_e(insp.label(given))}, original {_e(insp.label(orig))}<br>"
                         f"{state}, suspicion {s:.3g}",
+                        "",
                     )
                 )
             parts.append(
                 f"<h3>{_e(method)}, {_e(ranking)}: {found} of the top {len(f['ids'])} were flipped "
                 f"(AUC {float(f.get('auc', float('nan'))):.3f})</h3>"
-                f"<div class='exrow' data-method='{_e(method)}' data-ranking='{_e(ranking)}'>{''.join(figs)}</div>"
+                + r.block(items, f"data-method='{_e(method)}' data-ranking='{_e(ranking)}'")
             )
     return "\n".join(parts)
 
