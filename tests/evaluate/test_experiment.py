@@ -66,8 +66,21 @@ def test_experiment_records_every_score_and_resumes(tmp_path):
         assert (out / name).exists(), name
     ran = results["retrains"]["ran"]
     assert ran == results["retrains"]["distinct"] > 20
+    # what the report reads: per-point scores of the sampled targets, group labels, flagged points
+    record = json.loads((out / "inspect" / "inspect.json").read_text())
+    with np.load(out / "inspect" / "inspect.npz") as z:
+        assert z[record["point_scores"]["grad-dot"]].shape == (6, 200)
+        assert set(record["groupings"]) == {"random:10", "kmeans:10"}
+        assert len(z[record["groupings"]["kmeans:10"]["labels"]]) == 200
+    assert len(record["flagged"]["grad-dot"]["test-harm"]["ids"]) == 12
+    assert results["provenance"]["methods"]["grad-dot"]["options"]["aggregate"] == "sum"
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "attributions").iterdir()}
 
+    logs.clear()
     again = run_experiment(tiny_config(), out, log=logs.append, progress=False)
+    assert any("noisy labels: loaded" in line for line in logs)  # the noisy stage is not rerun
+    assert stamps == {p: p.stat().st_mtime_ns for p in (out / "attributions").iterdir()}
+    assert again["noisy"] == results["noisy"] or _same(again["noisy"], results["noisy"])
     assert again["retrains"]["ran"] == 0
     # NaN-aware equality (NaN != NaN in plain dict comparison; e.g. a 'grouping' field of the baseline rows)
     assert _same(again["retraining"], results["retraining"]) and _same(again["lds"], results["lds"])
@@ -212,3 +225,19 @@ def test_per_grouping_options_override_the_global_ones(small_digits, trained_mlp
     assert not failures
     g = groupings["grad-kmeans:20"]
     assert g.purity(train.y) == 1.0 and g.meta["per_class"] is True
+
+
+def test_method_record_states_the_resolved_damping(small_digits):
+    """The report's provenance block shows the damping an IF actually used, not just 'auto'."""
+    from ggda.applications.experiment import method_record
+    from ggda.methods import make_method
+    from ggda.models import build_model
+    from ggda.task import AttributionTask
+
+    train, _ = small_digits
+    net = build_model("logreg", train.n_features, train.n_outputs, seed=0)
+    att = make_method("if-explicit", AttributionTask(net), damping_rel=0.05).cache(train.subset(range(100)))
+    record = method_record(att, {"damping_rel": 0.05})
+    assert record["options"]["damping_rel"] == 0.05 and record["options"]["damping"] is None
+    assert record["resolved_damping"] == pytest.approx(0.05 * record["info"]["lambda_max"], rel=1e-6)
+    json.dumps(record)  # JSON as saved

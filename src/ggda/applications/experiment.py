@@ -43,10 +43,10 @@ from ggda.evaluate.retraining import Retrainer, RetrainSpec
 from ggda.evaluate.retraining_score import FRACTIONS, RemovalResults, removal_pairs, retraining_score
 from ggda.execution import ResultStore, job_key
 from ggda.groups.grouping import Grouping
-from ggda.io import save_csv, save_json
+from ggda.io import save_csv, save_json, save_npz
 from ggda.models.training import TrainConfig
 from ggda.properties import ExampleLoss, MeanLoss
-from ggda.runs import DataSpec, Run
+from ggda.runs import DataSpec, Run, prepare_data
 from ggda.task import AttributionTask
 
 SINGLETON = "singleton"
@@ -89,6 +89,7 @@ class ExperimentConfig:
     device: str = "cpu"
     seed: int = 0
     gold_compare: str | None = None
+    inspect_targets: int = 6  # test points whose per-point scores the report shows (0: none)
 
     def train_config(self) -> TrainConfig:
         """The training recipe shared by the attributed model, the noisy-label model and every retrain."""
@@ -171,6 +172,7 @@ class ExperimentConfig:
             )
         self.lds_alpha = check("lds_alpha", self.lds_alpha, FRACTION, flag="--lds-alpha")
         self.lds_targets = check("lds_targets", self.lds_targets, COUNT, flag="--lds-targets")
+        self.inspect_targets = check("inspect_targets", self.inspect_targets, NONNEG_INT)
         self.noise = check("noise", self.noise, Spec(float, 0, 1, high_open=True), flag="--noise")
         self.max_train = check("max_train", self.max_train, COUNT.optional(), flag="--max-train")
         self.workers = check("workers", self.workers, COUNT.optional(), flag="--workers")
@@ -269,14 +271,19 @@ def attribute_all(
     context: dict,
     log: Log,
     lds_targets: int = 0,
-) -> tuple[list[dict], dict[str, dict[str, np.ndarray]], list[dict]]:
+    inspect: Dataset | None = None,
+) -> tuple[list[dict], dict[str, dict[str, np.ndarray]], list[dict], dict[str, dict]]:
     """Timed mean-test-loss attribution (and per-target scores for LDS) per method × grouping.
 
     Methods are built by ``run.method`` (the run's weight decay and checkpoints offered,
     ``config.method_options`` override). Results are stored under keys of (context, method,
-    options, grouping), so a rerun reuses them with their originally measured times.
+    options, grouping), so a rerun reuses them with their originally measured times. With
+    ``inspect`` (a few test points), the per-point scores of each of them are stored too (under
+    their own key, computed in the same pass when possible) as ``scores[label]["inspect"]`` for
+    the report's influential-examples view. The fourth value maps each method to the record of
+    how it ran (options actually used, resolved damping etc.; :func:`method_record`).
     """
-    rows, scores, failures = [], {}, []
+    rows, scores, failures, infos = [], {}, [], {}
     train, test = run.data()
     mean_prop = MeanLoss(test.X, test.y)
     example_prop = ExampleLoss(test.X[:lds_targets], test.y[:lds_targets]) if lds_targets else None
@@ -295,31 +302,56 @@ def attribute_all(
                 m=method,
                 g=glabel.replace(":", "-"),
             )
+            ikey = None
+            if inspect is not None and len(inspect) and glabel == SINGLETON:
+                ikey = job_key(
+                    {**context, "method": method, "opts": opts, "inspect": inspect.ids.tolist()},
+                    m=method,
+                    inspect=len(inspect),
+                )
             label = f"{method}|{glabel}"
-            if store.has(key):
-                arrays, meta = store.get(key)
-            else:
+            need_main, need_inspect = not store.has(key), ikey is not None and not store.has(ikey)
+            att = None
+            if need_main or need_inspect:
                 try:
                     t0 = time.perf_counter()
                     att = run.method(method, task, **user_opts).cache(train, grouping)
-                    mean_scores = att.attribute(mean_prop)
-                    seconds = time.perf_counter() - t0
-                    arrays = {"mean": np.asarray(mean_scores, dtype=np.float64)}
-                    t1 = time.perf_counter()
-                    if example_prop is not None:
-                        arrays["example"] = np.asarray(att.attribute(example_prop), dtype=np.float64)
-                    meta = {
-                        "attribution_seconds": seconds,
-                        "grouping_seconds": grouping.seconds,
-                        "example_seconds": time.perf_counter() - t1,
-                    }
+                    cache_seconds = time.perf_counter() - t0
+                    if need_main:
+                        t0 = time.perf_counter()
+                        mean_scores = att.attribute(mean_prop)
+                        seconds = cache_seconds + time.perf_counter() - t0
+                        arrays = {"mean": np.asarray(mean_scores, dtype=np.float64)}
+                        t1 = time.perf_counter()
+                        if example_prop is not None:
+                            arrays["example"] = np.asarray(att.attribute(example_prop), dtype=np.float64)
+                        meta = {
+                            "attribution_seconds": seconds,
+                            "grouping_seconds": grouping.seconds,
+                            "example_seconds": time.perf_counter() - t1,
+                            "method_record": method_record(att, opts),
+                        }
+                        store.put(key, arrays, meta)
+                    if need_inspect:
+                        per_point = att.attribute(ExampleLoss(inspect.X, inspect.y))
+                        store.put(
+                            ikey,
+                            {"scores": np.asarray(per_point, dtype=np.float64)},
+                            {"target_ids": inspect.ids.tolist(), "method_record": method_record(att, opts)},
+                        )
                 except Exception as exc:
                     failures.append(
                         {"stage": "attribution", "label": label, "error": f"{type(exc).__name__}: {exc}"}
                     )
                     log(f"  {label} failed: {exc}")
                     continue
-                store.put(key, arrays, meta)
+            arrays, meta = store.get(key)
+            if ikey is not None:
+                inspected, imeta = store.get(ikey)
+                arrays = {**arrays, "inspect": inspected["scores"]}
+                infos.setdefault(method, imeta.get("method_record", {}))
+            if "method_record" in meta:
+                infos.setdefault(method, meta["method_record"])
             gmethod, K = _split_label(glabel)
             seconds = meta["attribution_seconds"] + meta["grouping_seconds"]
             rows.append(
@@ -335,7 +367,56 @@ def attribute_all(
             )
             scores[label] = arrays
             log(f"  {label:32s} K={grouping.n_groups:5d}  {seconds:7.2f}s")
-    return rows, scores, failures
+    return rows, scores, failures, infos
+
+
+def method_record(att, options: dict) -> dict:
+    """How a method actually ran, as JSON: every constructor option with the value the built
+    method holds (the given one, else its default), and the method's own ``info`` (resolved
+    damping λ, TRAK's projection size, CG iterations, ...), so a report can state them."""
+    import inspect as _inspect
+
+    from ggda.methods.base import method_options
+
+    def plain(v):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (np.integer, np.floating)):
+            return v.item()
+        if isinstance(v, (list, tuple)) and len(v) <= 16:
+            return [plain(x) for x in v]
+        if isinstance(v, dict) and len(v) <= 32:
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return f"{len(v)} items"
+        return type(v).__name__
+
+    defaults = {}
+    for klass in reversed(type(att).__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in _inspect.signature(init).parameters.values():
+            if p.default is not p.empty:
+                defaults[p.name] = p.default
+    used = {}
+    for name in sorted(method_options(type(att))):
+        if name in options:
+            used[name] = options[name]
+        elif hasattr(att, name) and not callable(getattr(att, name)):
+            used[name] = getattr(att, name)
+        elif name in defaults:
+            used[name] = defaults[name]
+    if isinstance(used.get("checkpoints"), (list, tuple)):
+        used["checkpoints"] = f"{len(used['checkpoints'])} checkpoints"
+    record = {"options": {k: plain(v) for k, v in used.items()}}
+    info = getattr(att, "info", None)
+    if isinstance(info, dict) and info:
+        record["info"] = {str(k): plain(v) for k, v in info.items()}
+    damping = getattr(att, "lambda_", None)
+    if isinstance(damping, (int, float, np.floating)):
+        record["resolved_damping"] = float(damping)
+    return record
 
 
 def _gdigest(grouping: Grouping) -> str:
@@ -345,10 +426,40 @@ def _gdigest(grouping: Grouping) -> str:
 
 
 def _noisy_detection(
-    config: ExperimentConfig, data_spec: DataSpec, model_spec_name: str, out: Path, log: Log
-) -> tuple[list[dict], dict[str, dict], list[dict], dict]:
-    """Train on flipped labels, then rank points by self-influence / test harm per method × grouping."""
+    config: ExperimentConfig, data_spec: DataSpec, model_spec_name: str, out: Path, log: Log, clean: Dataset
+) -> tuple[list[dict], dict[str, dict], list[dict], dict, dict]:
+    """Train on flipped labels, then rank points by self-influence / test harm per method × grouping.
+
+    The whole stage is stored under ``OUT/noisy-results`` keyed by everything it depends on, so a
+    rerun loads it instead of retraining the noisy model. The fifth value holds, per method and
+    ranking, the top flagged training points of per-point attribution (ids, suspicion, given
+    label, original label from ``clean``, whether flipped) for the report.
+    """
+    from ggda.evaluate.noisy_labels import inspection_order
+    from ggda.report.select import FLAGGED
+
     spec = DataSpec(**{**data_spec.to_dict(), "noise": config.noise, "noise_seed": config.seed})
+    store = ResultStore(out / "noisy-results")
+    key = job_key(
+        {
+            "data": spec.to_dict(),
+            "model": model_spec_name,
+            "train": config.train_config().to_dict(),
+            "methods": config.methods,
+            "method_options": config.method_options,
+            "groupings": config.groupings,
+            "ks": config.ks,
+            "grouping_options": config.grouping_options,
+            "per_class": config.per_class,
+            "flagged": FLAGGED,
+            "device": config.device,
+        },
+        stage="noisy",
+    )
+    if store.has(key):
+        _, meta = store.get(key)
+        log(f"noisy labels: loaded from {store.root}")
+        return meta["rows"], meta["curves"], meta["failures"], meta["info"], meta["flagged"]
     run = Run.create(out / "noisy-model", spec, model_spec_name, config.train_config(), config.device)
     train, test = run.data()
     task = run.task(config.device)
@@ -362,7 +473,7 @@ def _noisy_detection(
         f"noisy labels: {info['n_flipped']} of {len(train)} flipped, {model_spec_name} test accuracy {info['test_accuracy']:.3f}"
     )
     groupings, failures = build_groupings(config, train, task, log)
-    rows, curves = [], {}
+    rows, curves, flagged = [], {}, {}
     for method in config.methods:
         opts = config.method_options.get(method, {})
         for glabel, grouping in groupings.items():
@@ -399,8 +510,163 @@ def _noisy_detection(
                     "inspected": grid.tolist(),
                     "found": np.interp(grid, det.inspected, det.recall).tolist(),
                 }
+                if glabel == SINGLETON:
+                    top = inspection_order(suspicion, config.seed)[:FLAGGED]
+                    ids = train.ids[top]
+                    flagged.setdefault(method, {})[ranking] = {
+                        "ids": ids.tolist(),
+                        "suspicion": np.asarray(suspicion)[top].tolist(),
+                        "given": train.y[top].tolist(),
+                        "original": clean.y[clean.positions_of(ids)].tolist(),
+                        "flipped": train.noisy[top].tolist(),
+                        "auc": float(det.row()["auc"]),
+                    }
             log(f"  {label:32s} AUC self {rows[-2]['auc']:.3f}, test-harm {rows[-1]['auc']:.3f}")
-    return rows, curves, failures, info
+    store.put(
+        key,
+        {"n_flipped": np.asarray([info["n_flipped"]])},
+        {"rows": rows, "curves": curves, "failures": failures, "info": info, "flagged": flagged},
+    )
+    return rows, curves, failures, info, flagged
+
+
+def save_inspection(
+    out: Path,
+    config: ExperimentConfig,
+    data_spec: DataSpec,
+    train: Dataset,
+    targets: Dataset,
+    groupings: dict[str, Grouping],
+    scores: dict[str, dict[str, np.ndarray]],
+    flagged: dict,
+) -> Path:
+    """Write ``OUT/inspect/inspect.json`` + ``inspect.npz``: everything the report's data views
+    read (and nothing else is read for them).
+
+    Saved: target test points and, per method, their per-point scores over all training points;
+    per grouping at the gallery K, its labels and group scores; the flagged noisy-label points;
+    and the *display form* (un-standardised features) of exactly the training points the
+    report's selection (:mod:`ggda.report.select`) picks from those numbers, plus the targets.
+    """
+    from ggda.report import select
+
+    insp = out / "inspect"
+    insp.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {"train_ids": train.ids, "train_y": train.y}
+    record: dict = {
+        "version": 1,
+        "data": train.name,
+        "kind": train.kind,
+        "class_names": [str(c) for c in train.meta.get("classes", [])] or None,
+        "feature_names": list(train.feature_names) if train.feature_names else None,
+        "methods": list(config.methods),
+        "seed": config.seed,
+        "top_k": select.TOP_K,
+        "point_scores": {},
+        "groupings": {},
+        "flagged": flagged,
+    }
+    shape = tuple(train.input_shape or ())
+    image = len(shape) >= 2 and int(np.prod(shape)) == train.n_features
+    record["modality"] = "image" if image else "tabular"
+    record["image_shape"] = list(shape) if image else None
+    shown: set[int] = set()
+    for i, method in enumerate(config.methods):
+        per_point = scores.get(f"{method}|{SINGLETON}", {}).get("inspect")
+        if per_point is None:
+            continue
+        name = f"point_{i}"
+        arrays[name] = np.asarray(per_point, dtype=np.float64)
+        record["point_scores"][method] = name
+        for row in arrays[name]:
+            helpful, harmful = select.top_bottom(row, select.TOP_K)
+            shown.update(helpful.tolist() + harmful.tolist())
+    ks = [g.n_groups for label, g in groupings.items() if label != SINGLETON]
+    record["gallery_k"] = gk = select.gallery_k(ks)
+    for j, (glabel, grouping) in enumerate(groupings.items()):
+        if glabel == SINGLETON or grouping.n_groups != gk:
+            continue
+        entry = {
+            "grouping": _split_label(glabel)[0],
+            "K": grouping.n_groups,
+            "labels": f"labels_{j}",
+            "scores": {},
+        }
+        arrays[f"labels_{j}"] = grouping.labels
+        for i, method in enumerate(config.methods):
+            mean = scores.get(f"{method}|{glabel}", {}).get("mean")
+            if mean is None:
+                continue
+            arrays[f"gscore_{j}_{i}"] = (
+                np.asarray(mean, dtype=np.float64).reshape(-1, grouping.n_groups).mean(0)
+            )
+            entry["scores"][method] = f"gscore_{j}_{i}"
+        if entry["scores"]:
+            first = arrays[next(iter(entry["scores"].values()))]
+            for g in select.gallery_groups(first, select.GALLERY_GROUPS):
+                shown.update(
+                    select.gallery_members(
+                        grouping.labels, int(g), select.GALLERY_MEMBERS, config.seed
+                    ).tolist()
+                )
+        record["groupings"][glabel] = entry
+    flagged_ids = {i for by_rank in flagged.values() for f in by_rank.values() for i in f["ids"]}
+    raw_train, raw_test, _ = prepare_data(DataSpec(**{**data_spec.to_dict(), "standardize": False}))
+    positions = sorted(
+        shown | set(train.positions_of(sorted(flagged_ids)).tolist()) if flagged_ids else shown
+    )
+    ids = train.ids[np.asarray(positions, dtype=np.int64)] if positions else np.zeros(0, np.int64)
+    arrays["display_ids"] = ids
+    arrays["display_X"] = np.asarray(raw_train.X[raw_train.positions_of(ids)], dtype=np.float32)
+    arrays["target_ids"] = targets.ids
+    arrays["target_y"] = targets.y
+    arrays["target_X"] = np.asarray(raw_test.X[raw_test.positions_of(targets.ids)], dtype=np.float32)
+    save_npz(insp / "inspect.npz", **arrays)
+    save_json(insp / "inspect.json", record, indent=1, default=_json_default)
+    return insp
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages behind the numbers (for the report's provenance block)."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("ggda", "torch", "numpy", "scikit-learn", "pandas", "matplotlib"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def experiment_command(config: ExperimentConfig, out: str | Path) -> str:
+    """The ``ggda experiment`` line that regenerates this experiment (non-default options only;
+    options the CLI does not expose are named after a ``#``)."""
+    import shlex
+
+    default = ExperimentConfig()
+    listed = {"methods", "groupings", "ks", "fractions", "prune_fractions"}
+    flags, python_only = [], []
+    for name, value in config.to_dict().items():
+        if value == getattr(default, name):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name in listed:
+            flags += [flag, ",".join(str(v) for v in value)]
+        elif name in ("method_options", "grouping_options"):
+            kind = "--opt" if name == "method_options" else "--gopt"
+            for scope, opts in value.items():
+                for k, v in opts.items():
+                    flags += [kind, f"{scope}:{k}={str(v).lower() if isinstance(v, bool) else v}"]
+        elif name == "per_class":
+            flags.append("--per-class" if value else "--no-per-class")
+        elif name in ("fill", "inspect_targets"):
+            python_only.append(f"{name}={value!r}")
+        elif value is not None:
+            flags += [flag, str(value)]
+    line = shlex.join(["ggda", "experiment", *flags, "--out", str(out)])
+    return line + (f"  # and in ExperimentConfig: {', '.join(python_only)}" if python_only else "")
 
 
 def _removal_rows(results: RemovalResults, attributions: pd.DataFrame) -> list[dict]:
@@ -433,9 +699,18 @@ def load_gold_compare(path: str | Path) -> list[dict]:
 
 
 def run_experiment(
-    config: ExperimentConfig, out: str | Path, log: Log = print, progress: bool = True
+    config: ExperimentConfig,
+    out: str | Path,
+    log: Log = print,
+    progress: bool = True,
+    command: str | None = None,
 ) -> dict:
-    """Run (or resume) the experiment into ``out``; returns the results dict also saved as results.json."""
+    """Run (or resume) the experiment into ``out``; returns the results dict also saved as results.json.
+
+    ``command`` is the line that regenerates it (default: :func:`experiment_command`); it is
+    recorded with package versions and seeds in ``results["provenance"]``. The data views of the
+    report are saved under ``OUT/inspect`` (:func:`save_inspection`).
+    """
     import torch
 
     from ggda.outputs import check_output_dir
@@ -472,7 +747,10 @@ def run_experiment(
     groupings, failures = build_groupings(config, train, task, log)
     log("attribution (mean test loss; time includes grouping)")
     lds_targets = min(config.lds_targets, len(test)) if config.lds_subsets else 0
-    att_rows, scores, fails = attribute_all(
+    from ggda.report.select import pick_targets
+
+    inspect = test.subset(pick_targets(test.y, config.inspect_targets))
+    att_rows, scores, fails, method_records = attribute_all(
         config,
         run,
         task,
@@ -481,6 +759,7 @@ def run_experiment(
         context,
         log,
         lds_targets,
+        inspect,
     )
     failures += fails
     attributions = pd.DataFrame(att_rows)
@@ -548,13 +827,14 @@ def run_experiment(
                 }
             )
 
-    noisy_rows, noisy_curves, noisy_info = [], {}, {}
+    noisy_rows, noisy_curves, noisy_info, flagged = [], {}, {}, {}
     if config.noise > 0:
         log("noisy-label detection")
-        noisy_rows, noisy_curves, fails, noisy_info = _noisy_detection(
-            config, data_spec, config.noisy_model or config.model, out, log
+        noisy_rows, noisy_curves, fails, noisy_info, flagged = _noisy_detection(
+            config, data_spec, config.noisy_model or config.model, out, log, train
         )
         failures += fails
+    save_inspection(out, config, data_spec, train, inspect, groupings, scores, flagged)
     gold_rows = load_gold_compare(config.gold_compare) if config.gold_compare else []
     results = {
         "config": config.to_dict(),
@@ -576,6 +856,18 @@ def run_experiment(
         "failures": failures,
         "retrains": {"distinct": unique, "ran": retrainer.executed, "seconds": retrain_seconds},
         "seconds": time.perf_counter() - t_start,
+        "provenance": {
+            "command": command or experiment_command(config, out),
+            "versions": versions(),
+            "methods": method_records,
+            "seeds": {
+                "model": f"training seed {config.seed}; split seed {config.seed}",
+                "retraining": f"each retraining-score and pruning point: mean over retraining seeds {seeds}",
+                "lds": f"{config.lds_subsets} subsets drawn with seed {config.seed}, one retrain each (seed 0)",
+                "noisy": f"labels flipped with seed {config.seed}; noisy model trained with seed {config.seed}",
+                "groupings": f"grouping seed {config.seed}",
+            },
+        },
     }
     save_json(out / "results.json", results, indent=1, default=_json_default)
     for name in ("attributions", "retraining", "pruning", "lds", "noisy", "gold"):

@@ -43,5 +43,8 @@ def demo_config() -> ExperimentConfig:
 
 def run_demo(out: Path, config: ExperimentConfig | None = None) -> Path:
     """Run (or resume) the demo experiment into ``out``; returns the path of ``index.html``."""
-    results = run_experiment(config or demo_config(), Path(out))
+    import shlex
+
+    command = shlex.join(["ggda", "demo", "--out", str(out)]) if config is None else None
+    results = run_experiment(config or demo_config(), Path(out), command=command)
     return write_report(results, Path(out), title="ggda demo: group data attribution on digits (mlp-s)")

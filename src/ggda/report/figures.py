@@ -29,6 +29,65 @@ MARKERS = {
 DPI = 110
 
 
+def _yerr(results: dict, values) -> np.ndarray | None:
+    """Error bars only when they mean something: SEM over at least 3 retraining seeds."""
+    return np.asarray(values, dtype=float) if int(results.get("config", {}).get("seeds", 0)) >= 3 else None
+
+
+def _seed_note(results: dict) -> str:
+    seeds = int(results.get("config", {}).get("seeds", 0))
+    return "" if seeds >= 3 else f" (n={seeds} seeds, no error bar)"
+
+
+def _log_x(ax) -> None:
+    """A log x axis whose tick labels cannot collide: labels at 1-2-5 steps only, no minor labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    lo, hi = ax.get_xlim()
+    if hi / max(lo, 1e-300) > 1e3:  # wide range: decades only
+        ax.xaxis.set_major_locator(LogLocator(base=10, numticks=12))
+    ax.tick_params(axis="x", labelsize=8)
+
+
+def _annotate_sparse(ax, points: list[tuple[float, float, str]], pad: float = 2.0) -> None:
+    """Label points without overlaps: each label tries a few offsets around its point and is kept
+    at the first where its drawn box (padded by ``pad`` pixels) meets no label already placed;
+    where none fits the point stays unlabelled (its marker and the table carry K)."""
+    fig = ax.figure
+    fig.canvas.draw()  # final limits, scales and a renderer
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    offsets = [(4, 3), (4, -9), (-4, 3), (-4, -9), (0, 8), (0, -14)]
+    for x, y, text in points:
+        for dx, dy in offsets:
+            label = ax.annotate(
+                text,
+                (x, y),
+                fontsize=7,
+                xytext=(dx, dy),
+                textcoords="offset points",
+                ha="left" if dx >= 0 else "right",
+            )
+            box = label.get_window_extent(renderer).expanded(1.0, 1.0).padded(pad)
+            inside = ax.get_window_extent(renderer)
+            if box.x0 >= inside.x0 and box.x1 <= inside.x1 and not any(box.overlaps(q) for q in placed):
+                placed.append(box)
+                break
+            label.remove()
+
+
+def _suptitle(fig, text: str) -> None:
+    """A figure title wrapped to the figure's width (a one-panel figure cuts a long title off)."""
+    import textwrap
+
+    width = max(30, int(fig.get_figwidth() * 11))
+    fig.suptitle(textwrap.fill(text, width), fontsize=10)
+
+
 def _colors(methods) -> dict[str, str]:
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     return {m: cycle[i % len(cycle)] for i, m in enumerate(sorted(set(methods)))}
@@ -38,7 +97,7 @@ def _save(fig, out: Path, name: str) -> str:
     fig.tight_layout()
     try:
         with atomic_open(Path(out) / name) as fh:  # a full disk leaves no truncated figure
-            fig.savefig(fh, format="png", dpi=DPI)
+            fig.savefig(fh, format="png", dpi=DPI, bbox_inches="tight")  # keeps a legend below the panels
     finally:
         plt.close(fig)
     return name
@@ -65,25 +124,22 @@ def score_vs_time(results: dict, out: Path) -> str | None:
     fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.2 * rows), squeeze=False)
     for ax, f in zip(axes.flat, fractions, strict=False):
         sub = ranked[np.isclose(ranked["fraction"], f)]
+        labels = []
         for _, r in sub.iterrows():
             ax.errorbar(
                 r["seconds"],
                 r["acc_mean"],
-                yerr=r["acc_sem"],
+                yerr=None if _yerr(results, [r["acc_sem"]]) is None else r["acc_sem"],
                 fmt=MARKERS.get(r["grouping"], "o"),
                 color=colors[r["method"]],
                 ms=9 if r["grouping"] == "singleton" else 6,
                 alpha=0.85,
             )
-            ax.annotate(
-                f"{r['K']}",
-                (r["seconds"], r["acc_mean"]),
-                fontsize=6,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+            if r["grouping"] != "singleton":
+                labels.append((r["seconds"], r["acc_mean"], f"K={r['K']}"))
         _baselines(ax, frame, f, results["no_removal"]["acc_mean"])
-        ax.set_xscale("log")
+        _log_x(ax)
+        _annotate_sparse(ax, labels)
         ax.set_title(f"remove top {f:.0%} most helpful points")
         ax.set_xlabel("attribution time, grouping included (s)")
         ax.set_ylabel("test accuracy after retraining\n(lower = more faithful)")
@@ -99,8 +155,15 @@ def score_vs_time(results: dict, out: Path) -> str | None:
         plt.Line2D([], [], color="grey", ls="--", label="random removal"),
         plt.Line2D([], [], color="k", ls=":", label="no removal"),
     ]
-    axes.flat[0].legend(handles=handles, fontsize=7, loc="best")
-    fig.suptitle("Retraining score vs attribution time (labels: K)")
+    # below the panels: inside one it hides points
+    fig.legend(
+        handles=handles,
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(len(handles), 5 if cols == 1 else 9),
+    )
+    _suptitle(fig, "Retraining score vs attribution time (labels: K, where they fit)" + _seed_note(results))
     return _save(fig, out, "score_vs_time.png")
 
 
@@ -127,7 +190,7 @@ def grouping_ablation(results: dict, out: Path, fraction: float | None = None) -
         ]
         colors = [plt.cm.tab10(list(MARKERS).index(g) % 10) if g in MARKERS else "C7" for g in m["grouping"]]
         x = np.arange(len(m))
-        ax.bar(x, m["acc_mean"], yerr=m["acc_sem"], color=colors, capsize=3)
+        ax.bar(x, m["acc_mean"], yerr=_yerr(results, m["acc_sem"]), color=colors, capsize=3)
         _baselines(ax, frame, fraction, results["no_removal"]["acc_mean"])
         lo = min(m["acc_mean"].min(), results["no_removal"]["acc_mean"]) - 0.05
         ax.set_ylim(max(0.0, lo), 1.0)
@@ -136,19 +199,30 @@ def grouping_ablation(results: dict, out: Path, fraction: float | None = None) -
         ax.set_ylabel(f"accuracy after removing top {fraction:.0%}")
         ax.grid(alpha=0.3, axis="y")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Grouping ablation (lower = grouping keeps the attribution faithful)")
+    _suptitle(
+        fig, "Grouping ablation (lower = grouping keeps the attribution faithful)" + _seed_note(results)
+    )
     return _save(fig, out, "grouping_ablation.png")
 
 
 def removal_curves(results: dict, out: Path, key: str = "retraining") -> str | None:
-    """GGDA Figure 2 (``retraining``) or pruning (``pruning``): accuracy vs fraction removed."""
+    """GGDA Figure 2 (``retraining``) or pruning (``pruning``): accuracy vs fraction removed.
+
+    With a single fraction there is no curve: each ranking becomes one bar (a line plot would
+    draw a lone x value on a meaningless ±1.5 axis).
+    """
     frame = pd.DataFrame(results[key])
     if frame.empty:
         return None
     ranked = frame[frame["label"] != "random"]
     methods = sorted(ranked["method"].unique())
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.8 * len(methods), 4.2), squeeze=False, sharey=True)
     rnd = frame[frame["label"] == "random"].sort_values("fraction")
+    none_acc = results["no_removal"]["acc_mean"]
+    order = "(most helpful first)" if key == "retraining" else "(least valuable first)"
+    fractions = sorted(frame["fraction"].unique())
+    if len(fractions) == 1:
+        return _removal_bars(results, out, key, frame, fractions[0], order)
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.8 * len(methods), 4.2), squeeze=False, sharey=True)
     for ax, method in zip(axes.flat, methods, strict=False):
         m = ranked[ranked["method"] == method]
         for _label, curve in m.groupby("label"):
@@ -157,7 +231,7 @@ def removal_curves(results: dict, out: Path, key: str = "retraining") -> str | N
             ax.errorbar(
                 curve["fraction"] * 100,
                 curve["acc_mean"],
-                yerr=curve["acc_sem"],
+                yerr=_yerr(results, curve["acc_sem"]),
                 marker=MARKERS.get(g, "o"),
                 lw=2.2 if g == "singleton" else 1,
                 label="per-point" if g == "singleton" else f"{g} K={curve['K'].iloc[0]}",
@@ -166,24 +240,67 @@ def removal_curves(results: dict, out: Path, key: str = "retraining") -> str | N
         ax.errorbar(
             rnd["fraction"] * 100,
             rnd["acc_mean"],
-            yerr=rnd["acc_sem"],
+            yerr=_yerr(results, rnd["acc_sem"]),
             color="grey",
             ls="--",
             label="random",
             capsize=2,
         )
-        ax.axhline(results["no_removal"]["acc_mean"], color="black", ls=":", lw=1, label="no removal")
+        ax.axhline(none_acc, color="black", ls=":", lw=1, label="no removal")
+        ax.set_xticks([f * 100 for f in fractions], [f"{f:.0%}" for f in fractions])
         ax.set_title(method)
-        ax.set_xlabel(
-            "% of training points removed"
-            + (" (most helpful first)" if key == "retraining" else " (least valuable first)")
-        )
+        ax.set_xlabel(f"training points removed {order}")
         ax.set_ylabel("test accuracy after retraining")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    fig.suptitle(
-        "Accuracy after removing the most helpful points" if key == "retraining" else "Dataset pruning"
+    title = "Accuracy after removing the most helpful points" if key == "retraining" else "Dataset pruning"
+    _suptitle(fig, title + _seed_note(results))
+    return _save(fig, out, f"{key}_curves.png")
+
+
+def _removal_bars(
+    results: dict, out: Path, key: str, frame: pd.DataFrame, fraction: float, order: str
+) -> str:
+    """One fraction: a bar per ranking (per method), random removal as a grey bar, no removal as a line."""
+    ranked = frame[frame["label"] != "random"]
+    methods = sorted(ranked["method"].unique())
+    rnd = frame[frame["label"] == "random"]
+    widest = max(int(ranked.groupby("method").size().max()), 1) + 1
+    fig, axes = plt.subplots(
+        1,
+        len(methods),
+        figsize=(len(methods) * max(4.0, 0.45 * widest + 1.5), 4.4),
+        squeeze=False,
+        sharey=True,
     )
+    for ax, method in zip(axes.flat, methods, strict=False):
+        m = ranked[ranked["method"] == method].sort_values(
+            ["grouping", "K"],
+            key=lambda c: c.map(lambda v: (v != "singleton", v)) if c.name == "grouping" else c,
+        )
+        labels = [
+            "per-point" if g == "singleton" else f"{g}\nK={k}"
+            for g, k in zip(m["grouping"], m["K"], strict=False)
+        ]
+        colors = [plt.cm.tab10(list(MARKERS).index(g) % 10) if g in MARKERS else "C7" for g in m["grouping"]]
+        means, sems = list(m["acc_mean"]), list(m["acc_sem"])
+        if len(rnd):
+            labels.append("random\nremoval")
+            colors.append("lightgrey")
+            means.append(float(rnd["acc_mean"].iloc[0]))
+            sems.append(float(rnd["acc_sem"].iloc[0]))
+        x = np.arange(len(means))
+        ax.bar(x, means, yerr=_yerr(results, sems), color=colors, capsize=3)
+        ax.axhline(results["no_removal"]["acc_mean"], color="black", ls=":", lw=1, label="no removal")
+        lo = min(min(means), results["no_removal"]["acc_mean"]) - 0.05
+        ax.set_ylim(max(0.0, lo), 1.0)
+        ax.set_xticks(x, labels, rotation=60, fontsize=7, ha="right")
+        ax.set_title(method)
+        ax.set_ylabel(f"test accuracy after removing {fraction:.0%}")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    title = "Accuracy after removing the most helpful points" if key == "retraining" else "Dataset pruning"
+    _suptitle(fig, f"{title}: {fraction:.0%} removed {order}" + _seed_note(results))
     return _save(fig, out, f"{key}_curves.png")
 
 
@@ -203,11 +320,16 @@ def lds_bars(results: dict, out: Path) -> str | None:
             color=colors[r["method"]],
             ms=7,
         )
-        ax.annotate(
-            str(r["K"]), (r["seconds"], r["lds"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
-        )
     ax.axhline(0, color="grey", lw=0.6)
-    ax.set_xscale("log")
+    _log_x(ax)
+    _annotate_sparse(
+        ax,
+        [
+            (r["seconds"], r["lds"], f"K={r['K']}")
+            for _, r in frame.iterrows()
+            if r["grouping"] != "singleton"
+        ],
+    )
     ax.set_xlabel("attribution time, grouping included (s)")
     ax.set_ylabel("LDS (Spearman, mean ± SEM over test points)")
     handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=m) for m, c in colors.items()]
@@ -251,8 +373,9 @@ def noisy_curves(results: dict, out: Path, ranking: str = "self-influence") -> s
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     info = results.get("noisy_info", {})
-    fig.suptitle(
-        f"Noisy-label detection: {info.get('n_flipped', '?')} flipped labels, model {info.get('model', '?')}"
+    _suptitle(
+        fig,
+        f"Noisy-label detection: {info.get('n_flipped', '?')} flipped labels, model {info.get('model', '?')}",
     )
     return _save(fig, out, f"noisy_{ranking}.png")
 
@@ -276,5 +399,5 @@ def gold_similarity(results: dict, out: Path) -> str | None:
         ax.set_ylabel(f"{metric} to gold (mean ± SEM)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Similarity to the further-training gold standard")
+    _suptitle(fig, "Similarity to the further-training gold standard")
     return _save(fig, out, "gold_similarity.png")
