@@ -231,7 +231,9 @@ def _removal_command(
     fn = retraining_score if kind == "retraining" else pruning_curves
     result = fn(retrainer, rankings, fracs, list(range(seeds)), fill=fill)
     frame = result.table()
-    typer.echo(f"retrains run now: {retrainer.executed} (the rest came from {retrainer.store.root})")
+    typer.echo(
+        f"{retrainer.executed} retrainings run now, {retrainer.reused} reused from {retrainer.store.root}"
+    )
     _write(
         out,
         kind,
@@ -342,7 +344,9 @@ def lds_cmd(
             {"label": lb, "K": g.n_groups, "lds": v.score, "sem": v.sem, "targets": len(v.per_target)}
             for lb, v in res.items()
         ]
-    typer.echo(f"retrains run now: {retrainer.executed}")
+    typer.echo(
+        f"{retrainer.executed} retrainings run now, {retrainer.reused} reused from {retrainer.store.root}"
+    )
     frame = pd.DataFrame(rows)
     _write(out, "lds", frame, {"rows": rows, "subsets": subsets, "alpha": alpha})
 

@@ -123,6 +123,23 @@ def kronecker_layers(task: AttributionTask) -> list[KroneckerLayer]:
     return layers
 
 
+def skipped_layers_notice(task: AttributionTask, missing: list[str], shown: int = 20) -> str:
+    """One line naming the layers (module name and type) whose parameters EK-FAC leaves out."""
+    modules = dict(task.model.named_modules())
+    layers: dict[str, str] = {}
+    for name in missing:
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        module = modules.get(owner)
+        layers.setdefault(owner or name, type(module).__name__ if module is not None else "parameter")
+    names = [f"{layer} ({kind})" for layer, kind in layers.items()]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    kept = len(task.param_names) - len(missing)
+    return (
+        f"ggda: EK-FAC skips {len(layers)} layer(s) outside nn.Linear/nn.Conv2d: {', '.join(names[:shown])}{more} "
+        f"({len(missing)} parameter tensors, as Kronfluence does); its scores cover the other {kept}."
+    )
+
+
 def supported_task(task: AttributionTask) -> AttributionTask:
     """The task restricted to its Linear/Conv2d parameters, with a notice naming what is skipped
     (normalisation layers, embeddings: Kronfluence skips them the same way)."""
@@ -134,12 +151,7 @@ def supported_task(task: AttributionTask) -> AttributionTask:
             "EK-FAC covers nn.Linear and nn.Conv2d parameters only and the task attributes none; "
             "use --method if-cg."
         )
-    warnings.warn(
-        f"ggda: EK-FAC skips {len(missing)} parameter tensors outside nn.Linear/nn.Conv2d (e.g. "
-        f"{', '.join(missing[:3])}); its scores cover the other {len(task.param_names) - len(missing)}.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    warnings.warn(skipped_layers_notice(task, missing), RuntimeWarning, stacklevel=3)
     return task.with_params([n for n in task.param_names if n not in missing])
 
 
