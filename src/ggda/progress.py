@@ -55,3 +55,66 @@ def progress(iterable: Iterable | None = None, *, disable: bool = False, leave: 
         kwargs.setdefault("ascii", True)
         stream = _Lines(stream)
     return tqdm(iterable, file=stream, disable=disable, leave=leave, **kwargs)
+
+
+_bar = progress  # the bar of :class:`Iterations` (whose ``progress`` argument is the switch)
+
+
+# -- on or off -------------------------------------------------------------------------------------
+# Library computations report progress only when their caller asks: ``progress=True`` on the call,
+# or :func:`set_default` (the ``ggda`` command line turns it on for the command it runs). Python
+# code that calls the library directly sees nothing unless it asks.
+_DEFAULT = {"on": False}
+
+
+def set_default(on: bool) -> bool:
+    """Whether library computations given ``progress=None`` report progress; returns the
+    previous setting (to restore it)."""
+    previous = _DEFAULT["on"]
+    _DEFAULT["on"] = bool(on)
+    return previous
+
+
+def wanted(progress: bool | None) -> bool:
+    """``progress`` itself when given, else the process default (off unless :func:`set_default`)."""
+    return _DEFAULT["on"] if progress is None else bool(progress)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+class Iterations:
+    """Progress of an iterative solve or a multi-pass fit: one step per iteration (or pass) with
+    its current statistics (``residual=...``), on stderr.
+
+    On a terminal it is a live bar; elsewhere a line at most every :data:`SPARSE_SECONDS` plus a
+    last line with the final iteration count and statistics (the bar is left, not cleared), so a
+    log shows how many iterations a solve took and where it stopped. Disabled, it costs nothing
+    and callers skip computing the statistics (``if it.on``).
+    """
+
+    def __init__(self, desc: str, total: int | None = None, progress: bool | None = None, **kwargs: Any):
+        self.on = wanted(progress)
+        kwargs.setdefault("bar_format", "{desc}: iteration {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+        kwargs.setdefault("ncols", None)  # never cut the statistics off
+        self.bar = _bar(total=total, desc=desc, disable=not self.on, leave=True, **kwargs)
+
+    def step(self, n: int = 1, **stats: Any) -> None:
+        """Count ``n`` iterations and show ``stats`` (e.g. ``residual=1e-4``)."""
+        if not self.on:
+            return
+        if stats:
+            self.bar.set_postfix({k: _fmt(v) for k, v in stats.items()}, refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> Iterations:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -46,11 +46,18 @@ _STATE = {"debug": False}
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: bool = typer.Option(
         False, "--debug", help="Show the full traceback of a failure instead of one error line."
     ),
 ) -> None:
     _STATE["debug"] = debug
+    # long solves and fits (CG, LiSSA, Arnoldi, EK-FAC, ...) report their iterations on stderr
+    # while a command runs; the library stays quiet for Python callers (ggda.progress)
+    from ggda.progress import set_default
+
+    previous = set_default(True)
+    ctx.call_on_close(lambda: set_default(previous))
 
 
 def checked(spec, flag: str | None = None):
@@ -361,7 +368,10 @@ def methods_cmd(
         for key, cls in sorted(METHODS.items()):
             typer.echo(
                 textwrap.fill(
-                    method_summary(cls), 100, initial_indent=f"{key:16s}", subsequent_indent=" " * 16
+                    method_summary(cls).replace("``", ""),
+                    100,
+                    initial_indent=f"{key:16s}",
+                    subsequent_indent=" " * 16,
                 )
             )
         typer.echo(
@@ -372,12 +382,13 @@ def methods_cmd(
         raise GGDAError(f"Unknown method '{name}'; choose one of {', '.join(sorted(METHODS))}.")
     cls = METHODS[name]
     typer.echo(f"{name}\n")
-    typer.echo(method_description(cls))
+    typer.echo(method_description(cls).replace("``", ""))
     typer.echo("\nOptions (--opt KEY=VALUE): name, what a value must be, default, meaning")
     for doc in method_option_docs(cls):
         typer.echo(f"  {doc.name}  [{doc.kind}; default {doc.default}]")
         if doc.meaning:
-            typer.echo(textwrap.fill(doc.meaning, 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+            meaning = doc.meaning.replace("``", "")
+            typer.echo(textwrap.fill(meaning, 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
 
 
 @app.command("demo")

@@ -36,6 +36,7 @@ from ggda.methods.base import register
 from ggda.methods.influence import InfluenceFunction
 from ggda.models.analysis import analyse, conv_padding
 from ggda.models.capture import Capture
+from ggda.progress import Iterations
 from ggda.task import AttributionTask
 
 FISHERS = ("expected", "empirical")
@@ -224,6 +225,10 @@ class EKFAC(InfluenceFunction):
         dtype, device = self.task.dtype, self.task.device
         A = [torch.zeros(ly.in_aug, ly.in_aug, dtype=dtype, device=device) for ly in self.layers]
         S = [torch.zeros(ly.out_features, ly.out_features, dtype=dtype, device=device) for ly in self.layers]
+        chunks = len(range(0, self.n, self.chunk_size))
+        bar = Iterations(
+            f"EK-FAC fit ({len(self.layers)} layers, 2 passes x {chunks} chunks)", 2 * chunks, self.progress
+        )
         for rows in self._chunks():  # pass 1: Kronecker factors
             seen = set()
             for i, a, ds in self._passes(rows):
@@ -231,6 +236,7 @@ class EKFAC(InfluenceFunction):
                     A[i] += torch.einsum("bli,blj->ij", a, a)
                     seen.add(i)
                 S[i] += torch.einsum("blo,blq->oq", ds, ds)
+            bar.step(stage="Kronecker factors")
         for layer, Ai, Si in zip(self.layers, A, S, strict=True):
             layer.QA = torch.linalg.eigh(0.5 * (Ai + Ai.T))[1]
             layer.QS = torch.linalg.eigh(0.5 * (Si + Si.T))[1]
@@ -253,6 +259,8 @@ class EKFAC(InfluenceFunction):
                 layer.eigenvalues += ((layer.QS.T @ DW @ layer.QA) ** 2).sum(0)
             for i, r in rotated.items():
                 self.layers[i].eigenvalues += out_sq[i].T @ r
+            bar.step(stage="eigenvalue correction")
+        bar.close()
         for layer in self.layers:
             layer.eigenvalues /= self.n
         self.info.update(layers=[ly.name for ly in self.layers])
