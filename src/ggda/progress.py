@@ -21,11 +21,13 @@ class _Lines:
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
+        self.last = None
 
     def write(self, text: str) -> int:
         for part in text.replace("\x1b[A", "").replace("\r", "\n").split("\n"):
-            if part.strip():
-                self.stream.write(part.rstrip() + "\n")
+            if part.strip() and part.rstrip() != self.last:  # a bar closing where it stands: once
+                self.last = part.rstrip()
+                self.stream.write(self.last + "\n")
         return len(text)
 
     def flush(self) -> None:

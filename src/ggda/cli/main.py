@@ -58,6 +58,17 @@ def _root(
 
     previous = set_default(True)
     ctx.call_on_close(lambda: set_default(previous))
+    # a library notice (e.g. "EK-FAC skips 2 layers ...") is one line, without the source line
+    import warnings
+
+    shown = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    ctx.call_on_close(lambda: setattr(warnings, "formatwarning", shown))
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    text = " ".join(str(message).split()).removeprefix("ggda: ")
+    return f"warning: {text}\n"
 
 
 def checked(spec, flag: str | None = None):
