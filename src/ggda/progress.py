@@ -9,10 +9,13 @@ instead (plus the first one), so logs stay readable and small. Notebooks keep th
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any
 
 SPARSE_SECONDS = 30.0
+#: :class:`Iterations` shows nothing for a computation that ends within this many seconds.
+DELAY_SECONDS = 2.0
 
 
 class _Lines:
@@ -89,31 +92,49 @@ def _fmt(value: Any) -> str:
 
 
 class Iterations:
-    """Progress of an iterative solve or a multi-pass fit: one step per iteration (or pass) with
-    its current statistics (``residual=...``), on stderr.
+    """Progress of an iterative solve or a multi-pass fit: one step per iteration (or pass, or
+    ``what`` is counted: rows, groups) with its current statistics (``residual=...``), on stderr.
 
-    On a terminal it is a live bar; elsewhere a line at most every :data:`SPARSE_SECONDS` plus a
-    last line with the final iteration count and statistics (the bar is left, not cleared), so a
-    log shows how many iterations a solve took and where it stopped. Disabled, it costs nothing
-    and callers skip computing the statistics (``if it.on``).
+    Nothing is shown for a computation that ends within :data:`DELAY_SECONDS`. After that, on a
+    terminal it is a live bar; elsewhere a line at most every :data:`SPARSE_SECONDS` plus a last
+    line with the final count and statistics (the bar is left, not cleared), so a log shows how
+    many iterations a solve took and where it stopped. Disabled, it costs nothing and callers skip
+    computing the statistics (``if it.on``).
     """
 
-    def __init__(self, desc: str, total: int | None = None, progress: bool | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        desc: str,
+        total: int | None = None,
+        progress: bool | None = None,
+        what: str = "iteration",
+        **kwargs: Any,
+    ):
         self.on = wanted(progress)
-        kwargs.setdefault("bar_format", "{desc}: iteration {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+        self.n, self.bar, self.started = 0, None, time.monotonic()
+        kwargs.setdefault("bar_format", "{desc}: " + what + " {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         kwargs.setdefault("ncols", None)  # never cut the statistics off
-        self.bar = _bar(total=total, desc=desc, disable=not self.on, leave=True, **kwargs)
+        self._bar_args = {"total": total, "desc": desc, "leave": True, **kwargs}
 
     def step(self, n: int = 1, **stats: Any) -> None:
         """Count ``n`` iterations and show ``stats`` (e.g. ``residual=1e-4``)."""
         if not self.on:
             return
+        if self.bar is None:
+            waited = time.monotonic() - self.started
+            if waited < DELAY_SECONDS:
+                self.n += n
+                return
+            self.bar = _bar(initial=self.n, **self._bar_args)
+            self.bar.start_t -= waited  # elapsed time counts from the start of the computation
+        self.n += n
         if stats:
             self.bar.set_postfix({k: _fmt(v) for k, v in stats.items()}, refresh=False)
         self.bar.update(n)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
     def __enter__(self) -> Iterations:
         return self

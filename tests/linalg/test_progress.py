@@ -2,14 +2,23 @@
 and the same numbers either way."""
 
 import io
+import time
 
 import numpy as np
+import pytest
 import torch
 
+import ggda.progress
 from ggda.linalg.arnoldi import arnoldi
 from ggda.linalg.cg import ihvp_cg
 from ggda.linalg.lissa import ihvp_lissa
 from ggda.progress import Iterations, set_default, wanted
+
+
+@pytest.fixture(autouse=True)
+def _no_delay(monkeypatch):
+    """Show progress from the first iteration (solves here take milliseconds)."""
+    monkeypatch.setattr(ggda.progress, "DELAY_SECONDS", 0.0)
 
 
 def _spd(p: int = 40, seed: int = 0) -> torch.Tensor:
@@ -86,3 +95,18 @@ def test_influence_methods_pass_progress_through(capsys):
     np.testing.assert_array_equal(quiet, loud)
     make_method("ekfac", task, progress=True).cache(Dataset(X, y))
     assert "EK-FAC fit" in capsys.readouterr().err
+
+
+def test_short_computations_print_nothing(monkeypatch):
+    monkeypatch.setattr(ggda.progress, "DELAY_SECONDS", 0.2)
+    out = io.StringIO()
+    with Iterations("quick", 3, progress=True, file=out) as bar:
+        for _ in range(3):
+            bar.step(residual=1.0)
+    assert out.getvalue() == ""
+    with Iterations("slow", 3, progress=True, file=out) as bar:
+        for _ in range(3):
+            time.sleep(0.1)
+            bar.step(residual=0.5)
+    lines = out.getvalue().strip().splitlines()
+    assert lines and lines[-1].startswith("slow: iteration 3/3") and "residual=0.5" in lines[-1]
