@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 import ggda.methods  # noqa: F401  (registers every method)
-from ggda.cli.main import app
+from ggda.cli.main import app, plain_text
 from ggda.methods.base import METHODS
 from ggda.options import docstring_args, method_option_docs, method_summary
 
@@ -40,7 +40,7 @@ def test_methods_lists_full_summaries():
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
     for name, cls in METHODS.items():
-        summary = method_summary(cls).replace("``", "")
+        summary = plain_text(method_summary(cls))
         assert summary, f"{name} has no docstring summary"
         assert f"{name} {summary}" in text  # the whole first paragraph, never cut
 
@@ -63,7 +63,7 @@ def test_methods_name_lists_every_option_with_default_and_meaning(name):
     # the meaning printed is the documented one
     text = " ".join(r.output.split())
     for d in docs.values():
-        assert " ".join(d.meaning.replace("``", "").split())[:40] in text
+        assert " ".join(plain_text(d.meaning).split())[:40] in text
 
 
 def test_methods_unknown_name_is_one_line_listing_names():
@@ -83,6 +83,10 @@ def test_methods_unknown_name_message(capsys):
         main(["methods", "nope"])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nope" in err and "if-cg" in err and "trak" in err
+
+
+def test_plain_text_of_docstring_markup():
+    assert plain_text("see :func:`~ggda.x.f` and ``a=1``") == "see ggda.x.f and a=1"
 
 
 def test_docstring_args_parser():

@@ -379,7 +379,7 @@ def methods_cmd(
         for key, cls in sorted(METHODS.items()):
             typer.echo(
                 textwrap.fill(
-                    method_summary(cls).replace("``", ""),
+                    plain_text(method_summary(cls)),
                     100,
                     initial_indent=f"{key:16s}",
                     subsequent_indent=" " * 16,
@@ -393,13 +393,20 @@ def methods_cmd(
         raise GGDAError(f"Unknown method '{name}'; choose one of {', '.join(sorted(METHODS))}.")
     cls = METHODS[name]
     typer.echo(f"{name}\n")
-    typer.echo(method_description(cls).replace("``", ""))
+    typer.echo(plain_text(method_description(cls)))
     typer.echo("\nOptions (--opt KEY=VALUE): name, what a value must be, default, meaning")
     for doc in method_option_docs(cls):
         typer.echo(f"  {doc.name}  [{doc.kind}; default {doc.default}]")
         if doc.meaning:
-            meaning = doc.meaning.replace("``", "")
+            meaning = plain_text(doc.meaning)
             typer.echo(textwrap.fill(meaning, 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+
+
+def plain_text(text: str) -> str:
+    """Docstring markup as plain terminal text: ``x`` and :func:`x` become x."""
+    import re
+
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
 
 
 @app.command("demo")
