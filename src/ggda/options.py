@@ -30,6 +30,7 @@ __all__ = [
     "FRACTION",
     "NONNEG",
     "NONNEG_INT",
+    "OptionDoc",
     "POSITIVE",
     "PROBABILITY",
     "Spec",
@@ -39,7 +40,10 @@ __all__ = [
     "check_method",
     "check_method_options",
     "flag_of",
+    "method_description",
+    "method_option_docs",
     "method_option_spec",
+    "method_summary",
     "parse_scalar",
 ]
 
@@ -300,3 +304,91 @@ def check_method(name: str, options: Mapping[str, Any]) -> dict:
             f"{', '.join(sorted(method_options(cls)))}."
         )
     return check_method_options(cls, options, name)
+
+
+# -- method option documentation ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptionDoc:
+    """One method option as ``ggda methods NAME`` shows it: derived from the constructor (name,
+    default), the declared :class:`Spec` (what a value must be) and the ``Args:`` section of the
+    class docstrings (meaning) — nothing is listed twice by hand."""
+
+    name: str
+    kind: str  # what a value must be (Spec.describe), or how the option is set
+    default: str
+    meaning: str
+
+
+def docstring_args(doc: str | None) -> dict[str, str]:
+    """``{name: text}`` from a Google-style ``Args:`` section (continuation lines joined; an entry
+    ``a, b: text`` documents both; ``**options`` is skipped)."""
+    if not doc:
+        return {}
+    lines = inspect.cleandoc(doc).splitlines()
+    out: dict[str, str] = {}
+    inside, indent, current = False, None, None
+    for line in lines:
+        stripped = line.strip()
+        if not inside:
+            inside = stripped == "Args:"
+            continue
+        if not stripped:
+            current = None
+            continue
+        depth = len(line) - len(line.lstrip())
+        if depth == 0:  # the section ended
+            break
+        if indent is None:
+            indent = depth
+        head, sep, text = stripped.partition(":")
+        if depth == indent and sep and all(p.strip().isidentifier() for p in head.split(",")):
+            current = [p.strip() for p in head.split(",")]
+            for name in current:
+                out[name] = text.strip()
+        elif depth == indent and stripped.startswith("**"):
+            current = None
+        elif current:
+            for name in current:
+                out[name] = f"{out[name]} {stripped}".strip()
+    return out
+
+
+def method_summary(cls: type) -> str:
+    """The first paragraph of a method's docstring, joined into one line (never cut)."""
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    return " ".join(doc.split("\n\n", 1)[0].split())
+
+
+def method_description(cls: type) -> str:
+    """A method's docstring without its ``Args:`` section (that becomes the option table)."""
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    kept, skipping = [], False
+    for line in doc.splitlines():
+        if line.strip() == "Args:":
+            skipping = True
+            continue
+        if skipping and line and not line[0].isspace():
+            skipping = False
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept).strip()
+
+
+def method_option_docs(cls: type) -> list[OptionDoc]:
+    """Every option of method class ``cls`` (constructor order), with its declared type and
+    range, its default and the meaning documented in the ``Args:`` sections up the class chain."""
+    meanings: dict[str, str] = {}
+    for klass in cls.__mro__:
+        for name, text in docstring_args(klass.__dict__.get("__doc__")).items():
+            meanings.setdefault(name, text)
+    docs = []
+    for name, param in _constructor_params(cls).items():
+        spec = method_option_spec(cls, name)
+        kind = spec.describe() if spec is not None else "set by the run or the Python API"
+        if spec is not None and spec.none:
+            kind += " or none"
+        default = "required" if param.default is inspect.Parameter.empty else repr(param.default)
+        docs.append(OptionDoc(name, kind, default, meanings.get(name, "")))
+    return docs

@@ -70,6 +70,9 @@ class DataSpec:
     max_train: int | None = None  # subsample the training split (seeded) for quick runs
     id_column: str | None = None  # a column of unique integer data ids (default: row numbers)
     standardize_target: bool = True  # z-score a regression target (train-split mean and std)
+    #: options of a loader that needs more than a name: for ``reviews`` (the text data of
+    #: ``ggda text-train``) ``n``, ``balanced``, ``seed``, ``max_len`` and ``model_path`` (tokenizer)
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from ggda.options import COUNT, FRACTION, NONNEG_INT, PROBABILITY, Spec, check_fields
@@ -92,7 +95,37 @@ class DataSpec:
         return dict(self.__dict__)
 
 
+#: Bundled text data: rebuilt as packed token rows by :func:`load_text_source`.
+TEXT_SOURCES = ("reviews",)
+
+
+def load_text_source(spec: DataSpec) -> Dataset:
+    """The clothing reviews tokenised for the packaged MiniLM (or ``options["model_path"]``), as
+    ``ggda text-train`` trained on them: ``label`` is the target (sentiment, recommended, rating)."""
+    from ggda.data.text import clothing_reviews, token_dataset
+    from ggda.models.text import load_tokenizer
+
+    if spec.standardize:
+        raise GGDAError(
+            f"'{spec.source}' is text (token ids for a transformer); train on it with `ggda text-train`, "
+            "not `ggda train`."
+        )
+    o = spec.options
+    unknown = sorted(set(o) - {"n", "balanced", "seed", "max_len", "model_path"})
+    if unknown:
+        raise GGDAError(f"The reviews data spec has unknown options {', '.join(unknown)}; {_RUN_FIX}")
+    corpus = clothing_reviews(
+        target=spec.label or "sentiment",
+        n=o.get("n"),
+        balanced=bool(o.get("balanced", False)),
+        seed=int(o.get("seed", 0)),
+    )
+    return token_dataset(corpus, load_tokenizer(o.get("model_path")), int(o.get("max_len", 128)))
+
+
 def load_source(spec: DataSpec) -> Dataset:
+    if spec.source in TEXT_SOURCES:
+        return load_text_source(spec)
     if spec.source in BUNDLED_DATASETS:
         return load_dataset(spec.source)
     path = Path(spec.source)
@@ -275,6 +308,36 @@ class Run:
         save_npz(self.path / "split.npz", **split)
         save_json(self.path / "run.json", self.config, default=str)  # last: the run is complete
         return self
+
+    @classmethod
+    def record(
+        cls,
+        path: str | Path,
+        data: DataSpec,
+        model: nn.Module,
+        train_config: dict,
+        train: Dataset,
+        test: Dataset,
+        metrics: dict,
+        checkpoints: list[Checkpoint] | None = None,
+        **extra: dict,
+    ) -> Run:
+        """Save a model trained elsewhere (``ggda text-train``) as a run directory every command
+        reads: ``model`` must carry its ``ggda_spec`` (so ``Run.load`` rebuilds it), ``data``
+        must rebuild ``train``/``test`` exactly; ``extra`` records go into ``run.json`` as well."""
+        spec = getattr(model, "ggda_spec", None)
+        if spec is None:
+            raise GGDAError(
+                "Run.record needs a model built from a ModelSpec (build_model); got a custom module."
+            )
+        config = {
+            "data": data.to_dict(),
+            "model": spec.to_dict(),
+            "train": dict(train_config),
+            "metrics": metrics,
+        }
+        config.update(extra)
+        return cls(Path(path), config, train, test, model, list(checkpoints or [])).save()
 
     # -- reading ------------------------------------------------------------------------------
     @classmethod

@@ -121,17 +121,19 @@ def test_interrupted_evaluation_resumes_with_identical_numbers(make_retrainer, s
     }
     args = dict(fractions=[0.05, 0.2], seeds=[0, 1])
     total = len({make_retrainer().job(r, s).key for r, s in removal_pairs(rankings, len(train), **args)})
-    reference = retraining_score(make_retrainer(store=tmp_path / "ref"), rankings, **args).table()
+    first = make_retrainer(store=tmp_path / "ref")
+    reference = retraining_score(first, rankings, **args).table()
+    assert (first.executed, first.reused) == (total, 0)  # "N retrainings run now, 0 reused"
 
     with pytest.raises(Interrupted):
         retraining_score(make_retrainer(store=tmp_path / "resume", executor=StopAfter(5)), rankings, **args)
     resumed = make_retrainer(store=tmp_path / "resume")
     again = retraining_score(resumed, rankings, **args).table()
-    assert resumed.executed == total - 5
+    assert resumed.executed == total - 5 and resumed.reused == 5
     assert again.equals(reference)
     rerun = make_retrainer(store=tmp_path / "resume")
     retraining_score(rerun, rankings, **args)
-    assert rerun.executed == 0
+    assert rerun.executed == 0 and rerun.reused == total
 
 
 def test_pruning_removes_harmful_first(make_retrainer, small_digits):

@@ -101,7 +101,7 @@ def test_layer_subset_and_unsupported_modules(blobs):
     model = torch.nn.Sequential(torch.nn.Linear(d, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, C)).double()
     # a normalisation layer is skipped with a notice (as Kronfluence does): the same scores as a
     # task restricted to the Linear layers
-    with pytest.warns(RuntimeWarning, match="skips 2 parameter tensors"):
+    with pytest.warns(RuntimeWarning, match=r"skips 1 layer\(s\) .*: 1 \(LayerNorm\) \(2 parameter tensors"):
         skipping = make_method("ekfac", AttributionTask(model), damping=1e-3).cache(train)
     restricted = AttributionTask(model, layers=["0", "2"])
     expect = make_method("ekfac", restricted, damping=1e-3).cache(train).attribute(prop)
@@ -114,3 +114,30 @@ def test_layer_subset_and_unsupported_modules(blobs):
     assert np.isfinite(ekfac.attribute(prop)).all()
     with pytest.raises(GGDAError, match="fisher"):
         make_method("ekfac", task, fisher="sampled")
+
+
+def test_skipped_layers_are_named_in_one_line(blobs):
+    """The notice names every skipped layer with its type, on one line (issue #19)."""
+    import warnings
+    from collections import OrderedDict
+
+    train, prop, d, C = blobs
+    model = torch.nn.Sequential(
+        OrderedDict(
+            fc1=torch.nn.Linear(d, 6),
+            norm=torch.nn.LayerNorm(6),
+            bn=torch.nn.BatchNorm1d(6),
+            fc2=torch.nn.Linear(6, C),
+        )
+    ).double()
+    model.eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_method("ekfac", AttributionTask(model), damping=1e-3)
+    notices = [str(w.message) for w in caught if "EK-FAC skips" in str(w.message)]
+    assert len(notices) == 1
+    text = notices[0]
+    assert "\n" not in text
+    assert "norm (LayerNorm)" in text and "bn (BatchNorm1d)" in text
+    assert "skips 2 layer(s)" in text and "4 parameter tensors" in text
+    assert "fc1" not in text and "fc2" not in text

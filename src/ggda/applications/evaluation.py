@@ -231,7 +231,7 @@ def removal_evaluation(
         frame,
         payload,
         {"removed": pd.DataFrame(removed)},
-        [f"retrains run now: {retrainer.executed} (the rest came from {retrainer.store.root})"],
+        [f"{retrainer.executed} retrainings run now, {retrainer.reused} reused from {retrainer.store.root}"],
     )
 
 
@@ -287,7 +287,7 @@ def lds_evaluation(
         frame,
         payload,
         {"lds_targets": pd.DataFrame(per_target, columns=["label", "target_id", "lds"])},
-        [f"retrains run now: {retrainer.executed}"],
+        [f"{retrainer.executed} retrainings run now, {retrainer.reused} reused from {retrainer.store.root}"],
     )
 
 

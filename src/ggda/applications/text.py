@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ggda.errors import GGDAError
-from ggda.io import save_json, save_torch
+from ggda.io import save_json
 
 
 def load_text_setup(
@@ -58,24 +58,43 @@ def train_text_model(
     device: str = "cpu",
     log=print,
 ) -> dict:
-    """Train the MiniLM review classifier (``ggda text-train``), write ``OUT/text_model.pt`` and
-    ``OUT/metrics.json``; returns the metrics (held-out accuracy and loss, majority class)."""
+    """Train the MiniLM review classifier (``ggda text-train``) and save it as a run directory
+    (:meth:`ggda.runs.Run.record`: ``run.json``, ``split.npz``, ``model.pt``) that ``ggda
+    attribute``, ``group``, ``gold`` and ``evaluate`` read like any other; returns the metrics
+    (held-out accuracy and loss, majority class; also in ``run.json``)."""
     from dataclasses import replace
 
-    from ggda.models.text import TextTrainConfig, evaluate, prefix_dataset, train_text_classifier
-    from ggda.models.training import resolve_device
+    from ggda.models.text import (
+        TextTrainConfig,
+        evaluate,
+        prefix_dataset,
+        text_model_spec,
+        train_text_classifier,
+    )
+    from ggda.models.training import TrainConfig, resolve_device
+    from ggda.models.zoo import build_model
+    from ggda.runs import DataSpec, Run, prepare_data
 
     if mode not in ("frozen", "finetune"):
         raise GGDAError(f"Unknown mode '{mode}'; choose frozen or finetune.")
     out = Path(out)
     dev = resolve_device(device)
     layers = train_layers if mode == "finetune" else 0
-    corpus, train, test, clf = load_text_setup(
-        target, n, balanced, max_len, test_fraction, seed, model_path, layers, head, dev
+    options = {"n": n, "balanced": balanced, "seed": seed, "max_len": max_len}
+    if model_path is not None:
+        options["model_path"] = str(model_path)
+    data = DataSpec(
+        source="reviews",
+        label=target,
+        test_fraction=test_fraction,
+        split_seed=seed,
+        standardize=False,  # token ids
+        options=options,
     )
-    log(
-        f"data  {corpus.name}: train {len(train)}, test {len(test)}, classes {corpus.class_counts().tolist()}"
-    )
+    train, test, _ = prepare_data(data)  # the split Run.load rebuilds
+    spec = text_model_spec(train.n_classes, max_len, layers, head, model_path=model_path)
+    clf = build_model(spec, seed=seed).to(dev)
+    log(f"data  {train.name}: train {len(train)}, test {len(test)}, classes {np.bincount(train.y).tolist()}")
     cfg = TextTrainConfig(
         lp_epochs=lp_epochs, ft_epochs=ft_epochs if mode == "finetune" else 0, ft_lr=ft_lr, seed=seed
     )
@@ -84,27 +103,43 @@ def train_text_model(
     probe = replace(cfg, ft_epochs=0)
     train_text_classifier(clf, train, probe, device=dev, prefix=prefix)
     metrics: dict = {"mode": mode}
-    if layers > 0:  # report the linear probe (mode a) too, then fine-tune from it
+    if layers > 0 and cfg.ft_epochs > 0:  # report the linear probe (mode a) too, then fine-tune from it
         probed = evaluate(clf, test, dev)
         metrics.update(probe_accuracy=probed["accuracy"], probe_loss=probed["loss"])
         train_text_classifier(clf, train, replace(cfg, lp_epochs=0), device=dev, prefix=prefix)
     metrics.update(train_seconds=time.perf_counter() - t0, **evaluate(clf, test, dev))
-    out.mkdir(parents=True, exist_ok=True)
-    trainable = {
-        k: v for k, v in clf.state_dict().items() if not k.startswith("encoder.") or k in trainable_keys(clf)
-    }
-    save_torch(out / "text_model.pt", {"spec": clf.spec, "max_len": max_len, "trainable_state": trainable})
-    save_json(out / "metrics.json", {"config": cfg.to_dict(), "metrics": metrics})
+    metrics["test_accuracy"] = metrics["accuracy"]  # the name `ggda train` runs record it under
+    # the last stage that trained the model, as the run's training recipe (further training in
+    # `ggda gold` continues with it); the whole two-stage recipe is kept under "text"
+    if layers > 0 and cfg.ft_epochs > 0:
+        last = TrainConfig(
+            epochs=cfg.ft_epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.ft_lr,
+            optimizer="adam",
+            weight_decay=cfg.weight_decay,
+            seed=seed,
+        )
+    else:
+        last = TrainConfig(
+            epochs=max(1, cfg.lp_epochs), batch_size=64, lr=cfg.lp_lr, optimizer="adam", seed=seed
+        )
+    Run.record(
+        out,
+        data,
+        clf,
+        last.to_dict(),
+        train,
+        test,
+        metrics,
+        text={**cfg.to_dict(), "mode": mode, "train_layers": layers, "head": head},
+    )
     return metrics
 
 
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_json(path, obj)
-
-
-def trainable_keys(clf) -> set[str]:
-    return {n for n, p in clf.named_parameters() if p.requires_grad}
 
 
 # -- the benchmark -------------------------------------------------------------------------------

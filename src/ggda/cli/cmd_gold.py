@@ -152,6 +152,12 @@ def gold_cmd(
             f"note: {m['stale_results_in_store']} results in {out}/store come from other settings (unused)."
         )
     scale = np.abs(result.gold).mean(axis=(1, 2))
+    typer.echo(
+        "mean |gold| per further-training epoch: the average size of the gold-standard effects (the "
+        "change of each target's property when a unit is left out, averaged over seeds"
+        f"{', centred over units' if center else ''}), over all targets and units; how strongly "
+        "removals move the property as training continues:"
+    )
     for e in _pick(len(result.epochs)):
         typer.echo(f"  epoch {result.epochs[e]:6.2f}: mean |gold| = {scale[e]:.3e}")
     typer.echo(
@@ -290,7 +296,10 @@ def compare_cmd(
         + "  spearman@first  seconds"
     )
     typer.echo(
-        f"cosine to gold (mean ± SEM over {result.gold.shape[1]} targets, {len(result.unit_ids)} units):"
+        f"cosine to gold (mean ± SEM over {result.gold.shape[1]} targets, {len(result.unit_ids)} units). "
+        "Columns: e=E is the cosine similarity between a method's scores and the gold standard after E "
+        "further-training epochs (1 = identical direction, 0 = unrelated); spearman@first is the Spearman "
+        "rank correlation of scores and gold at the first recorded epoch; seconds is the attribution time:"
     )
     typer.echo(header)
     for name in comp.cos:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from ggda.cli.main import _threads, app, checked, parse_options
+from ggda.cli.main import _threads, app, checked, grouping_help, parse_options
 from ggda.errors import GGDAError
 from ggda.io import write_text
 from ggda.options import COUNT, NONNEG_INT, POSITIVE
@@ -21,7 +21,17 @@ from ggda.outputs import check_output_file
 OUT_SUFFIXES = (".npy", ".parquet", ".pq", ".csv")
 
 
-@app.command("group")
+GROUP_EPILOG = (
+    "`ggda group --method M --groups K [--per-class] --out FILE` builds the grouping that "
+    "`ggda attribute --grouping M:K[:per-class]` builds on the fly, and saves it: pass FILE to "
+    "`--grouping` to reuse it. Methods: random (seeded random partition), kmeans (inputs), "
+    "repr-kmeans (a hidden layer's output, --layer), grad-kmeans (per-example gradients: "
+    "--features last-layer, logits or projected), given (--values FILE or the data's group column), "
+    "singleton.\n\n" + grouping_help()
+)
+
+
+@app.command("group", epilog=GROUP_EPILOG)
 def group_cmd(
     run: Path = typer.Option(..., help="Run directory from `ggda train`."),
     method: str = typer.Option(

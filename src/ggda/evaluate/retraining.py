@@ -189,7 +189,9 @@ class Retrainer:
         progress: show a progress bar per batch of jobs.
 
     Attributes:
-        executed: retrains this object actually ran (the rest came from the store).
+        executed: retrains this object actually ran.
+        reused: retrains it was asked for that were already in the store (earlier runs of the same
+            command, or the same job asked for twice), so ``executed + reused`` jobs were asked for.
     """
 
     def __init__(
@@ -210,6 +212,7 @@ class Retrainer:
         self.executor = executor or make_executor("local")
         self.progress = progress
         self.executed = 0
+        self.reused = 0
         if spec.data is None:
             if train is None or test is None:
                 raise GGDAError("Retrainer needs train and test data when the spec has no DataSpec.")
@@ -292,7 +295,9 @@ class Retrainer:
         """
         jobs = [self.job(r, s) for r, s in pairs]
         unique = list({j.key: j for j in jobs}.values())
-        self.executed += self.executor.run(unique, self.store, progress=self.progress)
+        ran = self.executor.run(unique, self.store, progress=self.progress)
+        self.executed += ran
+        self.reused += len(unique) - ran
         results = [self.store.get(j.key)[0] for j in jobs]
         if isinstance(self.spec.recipe, UserRecipe):
             _check_removal_honoured(pairs, results)

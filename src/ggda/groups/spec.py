@@ -35,6 +35,22 @@ GROUPING_SPECS = (
 )
 
 
+#: Worked examples of the grammar, shown by ``ggda attribute --help`` and ``ggda group --help``
+#: (a test parses every one with :func:`parse_grouping_spec`).
+GROUPING_EXAMPLES: tuple[tuple[str, str], ...] = (
+    ("singleton", "one group per training point (per-point attribution)"),
+    ("random:50", "50 random groups of equal size"),
+    ("kmeans:64", "K-Means on the inputs (per class on classification data)"),
+    ("repr-kmeans:64:layer=1", "K-Means on the output of module '1'"),
+    ("grad-kmeans:72:per-class", "K-Means on per-example gradients, within each class"),
+    ("grad-kmeans:72:no-per-class", "the same over all points at once"),
+    ("grad-kmeans:size=20:seed=3", "groups of about 20 points (K = n/20), seed 3"),
+    ("grad-kmeans:64:features=projected:projection_dim=256", "all-parameter gradients, projected"),
+    ("given:values=groups.csv", "group ids from a file ('group' column; :column=NAME)"),
+    ("column", "the data's group column (train --group-column NAME)"),
+)
+
+
 def parse_grouping_spec(spec: str) -> tuple[str, dict]:
     """``"grad-kmeans:size=20:per-class:seed=1"`` -> ``("grad-kmeans", {group_size: 20, per_class: True, seed: 1})``."""
     method, *tokens = spec.strip().split(":")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ggda.errors import GGDAError
+from ggda.progress import Iterations
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,10 +51,13 @@ def arnoldi(
     device: torch.device | str = "cpu",
     seed: int = 0,
     breakdown_tol: float | None = None,
+    progress: bool | None = None,
 ) -> LowRankEigen:
     """Top-``rank`` (by |μ|) Ritz pairs of a symmetric operator from ``iterations`` Arnoldi steps.
 
     The iteration stops early when the Krylov space becomes invariant (exact for p ≤ iterations).
+    ``progress`` reports each step with the relative size of the new Krylov direction, β_k / scale
+    (the residual of the projection; ``None``: the process default of :mod:`ggda.progress`).
     """
     if iterations < 1 or rank < 1:
         raise GGDAError(
@@ -68,21 +72,26 @@ def arnoldi(
     tol = breakdown_tol if breakdown_tol is not None else 100 * torch.finfo(dtype).eps
     m = iterations
     scale = None
-    for k in range(iterations):
-        w = matvec(Q[k][None])[0]
-        if not bool(torch.isfinite(w).all()):
-            raise GGDAError("Arnoldi: the Hessian-vector product is not finite; check the model and loss.")
-        for _ in range(2):  # classical Gram–Schmidt twice ("twice is enough")
-            c = Q[: k + 1] @ w
-            w = w - c @ Q[: k + 1]
-            Hm[: k + 1, k] += c
-        beta = w.norm()
-        scale = max(float(scale or 0.0), float(Hm[: k + 1, k].abs().max()), float(beta))
-        Hm[k + 1, k] = beta
-        if float(beta) <= tol * max(scale, 1e-300):
-            m = k + 1
-            break
-        Q[k + 1] = w / beta
+    with Iterations(f"Arnoldi ({iterations} HVPs, rank {rank})", iterations, progress) as bar:
+        for k in range(iterations):
+            w = matvec(Q[k][None])[0]
+            if not bool(torch.isfinite(w).all()):
+                raise GGDAError(
+                    "Arnoldi: the Hessian-vector product is not finite; check the model and loss."
+                )
+            for _ in range(2):  # classical Gram–Schmidt twice ("twice is enough")
+                c = Q[: k + 1] @ w
+                w = w - c @ Q[: k + 1]
+                Hm[: k + 1, k] += c
+            beta = w.norm()
+            scale = max(float(scale or 0.0), float(Hm[: k + 1, k].abs().max()), float(beta))
+            Hm[k + 1, k] = beta
+            if bar.on:
+                bar.step(residual=float(beta) / max(scale, 1e-300))
+            if float(beta) <= tol * max(scale, 1e-300):
+                m = k + 1
+                break
+            Q[k + 1] = w / beta
     T = Hm[:m, :m]
     T = 0.5 * (T + T.T)  # symmetric operator: the projected matrix is (numerically) tridiagonal
     mu, S = torch.linalg.eigh(T)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ggda.errors import GGDAError
+from ggda.progress import Iterations
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,6 +47,7 @@ def ihvp_cg(
     tol: float = 1e-6,
     max_iter: int = 100,
     x0: torch.Tensor | None = None,
+    progress: bool | None = None,
 ) -> CGResult:
     """Solve (H + λI) X = B by conjugate gradient, column-wise and vectorised.
 
@@ -56,6 +58,8 @@ def ihvp_cg(
         tol: stop a column when ‖r‖ ≤ tol · ‖b‖.
         max_iter: iteration cap.
         x0: optional warm start.
+        progress: report each iteration with the largest relative residual and the columns still
+            running (``None``: the process default of :mod:`ggda.progress`, off in the library).
 
     Raises:
         GGDAError: when H + λI shows non-positive curvature along a search direction.
@@ -70,24 +74,29 @@ def ihvp_cg(
     bnorm = B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
     active = rs.sqrt() > tol * bnorm
     it = 0
-    while bool(active.any()) and it < max_iter:
-        it += 1
-        idx = active.nonzero()[:, 0]
-        Pa = P[idx]
-        AP = op(Pa)
-        curv = (Pa * AP).sum(1)
-        if bool((curv <= 0).any()):
-            raise GGDAError(
-                f"CG met non-positive curvature at iteration {it}: H + λI (λ={damping:.3g}) is not positive "
-                "definite; raise the damping (--opt damping_scale=...) or use --opt hessian=gn."
-            )
-        alpha = rs[idx] / curv
-        X[idx] += alpha[:, None] * Pa
-        R[idx] -= alpha[:, None] * AP
-        rs_new = (R[idx] * R[idx]).sum(1)
-        beta = rs_new / rs[idx]
-        P[idx] = R[idx] + beta[:, None] * Pa
-        rs[idx] = rs_new
-        active[idx] = rs_new.sqrt() > tol * bnorm[idx]
+    with Iterations(f"CG solve ({B.shape[0]} right-hand sides, tol {tol:g})", max_iter, progress) as bar:
+        while bool(active.any()) and it < max_iter:
+            it += 1
+            idx = active.nonzero()[:, 0]
+            Pa = P[idx]
+            AP = op(Pa)
+            curv = (Pa * AP).sum(1)
+            if bool((curv <= 0).any()):
+                raise GGDAError(
+                    f"CG met non-positive curvature at iteration {it}: H + λI (λ={damping:.3g}) is not "
+                    "positive definite; raise the damping (--opt damping_scale=...) or use --opt hessian=gn."
+                )
+            alpha = rs[idx] / curv
+            X[idx] += alpha[:, None] * Pa
+            R[idx] -= alpha[:, None] * AP
+            rs_new = (R[idx] * R[idx]).sum(1)
+            beta = rs_new / rs[idx]
+            P[idx] = R[idx] + beta[:, None] * Pa
+            rs[idx] = rs_new
+            active[idx] = rs_new.sqrt() > tol * bnorm[idx]
+            if bar.on:
+                bar.step(
+                    residual=float((rs.sqrt() / bnorm).max()), active=f"{int(active.sum())}/{len(active)}"
+                )
     residual = rs.sqrt() / bnorm
     return CGResult(X[0] if single else X, it, residual, not bool(active.any()))

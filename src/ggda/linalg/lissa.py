@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from ggda.errors import GGDAError
+from ggda.progress import Iterations
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -34,6 +35,7 @@ def ihvp_lissa(
     depth: int = 1000,
     repeat: int = 1,
     divergence_factor: float = 10.0,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """(H + λI)⁻¹ B by LiSSA.
 
@@ -45,6 +47,8 @@ def ihvp_lissa(
         depth: recursion steps J per repetition.
         repeat: independent repetitions averaged.
         divergence_factor: slack over the convergent-series norm bound before giving up.
+        progress: report each step with the relative change ‖h_j − h_{j−1}‖/‖h_j‖ (the series'
+            residual; ``None``: the process default of :mod:`ggda.progress`, off in the library).
     """
     if scale <= 0 or depth < 1 or repeat < 1:
         raise GGDAError(
@@ -54,19 +58,24 @@ def ihvp_lissa(
     V = B[None] if single else B
     vnorm = V.norm(dim=1)
     total = torch.zeros_like(V)
-    for r in range(repeat):
-        h = V.clone()
-        for j in range(1, depth + 1):
-            h = V + (1.0 - damping / scale) * h - matvec(h) / scale
-            bound = min(j + 1.0, scale / damping if damping > 0 else float("inf"))
-            hnorm = h.norm(dim=1)
-            if not bool(torch.isfinite(hnorm).all()) or bool(
-                (hnorm > divergence_factor * bound * vnorm).any()
-            ):
-                raise GGDAError(
-                    f"LiSSA diverged at step {j} of repetition {r + 1} (scale={scale:.3g}, damping={damping:.3g}): "
-                    "increase --opt scale=... above the largest Hessian eigenvalue, or raise the damping."
-                )
-        total += h / scale
+    with Iterations(f"LiSSA ({repeat} x {depth} steps)", repeat * depth, progress) as bar:
+        for r in range(repeat):
+            h = V.clone()
+            for j in range(1, depth + 1):
+                previous = h
+                h = V + (1.0 - damping / scale) * h - matvec(h) / scale
+                if bar.on:
+                    change = float(((h - previous).norm(dim=1) / h.norm(dim=1).clamp_min(1e-300)).max())
+                    bar.step(residual=change, repetition=r + 1)
+                bound = min(j + 1.0, scale / damping if damping > 0 else float("inf"))
+                hnorm = h.norm(dim=1)
+                if not bool(torch.isfinite(hnorm).all()) or bool(
+                    (hnorm > divergence_factor * bound * vnorm).any()
+                ):
+                    raise GGDAError(
+                        f"LiSSA diverged at step {j} of repetition {r + 1} (scale={scale:.3g}, damping={damping:.3g}): "
+                        "increase --opt scale=... above the largest Hessian eigenvalue, or raise the damping."
+                    )
+            total += h / scale
     out = total / repeat
     return out[0] if single else out

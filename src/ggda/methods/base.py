@@ -24,6 +24,7 @@ from ggda.data.dataset import Dataset
 from ggda.errors import GGDAError
 from ggda.groups.grouping import Grouping
 from ggda.methods.training_side import TrainingGradients
+from ggda.options import Spec
 from ggda.properties import Property
 from ggda.task import AttributionTask
 
@@ -75,9 +76,18 @@ def method_options(cls: type) -> set[str]:
 
 
 class Attributor(ABC):
-    """Group-native attribution method: ``cache(train, grouping)`` then ``attribute(property)``."""
+    """Group-native attribution method: ``cache(train, grouping)`` then ``attribute(property)``.
+
+    Args:
+        aggregate: group score from its members: ``sum`` (default; the paper's group score) or
+            ``mean`` (the sum divided by the group size).
+        max_batch: training rows per forward/backward chunk (lower it when memory is short).
+        memory_mb: memory budget in MB for cached group gradients and working blocks; above it
+            group gradients are streamed instead of held.
+    """
 
     name: ClassVar[str] = "attributor"
+    option_specs: ClassVar[dict] = {"aggregate": Spec(str, choices=AGGREGATES)}
 
     def __init__(
         self, task: AttributionTask, aggregate: str = "sum", max_batch: int = 2048, memory_mb: float = 1024.0

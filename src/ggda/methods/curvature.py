@@ -22,6 +22,7 @@ from ggda.errors import GGDAError
 from ggda.gradients.curvature import CURVATURE_KINDS, ChainProducts, curvature_products
 from ggda.linalg.dense import DenseInverse, dense_from_matvec, factorize
 from ggda.linalg.multinomial import MultinomialInverse
+from ggda.progress import Iterations
 from ggda.task import AttributionTask
 
 FORWARD_CACHE_MB = 256.0
@@ -173,16 +174,19 @@ class TrainingCurvature:
             return closed
         return factorize(self.dense(block_size), damping, overwrite=True)
 
-    def top_eigenvalue(self, iterations: int = 30, seed: int = 0) -> float:
-        """|largest| eigenvalue by power iteration (used to choose LiSSA's scale and damping)."""
+    def top_eigenvalue(self, iterations: int = 30, seed: int = 0, progress: bool | None = None) -> float:
+        """|largest| eigenvalue by power iteration (used to choose LiSSA's scale and damping);
+        ``progress`` reports each iteration with the relative change of the estimate."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
         v = torch.randn(self.p, generator=gen, dtype=self.theta.dtype).to(self.theta.device)
         v /= v.norm()
         mu = 0.0
-        for _ in range(iterations):
-            w = self.matvec(v)
-            mu = float(w.norm())
-            if mu == 0.0 or not math.isfinite(mu):
-                break
-            v = w / mu
+        with Iterations(f"power iteration for λ_max ({iterations} HVPs)", iterations, progress) as bar:
+            for _ in range(iterations):
+                w = self.matvec(v)
+                previous, mu = mu, float(w.norm())
+                bar.step(lambda_max=mu, residual=abs(mu - previous) / mu if mu else 0.0)
+                if mu == 0.0 or not math.isfinite(mu):
+                    break
+                v = w / mu
         return mu

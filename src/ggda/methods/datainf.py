@@ -35,6 +35,7 @@ import torch
 from ggda.errors import GGDAError
 from ggda.gradients.per_example import iter_per_example_gradients
 from ggda.methods.base import InnerProductAttributor, register
+from ggda.progress import Iterations
 from ggda.task import AttributionTask
 
 LAYER_BY = ("module", "tensor")
@@ -132,11 +133,17 @@ class DataInf(InnerProductAttributor):
         self._Gtrain = None
         self._members = self._factor_members()
         if self._members is not None:
-            sq = torch.cat([self._factor_layer_sq(f) for _, f in self.side.factor_chunks()])  # (n, L)
+            chunks = (self._factor_layer_sq(f) for _, f in self.side.factor_chunks())
         else:
             if n * p * torch.finfo(self.task.dtype).bits / 8 <= self.memory_mb * 2**20 / 2:
                 self._Gtrain = torch.cat(list(self._train_grads()))
-            sq = torch.cat([self._layer_sq(G) for G in self._train_grads()])  # (n, L)
+            chunks = (self._layer_sq(G) for G in self._train_grads())
+        parts = []
+        with Iterations("DataInf per-layer gradient norms", n, what="row") as bar:
+            for part in chunks:
+                parts.append(part)
+                bar.step(len(part))
+        sq = torch.cat(parts)  # (n, L)
         self._sq_norms = sq
         sizes = torch.bincount(self._layer_of, minlength=len(self.layer_names)).to(sq.dtype)
         if self.damping is not None:

@@ -36,6 +36,7 @@ from ggda.methods.base import register
 from ggda.methods.influence import InfluenceFunction
 from ggda.models.analysis import analyse, conv_padding
 from ggda.models.capture import Capture
+from ggda.progress import Iterations
 from ggda.task import AttributionTask
 
 FISHERS = ("expected", "empirical")
@@ -123,6 +124,23 @@ def kronecker_layers(task: AttributionTask) -> list[KroneckerLayer]:
     return layers
 
 
+def skipped_layers_notice(task: AttributionTask, missing: list[str], shown: int = 20) -> str:
+    """One line naming the layers (module name and type) whose parameters EK-FAC leaves out."""
+    modules = dict(task.model.named_modules())
+    layers: dict[str, str] = {}
+    for name in missing:
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        module = modules.get(owner)
+        layers.setdefault(owner or name, type(module).__name__ if module is not None else "parameter")
+    names = [f"{layer} ({kind})" for layer, kind in layers.items()]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    kept = len(task.param_names) - len(missing)
+    return (
+        f"ggda: EK-FAC skips {len(layers)} layer(s) outside nn.Linear/nn.Conv2d: {', '.join(names[:shown])}{more} "
+        f"({len(missing)} parameter tensors, as Kronfluence does); its scores cover the other {kept}."
+    )
+
+
 def supported_task(task: AttributionTask) -> AttributionTask:
     """The task restricted to its Linear/Conv2d parameters, with a notice naming what is skipped
     (normalisation layers, embeddings: Kronfluence skips them the same way)."""
@@ -134,12 +152,7 @@ def supported_task(task: AttributionTask) -> AttributionTask:
             "EK-FAC covers nn.Linear and nn.Conv2d parameters only and the task attributes none; "
             "use --method if-cg."
         )
-    warnings.warn(
-        f"ggda: EK-FAC skips {len(missing)} parameter tensors outside nn.Linear/nn.Conv2d (e.g. "
-        f"{', '.join(missing[:3])}); its scores cover the other {len(task.param_names) - len(missing)}.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    warnings.warn(skipped_layers_notice(task, missing), RuntimeWarning, stacklevel=3)
     return task.with_params([n for n in task.param_names if n not in missing])
 
 
@@ -212,6 +225,10 @@ class EKFAC(InfluenceFunction):
         dtype, device = self.task.dtype, self.task.device
         A = [torch.zeros(ly.in_aug, ly.in_aug, dtype=dtype, device=device) for ly in self.layers]
         S = [torch.zeros(ly.out_features, ly.out_features, dtype=dtype, device=device) for ly in self.layers]
+        chunks = len(range(0, self.n, self.chunk_size))
+        bar = Iterations(
+            f"EK-FAC fit ({len(self.layers)} layers, 2 passes x {chunks} chunks)", 2 * chunks, self.progress
+        )
         for rows in self._chunks():  # pass 1: Kronecker factors
             seen = set()
             for i, a, ds in self._passes(rows):
@@ -219,6 +236,7 @@ class EKFAC(InfluenceFunction):
                     A[i] += torch.einsum("bli,blj->ij", a, a)
                     seen.add(i)
                 S[i] += torch.einsum("blo,blq->oq", ds, ds)
+            bar.step(stage="Kronecker factors")
         for layer, Ai, Si in zip(self.layers, A, S, strict=True):
             layer.QA = torch.linalg.eigh(0.5 * (Ai + Ai.T))[1]
             layer.QS = torch.linalg.eigh(0.5 * (Si + Si.T))[1]
@@ -241,6 +259,8 @@ class EKFAC(InfluenceFunction):
                 layer.eigenvalues += ((layer.QS.T @ DW @ layer.QA) ** 2).sum(0)
             for i, r in rotated.items():
                 self.layers[i].eigenvalues += out_sq[i].T @ r
+            bar.step(stage="eigenvalue correction")
+        bar.close()
         for layer in self.layers:
             layer.eigenvalues /= self.n
         self.info.update(layers=[ly.name for ly in self.layers])

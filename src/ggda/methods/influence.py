@@ -140,6 +140,9 @@ class InfluenceFunction(InnerProductAttributor):
             2020, :mod:`ggda.methods.second_order`): the renormalised removal of each group with
             its own curvature taken out (K extra solves in ``cache``, for groups rather than
             points); k > 2 keeps k terms of the same expansion (→ one Newton step).
+        progress: report the iterations of the solver and its fits (CG, LiSSA, Arnoldi, power
+            iteration, EK-FAC passes) with their residuals on stderr; ``None`` (default): off, unless
+            the program turned progress on (the ``ggda`` command line does, see :mod:`ggda.progress`).
         **options: ``aggregate``, ``max_batch``, ``memory_mb`` of :class:`InnerProductAttributor`.
     """
 
@@ -157,12 +160,14 @@ class InfluenceFunction(InnerProductAttributor):
         damping_samples: int | None = None,
         seed: int = 0,
         order: int = 1,
+        progress: bool | None = None,
         **options,
     ) -> None:
         super().__init__(task, **options)
         if order < 1:
             raise GGDAError(f"order must be >= 1 (got {order}); e.g. --opt order=2.")
         self.order = int(order)
+        self.progress = progress
         if hessian not in HESSIANS:
             raise GGDAError(f"Unknown hessian '{hessian}'; choose exact or gn (e.g. --opt hessian=gn).")
         if damping is not None and damping < 0:
@@ -216,7 +221,7 @@ class InfluenceFunction(InnerProductAttributor):
         return self._lambda_max
 
     def _top_eigenvalue(self) -> float:
-        return self.curvature.top_eigenvalue(seed=self.seed)
+        return self.curvature.top_eigenvalue(seed=self.seed, progress=self.progress)
 
     def _prepare(self) -> None:  # noqa: B027  (optional hook)
         """Solver work that does not depend on λ (run before the damping is chosen)."""
@@ -288,7 +293,9 @@ class ConjugateGradientIF(InfluenceFunction):
         self.tol, self.max_iter = float(tol), int(max_iter)
 
     def _solve(self, B: torch.Tensor) -> torch.Tensor:
-        result = ihvp_cg(self.curvature.matvec, B, self.lambda_, self.tol, self.max_iter)
+        result = ihvp_cg(
+            self.curvature.matvec, B, self.lambda_, self.tol, self.max_iter, progress=self.progress
+        )
         self.info.update(cg_iterations=result.iterations, cg_max_residual=float(result.residual.max()))
         if not result.converged:
             warnings.warn(
@@ -332,7 +339,7 @@ class LiSSAIF(InfluenceFunction):
 
     def _solve(self, B: torch.Tensor) -> torch.Tensor:
         op = self.curvature.sampler(self.batch_size, self.seed)
-        return ihvp_lissa(op, B, self.lambda_, self.scale_, self.depth, self.repeat)
+        return ihvp_lissa(op, B, self.lambda_, self.scale_, self.depth, self.repeat, progress=self.progress)
 
 
 @register("if-arnoldi")
@@ -371,6 +378,7 @@ class ArnoldiIF(InfluenceFunction):
             dtype=self.task.dtype,
             device=self.task.device,
             seed=self.seed,
+            progress=self.progress,
         )
         self.info.update(rank=self.eigen.rank, top_eigenvalue=float(self.eigen.values.abs().max()))
 

@@ -52,12 +52,6 @@ def last_layer_name(model: nn.Module) -> str:
 
 @register("repsim")
 class RepSim(Attributor):
-    #: Read by noisy-label detection (:func:`ggda.evaluate.noisy_labels.detect_by_self_influence`).
-    self_influence_note = (
-        "RepSim compares representations only; it sees neither labels nor the loss, so a flipped "
-        "label cannot change its self-similarity and it has no self-influence to rank by."
-    )
-
     """RepSim: cosine/dot similarity of hidden representations (last layer's input by default).
 
     Args:
@@ -67,6 +61,12 @@ class RepSim(Attributor):
         similarity: ``cosine``, ``dot`` or ``member-cosine`` (module docstring).
         batch_size: rows per forward pass.
     """
+
+    #: Read by noisy-label detection (:func:`ggda.evaluate.noisy_labels.detect_by_self_influence`).
+    self_influence_note = (
+        "RepSim compares representations only; it sees neither labels nor the loss, so a flipped "
+        "label cannot change its self-similarity and it has no self-influence to rank by."
+    )
 
     def __init__(
         self,

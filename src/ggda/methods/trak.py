@@ -68,6 +68,7 @@ from ggda.gradients.projection import (
 )
 from ggda.methods.base import Attributor, register
 from ggda.models.checkpoint import Checkpoint
+from ggda.progress import Iterations
 from ggda.properties import ExampleLoss, ExampleProperty, Margin, MeanLoss, Property
 from ggda.task import AttributionTask, Params
 
@@ -462,7 +463,11 @@ class TRAK(Attributor):
                 "gradient paths on, gradients='auto' on the task); use projection=gaussian for this model."
             )
         features, projector = None, None
+        bar = Iterations(
+            f"TRAK model {m + 1}: Kronecker-projected group gradients", self.grouping.n_groups, what="group"
+        )
         for gids, phi, proj in it:
+            bar.step(len(gids))
             if features is None:
                 projector = KroneckerProjector(proj)
                 self._use_dual(self.grouping.n_groups, projector.k)
@@ -470,6 +475,7 @@ class TRAK(Attributor):
                     self.grouping.n_groups, projector.k, dtype=task.dtype, device=task.device
                 )
             features[torch.as_tensor(gids, device=task.device)] = phi
+        bar.close()
         return projector, features
 
     def _dense_features(
@@ -488,20 +494,22 @@ class TRAK(Attributor):
                 0, torch.as_tensor(gids, device=task.device), projector.project(G)
             ),
         )
-        for gids, G in iter_group_gradients(
-            task,
-            self.train.X,
-            self.train.y,
-            self.grouping,
-            fn=self.output_fn,
-            params=params,
-            max_batch=self.max_batch,
-            memory_mb=min(256.0, self.memory_mb),
-            block_mb=block_mb,  # tall blocks: fewer passes over P, faster projection GEMMs
-            values_out=values,
-            allocate=stage.allocate,  # blocks are written straight into the stage buffer
-        ):
-            stage.add(gids, G)
+        with Iterations(f"TRAK model {m + 1}: projected group gradients", K, what="group") as bar:
+            for gids, G in iter_group_gradients(
+                task,
+                self.train.X,
+                self.train.y,
+                self.grouping,
+                fn=self.output_fn,
+                params=params,
+                max_batch=self.max_batch,
+                memory_mb=min(256.0, self.memory_mb),
+                block_mb=block_mb,  # tall blocks: fewer passes over P, faster projection GEMMs
+                values_out=values,
+                allocate=stage.allocate,  # blocks are written straight into the stage buffer
+            ):
+                stage.add(gids, G)
+                bar.step(len(gids))
         stage.flush()
         return projector, features
 

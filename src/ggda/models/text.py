@@ -327,6 +327,53 @@ class PackedInputs(nn.Module):
         return model_output(self.model(*args, **kwargs))
 
 
+# -- as a model of a run directory ------------------------------------------------------------------
+#: The :class:`~ggda.models.zoo.ModelSpec` name of the packaged-MiniLM classifier that
+#: ``ggda text-train`` writes into a run directory (``build_model`` rebuilds it from the spec).
+TEXT_MODEL = "minilm"
+
+
+def text_model_spec(
+    n_classes: int,
+    max_len: int,
+    train_layers: int = 1,
+    head: str = "linear",
+    hidden: int = 256,
+    fields: Sequence[str] = DEFAULT_FIELDS,
+    model_path: str | Path | None = None,
+):
+    """The ModelSpec of a :class:`TextClassifier` on packed rows of ``len(fields) × max_len``
+    numbers (the packaged MiniLM unless ``model_path``)."""
+    from ggda.models.zoo import ModelSpec
+
+    extra = {
+        "train_layers": int(train_layers),
+        "head": head,
+        "head_hidden": int(hidden),
+        "fields": list(fields),
+    }
+    if model_path is not None:
+        extra["model_path"] = str(model_path)
+    return ModelSpec(TEXT_MODEL, len(fields) * int(max_len), int(n_classes), None, extra=extra)
+
+
+def build_text_model(spec, seed: int | None = None) -> TextClassifier:
+    """A fresh :class:`TextClassifier` from its ModelSpec (pretrained encoder, head seeded by
+    ``seed``); the spec travels with the module so ``save_model`` records it."""
+    x = spec.extra
+    model = TextClassifier(
+        load_encoder(x.get("model_path")),
+        spec.n_outputs,
+        int(x.get("train_layers", 1)),
+        head=x.get("head", "linear"),
+        hidden=int(x.get("head_hidden", 256)),
+        fields=tuple(x.get("fields", DEFAULT_FIELDS)),
+        seed=int(seed or 0),
+    )
+    model.ggda_spec = spec  # type: ignore[attr-defined]
+    return model
+
+
 # -- the attribution task -------------------------------------------------------------------------
 class TextClassificationTask(AttributionTask):
     """:class:`~ggda.task.AttributionTask` for token inputs and any Hugging Face classifier.

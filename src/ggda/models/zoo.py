@@ -77,6 +77,10 @@ def build_model(
         if in_features is None or n_outputs is None:
             raise GGDAError("build_model(name, ...) needs in_features and n_outputs.")
         spec = ModelSpec(spec, in_features, n_outputs, input_shape)
+    if spec.name == "minilm":  # the text classifier of `ggda text-train` runs (ggda.models.text)
+        from ggda.models.text import build_text_model
+
+        return build_text_model(spec, seed)
     if spec.name not in MODEL_NAMES:
         raise GGDAError(f"Unknown model '{spec.name}'; choose one of {', '.join(MODEL_NAMES)}.")
     if seed is not None:
