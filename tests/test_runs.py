@@ -95,7 +95,7 @@ def test_same_scores_under_every_command(run_dir, tmp_path, method):
 
     # ggda experiment (per-target scores, as used for the LDS)
     config = ExperimentConfig(methods=[method])
-    rows, scores, failures = attribute_all(
+    rows, scores, failures, _ = attribute_all(
         config, r, r.task(), {"singleton": singleton}, ResultStore(tmp_path / "store"), {}, lambda _: None,
         lds_targets=TARGETS,
     )  # fmt: skip
