@@ -68,12 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
 
+    from ggda.data.grouping import Grouping
     from ggda.gold import GoldConfig, select_units
     from ggda.gold.problem import make_problem
     from ggda.gold.removal import fork_steps, steps_per_epoch
     from ggda.gold.sequential import train_sequential
     from ggda.gold.vectorised import resolve_kernel, train_vectorised
-    from ggda.groups.grouping import Grouping
     from ggda.models.zoo import build_model
     from ggda.properties import ExampleLoss
     from ggda.task import AttributionTask

@@ -72,8 +72,8 @@ def retrain_job(train, test, keep: np.ndarray, seed: int, epochs: int) -> dict:
 def bench_jobs(n_jobs: int, epochs: int, with_ray: bool) -> dict:
     from benchmarks.bench_scale import retrain_job as job_fn  # importable name for workers
 
+    from ggda.data.spec import DataSpec, prepare_data
     from ggda.execution import Job, LocalExecutor, ResultStore, job_key
-    from ggda.runs import DataSpec, prepare_data
 
     train, test, _ = prepare_data(DataSpec("digits"))
     rng = np.random.default_rng(0)

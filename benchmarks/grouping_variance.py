@@ -31,10 +31,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
+    from ggda.data.spec import DataSpec, prepare_data
     from ggda.groups import gradient_variance, make_grouping
     from ggda.models import TrainConfig, build_model, train_model
     from ggda.models.training import accuracy
-    from ggda.runs import DataSpec, prepare_data
     from ggda.task import AttributionTask
 
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def digits_split():
-    from ggda.runs import DataSpec, prepare_data
+    from ggda.data.spec import DataSpec, prepare_data
 
     train, test, _ = prepare_data(DataSpec("digits"))
     return train, test

@@ -141,8 +141,8 @@ def test_version1_results_still_load(tmp_path):
 
 # -- gold -----------------------------------------------------------------------------------------
 def _tiny_gold(out: Path):
+    from ggda.data.grouping import Grouping
     from ggda.gold import GoldConfig, compute_gold, select_units
-    from ggda.groups.grouping import Grouping
     from ggda.properties import ExampleLoss
     from ggda.task import AttributionTask
 
@@ -293,7 +293,7 @@ z = "np.zeros((1, 1, 1, 50_000))"
 DISK_FULL_CASES = {
     "scores": ("from ggda.io import save_npy", "save_npy(sys.argv[1] + '/scores.npy', np.zeros(100_000))"),
     "grouping": (
-        "from ggda.groups.grouping import Grouping",
+        "from ggda.data.grouping import Grouping",
         "Grouping(np.arange(100_000) % 7).save(sys.argv[1] + '/groups.npy')",
     ),
     "gold": (
@@ -537,7 +537,7 @@ def test_confined_path_refuses_a_symlink_escape(tmp_path):
 
 def test_attribute_output_stays_in_the_run_directory(fresh_run, tmp_path):
     """`--grouping given:values=../../..` (or any name) cannot write outside RUN/attributions."""
-    from ggda.groups.grouping import Grouping
+    from ggda.data.grouping import Grouping
     from ggda.results import save_attribution
     from ggda.runs import Run
 

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 import ggda
 from ggda.cli.main import app
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
-from ggda.groups.grouping import Grouping
 from ggda.results import SCORE_DTYPE, load_attribution, save_attribution, select_targets
 from ggda.runs import Run
 

@@ -69,9 +69,9 @@ def test_run_options_are_offered_once(run_dir):
 def test_same_scores_under_every_command(run_dir, tmp_path, method):
     from ggda.applications.evaluation import rankings
     from ggda.applications.experiment import ExperimentConfig, attribute_all
+    from ggda.data.grouping import Grouping
     from ggda.execution import ResultStore
     from ggda.gold.compare import method_scores
-    from ggda.groups.grouping import Grouping
     from ggda.properties import ExampleLoss
 
     r = Run.load(run_dir)

@@ -82,7 +82,7 @@ def _cached(name: str, key: str, compute):
 
 
 def digits(n_targets: int):
-    from ggda.runs import DataSpec, prepare_data
+    from ggda.data.spec import DataSpec, prepare_data
 
     train, test, _ = prepare_data(DataSpec("digits"))
     rng = np.random.default_rng(0)

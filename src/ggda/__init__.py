@@ -6,8 +6,8 @@ the special case of singleton groups.
 """
 
 from ggda.data.dataset import Dataset
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
-from ggda.groups.grouping import Grouping
 from ggda.results import AttributionResult, load_attribution
 from ggda.task import AttributionTask
 

@@ -46,7 +46,7 @@ from ggda.io import save_csv, save_npy, write_text
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ggda.groups.grouping import Grouping
+    from ggda.data.grouping import Grouping
 
 __all__ = [
     "FORMAT",
@@ -329,7 +329,7 @@ class AttributionResult:
 
     def as_grouping(self) -> Grouping:
         """The grouping the columns are over (names kept)."""
-        from ggda.groups.grouping import Grouping
+        from ggda.data.grouping import Grouping
 
         return Grouping(self.labels, method=str(self.grouping.get("method", "given")), names=self.group_names)
 
@@ -367,7 +367,7 @@ def load_attribution(path: str | Path, n_train: int | None = None) -> Attributio
     """
     import pandas as pd
 
-    from ggda.groups.grouping import Grouping
+    from ggda.data.grouping import Grouping
 
     path = Path(path)
     if not path.is_dir():

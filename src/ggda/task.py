@@ -11,7 +11,7 @@ properties are combined by the methods.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ggda.data.batches import ExampleInputs, InputView, is_batch, take, to_device
+from ggda.data.text import DEFAULT_FIELDS, unpack_tokens
 from ggda.errors import GGDAError
 from ggda.models.calling import (
     attention_forward_ad_notice,
@@ -273,3 +274,75 @@ class AttributionTask:
 
     def describe(self) -> str:
         return f"{type(self.model).__name__}, {self.n_params:,} attributed parameters ({len(self.param_names)} tensors), {self.device}"
+
+
+class TextClassificationTask(AttributionTask):
+    """:class:`~ggda.task.AttributionTask` for token inputs and any Hugging Face classifier.
+
+    ``X`` rows are packed token fields (:func:`ggda.data.text.pack_tokens`); :meth:`forward`
+    splits them back into a dict, converts the padding mask to a 4-D additive mask (vmap-safe)
+    and calls the model with keyword arguments, so every method and ``iter_group_gradients``
+    work on token batches. Models that take packed rows themselves (:class:`TextClassifier`,
+    :class:`TransformerTail`, :class:`PackedInputs`) are called directly.
+
+    Gradients are restricted to the trainable parameters (``requires_grad``), or to ``layers``
+    (name prefixes, e.g. ``["bert.encoder.layer.5", "classifier"]``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: PerExampleLoss | str = "classification",
+        layers: Iterable[str] | None = None,
+        device: str | torch.device | None = "cpu",
+        fields: Sequence[str] = DEFAULT_FIELDS,
+        mask_4d: bool = True,
+    ) -> None:
+        super().__init__(model, loss=loss, layers=layers, device=device)
+        self.fields, self.mask_4d = tuple(fields), mask_4d
+
+    def forward(self, params: Params, X: torch.Tensor) -> torch.Tensor:
+        if getattr(self.model, "ggda_packed_input", False):
+            return super().forward(params, X)
+        # the dict of fields then takes the one model-calling path (4-D mask, .logits, SDPA)
+        return super().forward(params, unpack_tokens(X, self.fields))
+
+    @property
+    def padding_mask_4d(self) -> bool:
+        """The 4-D additive mask (vmap-safe) unless ``mask_4d=False`` or the model reads it
+        differently from its own 0/1 mask (checked once, :func:`~ggda.models.calling.expands_padding_mask`)."""
+        return bool(getattr(self, "mask_4d", True)) and expands_padding_mask(self.model)
+
+    @classmethod
+    def from_task(
+        cls, task: AttributionTask, fields: Sequence[str] = DEFAULT_FIELDS
+    ) -> TextClassificationTask:
+        """The same model, loss, attributed layers, device and gradient path, reading packed token rows."""
+        out = cls(task.model, loss=task.loss_fn, device=task.device, fields=fields)
+        out.param_names = list(task.param_names)
+        out.layers = task.layers
+        out.loss_kind, out.gradients = task.loss_kind, task.gradients
+        out._loss_checked = getattr(task, "_loss_checked", True)
+        return out
+
+
+def task_for_tokens(
+    task: AttributionTask | nn.Module, fields: Sequence[str] = DEFAULT_FIELDS, loss="classification"
+) -> AttributionTask:
+    """The task that reads packed token rows (:func:`ggda.data.text.pack_tokens`) for ``task``.
+
+    A :class:`TextClassificationTask`, a model that takes packed rows itself (``ggda_packed_input``)
+    or a task subclass with its own ``forward`` is returned as is; a plain task (or a bare model)
+    of a Hugging Face-style model becomes a :class:`TextClassificationTask` with the same settings,
+    so its forward unpacks ``input_ids``/``attention_mask`` instead of feeding packed floats to
+    the embedding layer.
+    """
+    if isinstance(task, nn.Module):
+        if getattr(task, "ggda_packed_input", False):
+            return AttributionTask(task, loss=loss)
+        return TextClassificationTask(task, loss=loss, fields=fields)
+    if isinstance(task, TextClassificationTask) or getattr(task.model, "ggda_packed_input", False):
+        return task
+    if type(task).forward is not AttributionTask.forward:  # the user's own forward decides
+        return task
+    return TextClassificationTask.from_task(task, fields)

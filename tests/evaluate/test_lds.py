@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
 from ggda.evaluate import lds, lds_from_outcomes, subset_masks
 from ggda.groups import random_grouping
-from ggda.groups.grouping import Grouping
 from ggda.methods import make_method
 from ggda.models import ModelSpec, TrainConfig, build_model
 from ggda.properties import ExampleLoss

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ggda.data import flip_labels
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
 from ggda.evaluate import (
     GroupLoss,
@@ -17,7 +18,6 @@ from ggda.evaluate import (
 )
 from ggda.gradients.group import group_gradients
 from ggda.groups import random_grouping
-from ggda.groups.grouping import Grouping
 from ggda.methods import make_method
 from ggda.models import TrainConfig, build_model, train_model
 from ggda.properties import MeanLoss

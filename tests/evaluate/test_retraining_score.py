@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
 from ggda.evaluate import (
     random_removal,
@@ -16,7 +17,6 @@ from ggda.evaluate import (
 from ggda.evaluate.pruning import pruning_curves
 from ggda.execution import SerialExecutor
 from ggda.groups import random_grouping
-from ggda.groups.grouping import Grouping
 from tests.evaluate.conftest import class_scores
 
 
@@ -170,10 +170,10 @@ def test_jobs_pickle_and_rebuild_data_from_the_spec(tmp_path):
     """Jobs travel to spawned workers/other hosts: pickled, they rebuild the data from the DataSpec."""
     import pickle
 
+    from ggda.data.spec import DataSpec, prepare_data
     from ggda.evaluate import Retrainer, RetrainSpec
     from ggda.evaluate import retraining as retraining_module
     from ggda.models import ModelSpec, TrainConfig
-    from ggda.runs import DataSpec, prepare_data
 
     spec_data = DataSpec("digits", max_train=150)
     train, test, _ = prepare_data(spec_data)

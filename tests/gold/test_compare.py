@@ -11,9 +11,9 @@ from scipy.stats import spearmanr
 from torch import nn
 from typer.testing import CliRunner
 
+from ggda.data.grouping import Grouping
 from ggda.gold import GoldConfig, GoldResult, compute_gold, select_units
 from ggda.gold.compare import compare_methods, cosine, mean_sem, seed_window_study, spearman
-from ggda.groups.grouping import Grouping
 from ggda.models.training import TrainConfig, train_model
 from ggda.properties import ExampleLoss
 from ggda.task import AttributionTask

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
 from ggda.execution import ResultStore
 from ggda.gold import GoldConfig, GoldResult, compute_gold, select_units
 from ggda.gold.optim import StackedOptimizer
-from ggda.groups.grouping import Grouping
 from ggda.models.training import TrainConfig, make_optimizer
 from ggda.properties import ExampleLoss
 from ggda.task import AttributionTask

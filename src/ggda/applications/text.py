@@ -189,10 +189,9 @@ def run_text_benchmark(
             )  # fmt: skip
     import torch
 
-    from ggda.groups.grouping import Grouping
+    from ggda.data.grouping import Grouping
     from ggda.methods import METHODS, make_method
     from ggda.models.text import (
-        TextClassificationTask,
         TextTrainConfig,
         evaluate,
         prefix_dataset,
@@ -202,6 +201,7 @@ def run_text_benchmark(
     from ggda.models.training import resolve_device
     from ggda.properties import MeanLoss
     from ggda.runs import offered_options
+    from ggda.task import TextClassificationTask
 
     dev = resolve_device(device)
     result: dict = {"device": str(dev), "torch": torch.__version__}

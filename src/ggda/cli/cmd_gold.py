@@ -72,8 +72,8 @@ def gold_cmd(
 ) -> None:
     """Further-training gold standard (FiMODA eq. 17/13) for left-out points or groups; resumable."""
     _threads(threads)
+    from ggda.data.grouping import Grouping
     from ggda.gold import GoldConfig, compute_gold, select_units
-    from ggda.groups.grouping import Grouping
     from ggda.properties import make_property
     from ggda.runs import Run
 
@@ -212,9 +212,9 @@ def compare_cmd(
 ) -> None:
     """Cosine/Spearman of each method to the gold standard per further-training epoch; table + plot."""
     _threads(threads)
+    from ggda.data.grouping import Grouping
     from ggda.gold import GoldResult
     from ggda.gold.compare import compare_methods, mean_sem
-    from ggda.groups.grouping import Grouping
     from ggda.methods import METHODS
     from ggda.properties import make_property
     from ggda.runs import Run

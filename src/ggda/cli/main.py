@@ -241,7 +241,7 @@ def _naming(what: str, exc: GGDAError) -> GGDAError:
 
 def resolve_grouping(spec: str, run, device: str = "cpu", flag: str = "--grouping") -> object:
     """``singleton``, ``column`` (the data's group column), or a .npy/.csv/.parquet file of group ids."""
-    from ggda.groups.grouping import Grouping
+    from ggda.data.grouping import Grouping
 
     n = len(run.train)
     if spec == "singleton":

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import spearmanr
 
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
 from ggda.evaluate.retraining import Retrainer
-from ggda.groups.grouping import Grouping
 
 
 def subset_masks(n_units: int, n_subsets: int, alpha: float = 0.5, seed: int = 0) -> np.ndarray:

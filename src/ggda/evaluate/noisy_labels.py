@@ -34,8 +34,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from ggda.data.batches import as_inputs, iter_rows
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
-from ggda.groups.grouping import Grouping
 from ggda.methods.base import Attributor
 from ggda.properties import Property
 from ggda.task import AttributionTask, Params

@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ggda.data.grouping import Grouping
 from ggda.evaluate.retraining import Retrainer
 from ggda.evaluate.retraining_score import RemovalResults, removal_curves
-from ggda.groups.grouping import Grouping
 
 PRUNE_FRACTIONS = (0.1, 0.2, 0.3, 0.5)
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from ggda.data.dataset import Dataset
 from ggda.data.digest import content_digest
+from ggda.data.spec import DataSpec, prepare_data
 from ggda.errors import GGDAError
 from ggda.execution import Executor, Job, ResultStore, job_key, make_executor
 from ggda.execution.lock import DirectoryLock
@@ -42,7 +43,6 @@ from ggda.io import atomic_write
 from ggda.models.recipe import TrainingRecipe, UserRecipe, ZooRecipe
 from ggda.models.training import TrainConfig
 from ggda.models.zoo import ModelSpec
-from ggda.runs import DataSpec, prepare_data
 
 MODES = ("subset", "weight")
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
 from ggda.evaluate.retraining import Outcomes, Retrainer
-from ggda.groups.grouping import Grouping
 
 FRACTIONS = (0.01, 0.05, 0.10, 0.20)
 FILLS = ("exact", "cover")

@@ -22,8 +22,8 @@ import numpy as np
 from scipy.stats import rankdata
 
 from ggda.data.dataset import Dataset
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
-from ggda.groups.grouping import Grouping
 from ggda.io import atomic_open, save_csv, save_json, save_npz
 from ggda.properties import Property
 from ggda.task import AttributionTask

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ggda.gradients.buffers import storage_key
+from ggda.buffers import storage_key
 from ggda.models.analysis import analyse
 from ggda.task import AttributionTask, Params
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
-from ggda.groups.grouping import Grouping
 
 
 @dataclass

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
+from ggda.buffers import BlockRecycler
 from ggda.data.batches import unsqueeze
+from ggda.data.grouping import Grouping
 from ggda.gradients import fast_inner
-from ggda.gradients.buffers import BlockRecycler
 from ggda.gradients.fast_factors import LayerPlan, fast_plan, layer_factors, per_example_from_factors
 from ggda.gradients.fast_group import iter_group_gradients_fast
-from ggda.groups.grouping import Grouping
 from ggda.task import AttributionTask, Params
 
 ExampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

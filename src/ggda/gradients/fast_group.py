@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from ggda.gradients.buffers import BlockRecycler
+from ggda.buffers import BlockRecycler
+from ggda.data.grouping import Grouping
 from ggda.gradients.fast_factors import ExampleFn, Factors, LayerPlan, LayerSpec, layer_factors
-from ggda.groups.grouping import Grouping
 from ggda.task import AttributionTask, Params
 
 _BLOCK_BYTES = 4 * 2**20  # recycled blocks this small stay in the L3 cache between producer and consumer

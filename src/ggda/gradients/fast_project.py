@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ggda.data.grouping import Grouping
 from ggda.gradients.fast_factors import ExampleFn, Factors, LayerPlan, LayerSpec, fast_plan, layer_factors
 from ggda.gradients.fast_group import scatter_groups
-from ggda.groups.grouping import Grouping
 from ggda.task import AttributionTask, Params
 
 

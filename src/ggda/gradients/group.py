@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from ggda.data.grouping import Grouping
 from ggda.gradients.backend import ExampleFn, GenericBackend, gradient_backend
-from ggda.groups.grouping import Grouping
 from ggda.task import AttributionTask, Params
 
 

@@ -40,8 +40,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ggda.buffers import empty_huge
 from ggda.errors import GGDAError
-from ggda.gradients.buffers import empty_huge
 
 PROJECTIONS = ("gaussian", "rademacher", "identity")
 DEFAULT_BLOCK_ROWS = 2048
@@ -126,7 +126,7 @@ class RandomProjector(Projector):
         block_rows: rows of P per generated block; part of P's definition.
         cache_mb: keep the generated blocks when the whole P is at most this size (MB); 0 never
             caches. Does not change the numbers, only memory vs. regeneration time. A kept P lives
-            in one buffer advised to use huge pages (:mod:`ggda.gradients.buffers`), which makes
+            in one buffer advised to use huge pages (:mod:`ggda.buffers`), which makes
             first-touching it cheaper than generating it again: the second pass (the target
             gradients) is then a plain GEMM. Otherwise every pass regenerates the blocks into one
             reused block-sized buffer.

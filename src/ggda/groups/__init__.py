@@ -8,7 +8,7 @@ Random, K-Means, Repr-K-Means, Grad-K-Means, given and singleton groupings (GGDA
 
 from __future__ import annotations
 
-from ggda.groups.grouping import Grouping
+from ggda.data.grouping import Grouping
 from ggda.groups.make import (
     GROUPING_METHODS,
     allocate_groups,

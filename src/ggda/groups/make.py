@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
-from ggda.groups.grouping import Grouping
 
 GROUPING_METHODS = ("random", "kmeans", "repr-kmeans", "grad-kmeans", "given", "singleton")
 CLUSTER_OPTIONS = ("algorithm", "n_init", "max_iter", "batch_size", "empty", "balance", "size_ratio")
@@ -138,7 +138,7 @@ def _task_for(method: str, task, train):
     if not isinstance(task, (nn.Module, AttributionTask)):
         raise GGDAError(f"task must be an AttributionTask or an nn.Module; got {type(task).__name__}.")
     if is_token_data(train):
-        from ggda.models.text import task_for_tokens
+        from ggda.task import task_for_tokens
 
         return task_for_tokens(task, train.meta.get("fields") or ("input_ids", "attention_mask"), train.kind)
     if isinstance(task, nn.Module):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ggda.groups.grouping import Grouping
+from ggda.data.grouping import Grouping
 
 
 def within_group_variance(features: np.ndarray, grouping: Grouping) -> float:

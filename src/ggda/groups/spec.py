@@ -17,8 +17,8 @@ Examples: ``random:50``, ``kmeans:100``, ``repr-kmeans:100:layer=1``, ``grad-kme
 
 from __future__ import annotations
 
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
-from ggda.groups.grouping import Grouping
 from ggda.groups.make import GROUPING_METHODS, make_grouping
 from ggda.options import parse_scalar
 

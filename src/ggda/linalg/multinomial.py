@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from ggda.gradients.buffers import empty_huge
+from ggda.buffers import empty_huge
 
 
 def null_complement_basis(C: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from ggda.data.dataset import Dataset
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
-from ggda.groups.grouping import Grouping
 from ggda.methods.training_side import TrainingGradients
 from ggda.options import Spec
 from ggda.properties import Property

@@ -58,8 +58,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
-from ggda.groups.grouping import Grouping
 
 
 class Curvature(Protocol):

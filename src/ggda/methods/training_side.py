@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from ggda.data.dataset import Dataset
+from ggda.data.grouping import Grouping
 from ggda.gradients import fast_inner
 from ggda.gradients.fast_factors import fast_plan
 from ggda.gradients.group import iter_group_gradients
-from ggda.groups.grouping import Grouping
 from ggda.properties import ExampleProperty, Property
 from ggda.task import AttributionTask
 

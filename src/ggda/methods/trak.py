@@ -52,8 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ggda.buffers import empty_huge, shares_storage
 from ggda.errors import GGDAError
-from ggda.gradients.buffers import empty_huge, shares_storage
 from ggda.gradients.fast_project import iter_projected_group_gradients
 from ggda.gradients.group import iter_group_gradients
 from ggda.gradients.per_example import iter_per_example_gradients

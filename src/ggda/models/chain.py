@@ -13,11 +13,13 @@ activation module works (ReLU, Tanh, GELU, Sigmoid, LeakyReLU, SiLU, ...).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ggda.task import AttributionTask, Params
+if TYPE_CHECKING:  # the task sits above the models; the chain only reads a task it is given
+    from ggda.task import AttributionTask, Params
 
 ELEMENTWISE = (
     nn.ReLU,
@@ -82,6 +84,8 @@ def chain_or_reason(task: AttributionTask) -> tuple[LinearChain | None, str | No
     (shared weights); not every parameter attributed; an activation first, two in a row, or a
     model that does not end in a Linear layer.
     """
+    from ggda.task import AttributionTask
+
     cls = type(task)
     if cls.forward is not AttributionTask.forward or cls.losses is not AttributionTask.losses:
         return None, "the task overrides forward/losses"

@@ -23,12 +23,12 @@ module that runs only the trainable layers + head on cached hidden states, *shar
 parameters. Training or attributing the tail is the same computation as on the full model (the
 tests check gradients agree), at a fraction of the cost.
 
-**Any Hugging Face model.** :class:`TextClassificationTask` runs any dict-input model (e.g.
+**Any Hugging Face model.** :class:`~ggda.task.TextClassificationTask` runs any dict-input model (e.g.
 ``AutoModelForSequenceClassification``) on packed tokens: it unpacks the fields and hands the
 dict to :class:`~ggda.task.AttributionTask`'s forward, where :mod:`ggda.models.calling` turns the
 2-D padding mask into the 4-D additive mask transformers accepts as-is (its own mask builder has
 data-dependent branches that ``torch.func.vmap`` cannot trace) and reads ``.logits``.
-:func:`task_for_tokens` gives groupings (and anyone holding a plain task) that task for token rows.
+:func:`~ggda.task.task_for_tokens` gives groupings (and anyone holding a plain task) that task for token rows.
 
 Dropout is set to 0 for models built here, so the training objective is a deterministic function
 of the parameters (further-training and leave-out comparisons then measure data, not noise).
@@ -40,7 +40,7 @@ import contextlib
 import copy
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,9 +53,7 @@ from ggda.data.text import DEFAULT_FIELDS, unpack_tokens
 from ggda.errors import GGDAError
 from ggda.io import save_npy
 from ggda.models.calling import call_args, expands_padding_mask, extended_attention_mask, model_output
-from ggda.models.losses import PerExampleLoss
 from ggda.models.training import TrainResult
-from ggda.task import AttributionTask, Params
 
 MINILM = "all-MiniLM-L6-v2"
 HEADS = ("linear", "mlp")
@@ -375,78 +373,6 @@ def build_text_model(spec, seed: int | None = None) -> TextClassifier:
 
 
 # -- the attribution task -------------------------------------------------------------------------
-class TextClassificationTask(AttributionTask):
-    """:class:`~ggda.task.AttributionTask` for token inputs and any Hugging Face classifier.
-
-    ``X`` rows are packed token fields (:func:`ggda.data.text.pack_tokens`); :meth:`forward`
-    splits them back into a dict, converts the padding mask to a 4-D additive mask (vmap-safe)
-    and calls the model with keyword arguments, so every method and ``iter_group_gradients``
-    work on token batches. Models that take packed rows themselves (:class:`TextClassifier`,
-    :class:`TransformerTail`, :class:`PackedInputs`) are called directly.
-
-    Gradients are restricted to the trainable parameters (``requires_grad``), or to ``layers``
-    (name prefixes, e.g. ``["bert.encoder.layer.5", "classifier"]``).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss: PerExampleLoss | str = "classification",
-        layers: Iterable[str] | None = None,
-        device: str | torch.device | None = "cpu",
-        fields: Sequence[str] = DEFAULT_FIELDS,
-        mask_4d: bool = True,
-    ) -> None:
-        super().__init__(model, loss=loss, layers=layers, device=device)
-        self.fields, self.mask_4d = tuple(fields), mask_4d
-
-    def forward(self, params: Params, X: torch.Tensor) -> torch.Tensor:
-        if getattr(self.model, "ggda_packed_input", False):
-            return super().forward(params, X)
-        # the dict of fields then takes the one model-calling path (4-D mask, .logits, SDPA)
-        return super().forward(params, unpack_tokens(X, self.fields))
-
-    @property
-    def padding_mask_4d(self) -> bool:
-        """The 4-D additive mask (vmap-safe) unless ``mask_4d=False`` or the model reads it
-        differently from its own 0/1 mask (checked once, :func:`~ggda.models.calling.expands_padding_mask`)."""
-        return bool(getattr(self, "mask_4d", True)) and expands_padding_mask(self.model)
-
-    @classmethod
-    def from_task(
-        cls, task: AttributionTask, fields: Sequence[str] = DEFAULT_FIELDS
-    ) -> TextClassificationTask:
-        """The same model, loss, attributed layers, device and gradient path, reading packed token rows."""
-        out = cls(task.model, loss=task.loss_fn, device=task.device, fields=fields)
-        out.param_names = list(task.param_names)
-        out.layers = task.layers
-        out.loss_kind, out.gradients = task.loss_kind, task.gradients
-        out._loss_checked = getattr(task, "_loss_checked", True)
-        return out
-
-
-def task_for_tokens(
-    task: AttributionTask | nn.Module, fields: Sequence[str] = DEFAULT_FIELDS, loss="classification"
-) -> AttributionTask:
-    """The task that reads packed token rows (:func:`ggda.data.text.pack_tokens`) for ``task``.
-
-    A :class:`TextClassificationTask`, a model that takes packed rows itself (``ggda_packed_input``)
-    or a task subclass with its own ``forward`` is returned as is; a plain task (or a bare model)
-    of a Hugging Face-style model becomes a :class:`TextClassificationTask` with the same settings,
-    so its forward unpacks ``input_ids``/``attention_mask`` instead of feeding packed floats to
-    the embedding layer.
-    """
-    if isinstance(task, nn.Module):
-        if getattr(task, "ggda_packed_input", False):
-            return AttributionTask(task, loss=loss)
-        return TextClassificationTask(task, loss=loss, fields=fields)
-    if isinstance(task, TextClassificationTask) or getattr(task.model, "ggda_packed_input", False):
-        return task
-    if type(task).forward is not AttributionTask.forward:  # the user's own forward decides
-        return task
-    return TextClassificationTask.from_task(task, fields)
-
-
 # -- cached features ------------------------------------------------------------------------------
 def _fingerprint(model: nn.Module) -> str:
     h = hashlib.sha1()

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from ggda.data.digest import content_digest
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
 from ggda.execution.executor import Executor, Job
 from ggda.execution.store import ResultStore
 from ggda.gradients.group import ExampleFn, iter_group_gradients
 from ggda.gradients.projection import PROJECTIONS, Projector, make_projector, module_slices
-from ggda.groups.grouping import Grouping
 from ggda.store.features import FeatureStore
 from ggda.task import AttributionTask
 

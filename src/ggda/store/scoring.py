@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
 from ggda.gradients.per_example import iter_per_example_gradients
-from ggda.groups.grouping import Grouping
 from ggda.properties import ExampleProperty, Property
 from ggda.store.build import projector_for, task_fingerprint
 from ggda.store.features import FeatureStore

@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from ggda.gradients.buffers import advise_huge_pages, empty_huge, zeros_huge
+from ggda.buffers import advise_huge_pages, empty_huge, zeros_huge
 
 
 def test_buffers_behave_like_torch_allocations():

@@ -2,6 +2,12 @@
 
 Every method is written for groups; per-point attribution uses :meth:`Grouping.singleton`.
 Validation lives here so no method ever sees an empty group or an out-of-range id.
+
+It sits in the data layer, not in :mod:`ggda.groups`, because it is a partition of a data set's
+rows and nothing more: gradients (group sums), methods, evaluations and results consume it, while
+:mod:`ggda.groups` *builds* it (random, K-means, representation and gradient clustering), which
+needs gradients. Keeping the object below both is what lets gradients use it without importing
+the clustering that uses gradients. ``ggda.groups.Grouping`` is the same class.
 """
 
 from __future__ import annotations
