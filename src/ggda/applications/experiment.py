@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ggda.applications.evaluation import retrainer_for
 from ggda.data.dataset import Dataset
 from ggda.data.grouping import Grouping
 from ggda.errors import GGDAError
@@ -40,7 +41,6 @@ from ggda.evaluate.noisy_labels import (
     suspicion_from_test_scores,
 )
 from ggda.evaluate.pruning import PRUNE_FRACTIONS, pruning_curves
-from ggda.evaluate.retraining import Retrainer, RetrainSpec
 from ggda.evaluate.retraining_score import FRACTIONS, RemovalResults, removal_pairs, retraining_score
 from ggda.execution import ResultStore, job_key
 from ggda.io import save_csv, save_json, save_npz
@@ -769,14 +769,8 @@ def run_experiment(
     }
 
     # -- every retrain of the experiment, planned up front and run in one batch --------------
-    executor = run.executor(config.backend, config.workers)
-    retrainer = Retrainer(
-        RetrainSpec(mspec, tconf, data_spec, config.device),
-        out / "retrains",
-        executor,
-        train,
-        test,
-        progress=progress,
+    retrainer = retrainer_for(
+        run, out / "retrains", config.backend, config.workers, device=config.device, progress=progress
     )
     n = len(train)
     pairs = removal_pairs(rankings, n, config.fractions, seeds, "helpful", config.fill)
