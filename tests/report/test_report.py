@@ -325,6 +325,16 @@ def test_experiment_command_round_trips_the_options():
         "runs/x",
     )
     assert cmd == "ggda experiment --methods tracin --ks n/50 --seeds 2 --opt tracin:x=1 --out runs/x"
+    # every option the command line has is written as its flag, and the flag exists
+    cmd = experiment_command(ExperimentConfig(inspect_targets=3), "o")
+    assert "--inspect-targets 3" in cmd and "#" not in cmd
+    from typer.main import get_command
+
+    import ggda.cli.cmd_evaluate  # noqa: F401  (registers `experiment`)
+    from ggda.cli.main import app
+
+    experiment = get_command(app).commands["experiment"]
+    assert "--inspect-targets" in {opt for p in experiment.params for opt in p.opts}
 
 
 def test_gold_compare_loader(tmp_path):

@@ -661,7 +661,7 @@ def experiment_command(config: ExperimentConfig, out: str | Path) -> str:
                     flags += [kind, f"{scope}:{k}={str(v).lower() if isinstance(v, bool) else v}"]
         elif name == "per_class":
             flags.append("--per-class" if value else "--no-per-class")
-        elif name in ("fill", "inspect_targets"):
+        elif name == "fill":
             python_only.append(f"{name}={value!r}")
         elif value is not None:
             flags += [flag, str(value)]

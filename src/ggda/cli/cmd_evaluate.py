@@ -276,6 +276,9 @@ def experiment_cmd(
     lds_subsets: int = typer.Option(20, help="LDS subsets per grouping (0 to skip)."),
     lds_alpha: float = typer.Option(0.5),
     lds_targets: int = typer.Option(50, help="Test points scored for LDS."),
+    inspect_targets: int = typer.Option(
+        6, help="Test points the report shows next to their most helpful/harmful training examples (0: none)."
+    ),
     noise: float = typer.Option(0.1, help="Flipped-label fraction for noisy-label detection (0 to skip)."),
     noisy_model: str = typer.Option(None, help="Model for the noisy-label study (default: --model)."),
     epochs: int = typer.Option(15),
@@ -322,6 +325,7 @@ def experiment_cmd(
         lds_subsets=lds_subsets,
         lds_alpha=lds_alpha,
         lds_targets=lds_targets,
+        inspect_targets=inspect_targets,
         noise=noise,
         noisy_model=noisy_model,
         epochs=epochs,
