@@ -327,6 +327,20 @@ def auto_mpg(tmp_path: Path) -> Path:
     return path
 
 
+def test_a_file_without_a_header_row_is_named_as_such(tmp_path):
+    """The Auto-MPG file as mlxtend ships it has no header: its first row of numbers becomes the
+    column names, and the label is then missing; the error says what is wrong with the file."""
+    mlxtend = pytest.importorskip("mlxtend")
+    raw = Path(mlxtend.__file__).parent / "data" / "data" / "autompg.csv.gz"
+    r = invoke("train", "--data", raw, "--label", "mpg", "--out", tmp_path / "run")
+    text = str(r.exception)
+    assert r.exit_code != 0 and "first row looks like data" in text and "add a header row" in text
+    frame = pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]})
+    frame.to_csv(tmp_path / "ok.csv", index=False)  # a real header: the usual message
+    r = invoke("train", "--data", tmp_path / "ok.csv", "--label", "mpg", "--out", tmp_path / "run2")
+    assert r.exit_code != 0 and "choose one of ['a', 'b']" in str(r.exception)
+
+
 def test_auto_mpg_end_to_end_is_regression_with_a_good_fit(tmp_path):
     path = auto_mpg(tmp_path)
     out = tmp_path / "run"

@@ -239,6 +239,12 @@ def frame_to_dataset(
     label = str(label)
     for col, what in ((label, "label"), (group_column, "group"), (id_column, "id")):
         if col is not None and col not in frame.columns:
+            if _header_looks_like_data(frame.columns):
+                raise GGDAError(
+                    f"{what.capitalize()} column '{col}' is not in '{name}', whose first row looks like "
+                    f"data, not column names ({list(frame.columns)[:4]}...); add a header row naming "
+                    "the columns (e.g. pandas: read_csv(path, header=None, names=[...]).to_csv(new, index=False))."
+                )
             raise GGDAError(
                 f"{what.capitalize()} column '{col}' is not in '{name}'; choose one of {list(frame.columns)}."
             )
@@ -521,3 +527,18 @@ def _load_npz(path: Path, kind: LabelKind) -> Dataset:
             "numeric target)."
         )
     return ds
+
+
+def _header_looks_like_data(columns) -> bool:
+    """Whether most column names are numbers: a file without a header row, whose first data row
+    pandas took for names (the Auto-MPG file shipped in mlxtend is one)."""
+    names = [str(c) for c in columns]
+
+    def number(text: str) -> bool:
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return True
+
+    return len(names) > 1 and sum(number(c) for c in names) >= max(2, len(names) // 2 + 1)
