@@ -162,7 +162,9 @@ def train_model(
                 lr=float(optimizer.param_groups[0]["lr"]),
             )
             result.checkpoints.append(Checkpoint(path, epoch, step, float(optimizer.param_groups[0]["lr"])))
-        epochs.set_postfix(loss=f"{result.losses[-1]:.4f}")
+        epochs.set_postfix(
+            loss=f"{result.losses[-1]:.4f}", refresh=False
+        )  # drawn with the bar: not a log line per epoch
         if on_epoch is not None:  # e.g. the gold standard records its property here
             on_epoch(epoch, model)
             model.train()
