@@ -79,7 +79,7 @@ def test_chain_gn_equals_torch_func(name, loss):
     torch.testing.assert_close(direct, reference, rtol=1e-10, atol=1e-10)
 
 
-def test_exact_hessian_uses_chain_only_when_linear_in_parameters():
+def test_exact_hessian_uses_chain_products():
     X, y = _data()
     task = AttributionTask(CHAINS["logreg"]())
     V = torch.randn(4, task.n_params, dtype=torch.float64)
@@ -87,8 +87,9 @@ def test_exact_hessian_uses_chain_only_when_linear_in_parameters():
     assert curvature.chain is not None  # logistic regression: Hessian = Gauss–Newton
     exact = TrainingCurvature(task.generic(), X, y, "exact").matvec(V)
     torch.testing.assert_close(curvature.matvec(V), exact, rtol=1e-10, atol=1e-10)
-    deep = AttributionTask(CHAINS["relu-mlp"]())
-    assert TrainingCurvature(deep, X, y, "exact").chain is None  # second-order terms: torch.func
+    deep = AttributionTask(CHAINS["relu-mlp"]())  # second-order terms: ggda.linalg.chain_exact
+    assert TrainingCurvature(deep, X, y, "exact").chain is not None
+    assert TrainingCurvature(deep.generic(), X, y, "exact").chain is None
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -7,12 +7,13 @@ V holds T vectors. Like gradients, the product has a structure-exploiting and a 
 implementation, and the choice is made once, from the one model analysis
 (:mod:`ggda.models.analysis`), by :func:`curvature_products`:
 
-* :class:`ChainProducts` — a plain Linear/activation chain: the Gauss–Newton product as GEMMs over
-  all rows and vectors at once (:mod:`ggda.linalg.chain_gn`), with the chain's forward pass of a
-  row chunk reusable across products (a CG or Arnoldi solve multiplies the same rows at every
-  iteration). A single Linear layer also takes it for the exact Hessian, which equals its
-  Gauss–Newton matrix there, and gets closed forms for the dense matrix and the softmax-regression
-  inverse.
+* :class:`ChainProducts` — a plain Linear/activation chain: the Gauss–Newton product
+  (:mod:`ggda.linalg.chain_gn`) or the exact Hessian product (Pearlmutter's R-operator,
+  :mod:`ggda.linalg.chain_exact`) as GEMMs over all rows and vectors at once, with the chain's
+  forward pass of a row chunk reusable across products (a CG or Arnoldi solve multiplies the same
+  rows at every iteration). A single Linear layer, whose exact Hessian equals its Gauss–Newton
+  matrix, takes the (cheaper) Gauss–Newton product for both kinds and gets closed forms for the
+  dense matrix and the softmax-regression inverse.
 * :class:`FunctionalProducts` — any model: ``torch.func`` Hessian- or Gauss–Newton-vector products
   vectorised over V (:mod:`ggda.linalg.hvp`).
 
@@ -27,6 +28,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ggda.linalg.chain_exact import chain_exact_forward, chain_exact_product, split_exact_vectors
 from ggda.linalg.chain_gn import chain_gn_product, linear_model_hessian, split_vectors
 from ggda.linalg.hvp import gnhvp, hvp
 from ggda.linalg.multinomial import MultinomialInverse
@@ -118,27 +120,40 @@ class ChainProducts(CurvatureProducts):
     def single_linear(self) -> bool:
         return self.chain.depth == 1 and self.chain.activations[0] is None
 
+    @property
+    def exact(self) -> bool:
+        """Whether products need the exact Hessian's second-order terms (not a single Linear layer)."""
+        return self.kind == "exact" and not self.single_linear
+
     def vector_block(self, chunk_size: int) -> int:
-        """Vectors per block that keep the (rows, T, width) tangents near 64 MB."""
-        width = max(d_out for d_out, _ in self.chain.shapes)
-        return int(16 * 2**20 // (chunk_size * width))
+        """Vectors per block that keep the (rows, T, width) tangents near 64 MB (the exact product
+        keeps every layer's tangents for its backward pass, so it counts all widths)."""
+        widths = [d_out for d_out, _ in self.chain.shapes]
+        width = 2 * sum(widths) if self.exact else max(widths)
+        return max(1, int(16 * 2**20 // (chunk_size * width)))
 
     def prepare(self, V):
+        if self.exact:
+            return split_exact_vectors(self.chain, self.slices, V)
         return split_vectors(self.chain, self.slices, V)
 
     def forward(self, Xc):
+        if self.exact:
+            return chain_exact_forward(self.chain, self.params, Xc)
         return self.chain.forward(self.params, Xc)
 
     def forward_floats_per_row(self) -> int:
         chain = self.chain
         hidden = sum(d_in for _, d_in in chain.shapes[1:])
-        activated = sum(
+        activated = [
             d_out for (d_out, _), act in zip(chain.shapes, chain.activations, strict=True) if act is not None
-        )
-        return hidden + activated + chain.shapes[-1][0]
+        ]
+        # the exact forward also keeps σ'' (counted for every activation: an upper bound)
+        return hidden + sum(activated) * (2 if self.exact else 1) + chain.shapes[-1][0]
 
     def accumulate(self, acc, V, prepared, Xc, yc, forward=None) -> None:
-        chain_gn_product(self.chain, self.task, self.params, self.slices, Xc, yc, V, prepared, acc, forward)
+        product = chain_exact_product if self.exact else chain_gn_product
+        product(self.chain, self.task, self.params, self.slices, Xc, yc, V, prepared, acc, forward)
 
     def dense_sum(self, X, y):
         if not self.single_linear:
@@ -166,13 +181,10 @@ def curvature_products(
     task: AttributionTask, kind: str, params: Params | None = None, theta: torch.Tensor | None = None
 ) -> CurvatureProducts:
     """The products for ``kind`` on this task: chain GEMMs where the model analysis finds a chain
-    (for ``"exact"`` only a single Linear layer, whose Hessian is its Gauss–Newton matrix; a deeper
-    chain's exact Hessian has second-order terms), ``torch.func`` otherwise."""
+    (Gauss–Newton or exact Hessian), ``torch.func`` otherwise (and for ``gradients="generic"``)."""
     params = task.params() if params is None else params
     theta = task.flatten(params) if theta is None else theta
     chain = analyse(task).chain
-    if chain is not None and kind == "exact" and not (chain.depth == 1 and chain.activations[0] is None):
-        chain = None
     if chain is not None:
         return ChainProducts(task, kind, params, theta, chain)
     return FunctionalProducts(task, kind, params, theta)

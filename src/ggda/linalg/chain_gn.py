@@ -25,7 +25,7 @@ from ggda.models.chain import LinearChain
 from ggda.task import AttributionTask, Params
 
 
-def _loss_hessian_product(
+def loss_hessian_product(
     task: AttributionTask, z: torch.Tensor, y: torch.Tensor, U: torch.Tensor
 ) -> torch.Tensor:
     """H_i u for every row i and vector: z (n, C), U (n, T, C) -> (n, T, C), with H_i = ∇²_z ℓ(z_i, y_i).
@@ -91,7 +91,7 @@ def chain_gn_product(
         if tangent is not None:
             s_dot += tangent @ params[chain.weights[k]].T
         tangent = s_dot if derivs[k] is None else s_dot.mul_(derivs[k][:, None, :])
-    delta = _loss_hessian_product(task, z, y, tangent)
+    delta = loss_hessian_product(task, z, y, tangent)
     # reverse mode: Jᵀ applied to every vector's output-space result
     if out is None:
         out = torch.zeros(T, V.shape[1], dtype=V.dtype, device=V.device)
