@@ -133,17 +133,6 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(-2) / m.sum(-2).clamp_min(1.0)
 
 
-def logits_of(output) -> torch.Tensor:
-    """Logits from a Hugging Face output object, a tuple or a tensor."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    raise GGDAError(f"Cannot find logits in a model output of type {type(output).__name__}.")
-
-
 def make_head(in_features: int, n_classes: int, head: str = "linear", hidden: int = 256) -> nn.Module:
     if head == "linear":
         return nn.Linear(in_features, n_classes)
