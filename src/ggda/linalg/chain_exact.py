@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ggda.linalg.chain_gn import loss_hessian_product, split_vectors
+from ggda.linalg.chain_gn import forward_tangents, loss_hessian_product, split_vectors
 from ggda.models.chain import LinearChain
 from ggda.task import AttributionTask, Params
 
@@ -111,20 +111,14 @@ def chain_exact_product(
     inputs, derivs, seconds, z = chain_exact_forward(chain, params, X) if forward is None else forward
     weights = [params[w] for w in chain.weights]
     # R-forward: Ra_l (n, T, d_out) of every layer kept for the backward; σ''(s_l) ⊙ Rs_l where σ'' ≠ 0
-    r_acts: list[torch.Tensor] = []
-    r_curv: list[torch.Tensor | None] = []
-    tangent = None
-    for k in range(chain.depth):
-        d_out, _ = chain.shapes[k]
-        Vw, vb = layers[k]
-        s_dot = (inputs[k] @ Vw.T).view(n, T, d_out)
-        if vb is not None:
-            s_dot += vb[None]
-        if tangent is not None:
-            s_dot += tangent @ weights[k].T
-        r_curv.append(None if seconds[k] is None else s_dot * seconds[k][:, None, :])
-        tangent = s_dot if derivs[k] is None else s_dot.mul_(derivs[k][:, None, :])
-        r_acts.append(tangent)
+    r_curv: list[torch.Tensor | None] = [None] * chain.depth
+
+    def keep_curvature(k: int, s_dot: torch.Tensor) -> None:
+        if seconds[k] is not None:
+            r_curv[k] = s_dot * seconds[k][:, None, :]
+
+    r_acts = forward_tangents(chain, params, inputs, derivs, layers, n, T, keep_curvature)
+    tangent = r_acts[-1]
     # output space: Rδ_L = H_z Rz, and the ordinary backward δ_L = ∂ℓ/∂z (shared by the T vectors)
     r_delta = loss_hessian_product(task, z, y, tangent)
     delta = _output_gradient(task, z, y)

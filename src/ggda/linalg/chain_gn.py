@@ -58,6 +58,37 @@ def split_vectors(
     return out
 
 
+def forward_tangents(
+    chain: LinearChain,
+    params: Params,
+    inputs: list[torch.Tensor],
+    derivs: list[torch.Tensor | None],
+    layers: list[tuple[torch.Tensor, torch.Tensor | None]],
+    n: int,
+    T: int,
+    on_preactivation=None,
+) -> list[torch.Tensor]:
+    """Forward mode over the chain for all T vectors at once: every layer's output tangent
+    (J_l V, each (n, T, d_out)), from ``inputs``/``derivs`` of the chain's forward pass and V split
+    per layer. ``on_preactivation(k, ṡ_k)`` sees each layer's pre-activation tangent before σ' is
+    applied in place (the exact product keeps σ''(s_k) ⊙ ṡ_k from it)."""
+    tangents: list[torch.Tensor] = []
+    tangent = None
+    for k in range(chain.depth):
+        d_out, _ = chain.shapes[k]
+        Vw, vb = layers[k]
+        s_dot = (inputs[k] @ Vw.T).view(n, T, d_out)
+        if vb is not None:
+            s_dot += vb[None]
+        if tangent is not None:
+            s_dot += tangent @ params[chain.weights[k]].T
+        if on_preactivation is not None:
+            on_preactivation(k, s_dot)
+        tangent = s_dot if derivs[k] is None else s_dot.mul_(derivs[k][:, None, :])
+        tangents.append(tangent)
+    return tangents
+
+
 def chain_gn_product(
     chain: LinearChain,
     task: AttributionTask,
@@ -80,17 +111,7 @@ def chain_gn_product(
     T, n = V.shape[0], X.shape[0]
     layers = split_vectors(chain, slices, V) if layers is None else layers
     inputs, derivs, z = chain.forward(params, X) if forward is None else forward
-    # forward mode: tangents of every layer's output for all T vectors, (n, T, d_out)
-    tangent = None
-    for k in range(chain.depth):
-        d_out, d_in = chain.shapes[k]
-        Vw, vb = layers[k]
-        s_dot = (inputs[k] @ Vw.T).view(n, T, d_out)
-        if vb is not None:
-            s_dot += vb[None]
-        if tangent is not None:
-            s_dot += tangent @ params[chain.weights[k]].T
-        tangent = s_dot if derivs[k] is None else s_dot.mul_(derivs[k][:, None, :])
+    tangent = forward_tangents(chain, params, inputs, derivs, layers, n, T)[-1]
     delta = loss_hessian_product(task, z, y, tangent)
     # reverse mode: Jᵀ applied to every vector's output-space result
     if out is None:
