@@ -71,7 +71,7 @@ def train_text_model(
         text_model_spec,
         train_text_classifier,
     )
-    from ggda.models.training import TrainConfig, resolve_device
+    from ggda.models.training import resolve_device
     from ggda.models.zoo import build_model
     from ggda.runs import DataSpec, Run, prepare_data
 
@@ -112,18 +112,9 @@ def train_text_model(
     # the last stage that trained the model, as the run's training recipe (further training in
     # `ggda gold` continues with it); the whole two-stage recipe is kept under "text"
     if layers > 0 and cfg.ft_epochs > 0:
-        last = TrainConfig(
-            epochs=cfg.ft_epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.ft_lr,
-            optimizer="adam",
-            weight_decay=cfg.weight_decay,
-            seed=seed,
-        )
+        last = cfg.fine_tune_config(checkpoint_every=0)
     else:
-        last = TrainConfig(
-            epochs=max(1, cfg.lp_epochs), batch_size=64, lr=cfg.lp_lr, optimizer="adam", seed=seed
-        )
+        last = cfg.probe_config(epochs=max(1, cfg.lp_epochs))
     Run.record(
         out,
         data,

@@ -53,7 +53,7 @@ from ggda.data.text import DEFAULT_FIELDS, unpack_tokens
 from ggda.errors import GGDAError
 from ggda.io import save_npy
 from ggda.models.calling import call_args, expands_padding_mask, extended_attention_mask, model_output
-from ggda.models.training import TrainResult
+from ggda.models.training import TrainConfig, TrainResult
 
 MINILM = "all-MiniLM-L6-v2"
 HEADS = ("linear", "mlp")
@@ -496,6 +496,23 @@ class TextTrainConfig:
     seed: int = 0
     checkpoint_every: int = 1
 
+    def probe_config(self, epochs: int | None = None) -> TrainConfig:
+        """The linear probe's training config (Adam on the frozen embeddings, batch 64)."""
+        epochs = self.lp_epochs if epochs is None else epochs
+        return TrainConfig(epochs=epochs, batch_size=64, lr=self.lp_lr, optimizer="adam", seed=self.seed)
+
+    def fine_tune_config(self, checkpoint_every: int | None = None) -> TrainConfig:
+        """The fine-tuning stage's training config (Adam on the trainable tail layers and head)."""
+        return TrainConfig(
+            epochs=self.ft_epochs,
+            batch_size=self.batch_size,
+            lr=self.ft_lr,
+            optimizer="adam",
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+            checkpoint_every=self.checkpoint_every if checkpoint_every is None else checkpoint_every,
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -517,7 +534,7 @@ def train_text_classifier(
     evaluation) without re-encoding. ``sample_weight`` (0 = removed) applies to both stages and
     keeps everyone else's batches unchanged. Checkpoints (fine-tuning) are tail state dicts.
     """
-    from ggda.models.training import TrainConfig, train_model
+    from ggda.models.training import train_model
 
     config = config or TextTrainConfig()
     if config.lp_epochs > 0:
@@ -526,23 +543,13 @@ def train_text_classifier(
         E = encode(classifier, train, device=device) if embeddings is None else embeddings
         emb = Dataset(X=E, y=train.y, ids=train.ids, n_classes=train.n_classes)
         head = copy.deepcopy(classifier.head)
-        lp = TrainConfig(
-            epochs=config.lp_epochs, batch_size=64, lr=config.lp_lr, optimizer="adam", seed=config.seed
-        )
+        lp = config.probe_config()
         train_model(head, emb, lp, device=device, sample_weight=sample_weight)
         classifier.head.load_state_dict(head.state_dict())
     if config.ft_epochs == 0 or classifier.train_layers == 0:
         return None
     prefix = prefix_dataset(classifier, train, device=device) if prefix is None else prefix
-    ft = TrainConfig(
-        epochs=config.ft_epochs,
-        batch_size=config.batch_size,
-        lr=config.ft_lr,
-        optimizer="adam",
-        weight_decay=config.weight_decay,
-        seed=config.seed,
-        checkpoint_every=config.checkpoint_every,
-    )
+    ft = config.fine_tune_config()
     tail = classifier.tail()
     result = train_model(
         tail, prefix, ft, device=device, sample_weight=sample_weight, checkpoint_dir=checkpoint_dir
