@@ -45,6 +45,13 @@ bench: $(FULL)
 # Fidelity suite (a benchmark, not a test): every method against exact / paired-seed retraining
 # truth on digits (logistic regression + MLP; truth cached in runs/fidelity-cache). Tables in
 # benchmarks/results/fidelity.md; flags (--cnn, --sweep, --heavy) in benchmarks/fidelity/run.py.
+# Both papers' headline findings (a benchmark, not a test; docs/reproduction.md): the GGDA
+# retraining-score grid and the final-model-only gold-standard grid on tabular, image and text
+# data. REPRODUCE_ARGS="--profile full" for the hours-long sizes; a killed run resumes.
+.PHONY: reproduce
+reproduce: $(FULL)
+	$(BIN)/python benchmarks/reproduce/run_all.py $(REPRODUCE_ARGS)
+
 .PHONY: fidelity
 fidelity: $(FULL)
 	$(BIN)/python benchmarks/fidelity/run.py $(FIDELITY_ARGS)
