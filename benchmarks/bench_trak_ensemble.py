@@ -73,7 +73,7 @@ def dattri_worker(job_path: str, out_path: str) -> None:
             -nn.functional.cross_entropy(torch.func.functional_call(model, params, x[None]), y[None])
         )
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     task = AttributionTask(loss_func=margin_func, model=model, checkpoints=states)
     attr = TRAKAttributor(
         task,
@@ -83,8 +83,8 @@ def dattri_worker(job_path: str, out_path: str) -> None:
     )
     attr.cache(DataLoader(TensorDataset(Xtr, ytr), batch_size=int(job["train_bs"]), shuffle=False))
     scores = attr.attribute(DataLoader(TensorDataset(Xte, yte), batch_size=len(Xte), shuffle=False))
-    seconds = time.perf_counter() - t0
-    np.savez(out_path, scores=scores.detach().numpy(), seconds=seconds)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    np.savez(out_path, scores=scores.detach().numpy(), seconds=seconds, cpu=cpu)
 
 
 def run_dattri(models, train, test, proj_dim: int, regularization: float, timeout: float) -> dict:
@@ -116,7 +116,7 @@ def run_dattri(models, train, test, proj_dim: int, regularization: float, timeou
         if r.returncode != 0:
             raise RuntimeError(f"dattri worker failed: {r.stderr.strip().splitlines()[-1:]}")
         out = np.load(op)
-        return {"scores": out["scores"].T, "seconds": float(out["seconds"])}
+        return {"scores": out["scores"].T, "seconds": float(out["seconds"]), "cpu": float(out["cpu"])}
 
 
 # -- ggda side -------------------------------------------------------------------------------------
@@ -132,6 +132,7 @@ def run(
     repeat: int = 2,
     dattri: bool = True,
     groups: int = 144,
+    store: str | None = None,
 ):
     """Tables of time and LDS vs M (``quick`` is accepted for ``run_all``; the workload is the same)."""
     from common import Table
@@ -161,8 +162,8 @@ def run(
     p, n, T = task.n_params, len(train), len(targets)
     print(f"trained {len(models)} x {model} on {data} (p={p:,}, n={n:,}) in {t_train:.1f} s", flush=True)
 
-    def ggda(M: int, member_seeds: bool, grouping) -> tuple[float, np.ndarray, TRAK]:
-        best, out = float("inf"), None
+    def ggda(M: int, member_seeds: bool, grouping) -> tuple[tuple[float, float], np.ndarray, TRAK]:
+        best, best_cpu, out = float("inf"), float("inf"), None
         for _ in range(repeat):
             trak = TRAK(
                 task,
@@ -172,10 +173,11 @@ def run(
                 member_seeds=member_seeds,
                 agreement=False,
             )
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             s = trak.cache(train, grouping).attribute(prop)
             best, out = min(best, time.perf_counter() - t), (s, trak)
-        return best, out[0], out[1]
+            best_cpu = min(best_cpu, time.process_time() - c)
+        return (best, best_cpu), out[0], out[1]
 
     def ggda_all(grouping) -> tuple[dict, dict, dict]:
         scores: dict[str, np.ndarray] = {}
@@ -190,7 +192,7 @@ def run(
                 times[label], scores[label] = t, s
                 if not member_seeds:
                     ridges[M] = float(np.mean([m.ridge for m in trak.members]))
-                print(f"  K={grouping.n_groups} {label}: {t:.2f} s", flush=True)
+                print(f"  K={grouping.n_groups} {label}: {t[0]:.2f} s ({t[1]:.2f} s cpu)", flush=True)
         return times, scores, ridges
 
     points = Grouping.singleton(n)
@@ -208,8 +210,8 @@ def run(
             except Exception as e:  # reported in the table, not hidden
                 why = f"{label}: {type(e).__name__}: {str(e)[:200]}"
                 break
-            times[label], scores[label] = d["seconds"], d["scores"]
-            print(f"  {label}: {d['seconds']:.2f} s", flush=True)
+            times[label], scores[label] = (d["seconds"], d["cpu"]), d["scores"]
+            print(f"  {label}: {d['seconds']:.2f} s ({d['cpu']:.2f} s cpu)", flush=True)
     runs = [("points", points, times, scores)]
     if groups:
         grouping = make_grouping("grad-kmeans", train, n_groups=groups, task=task, per_class=True, seed=0)
@@ -218,9 +220,9 @@ def run(
 
     t0 = time.perf_counter()
     results = []
-    with tempfile.TemporaryDirectory() as store:
+    with tempfile.TemporaryDirectory() as tmp:
         retrainer = Retrainer(
-            RetrainSpec(spec, TrainConfig(epochs=epochs)), store, SerialExecutor(), train, test
+            RetrainSpec(spec, TrainConfig(epochs=epochs)), store or tmp, SerialExecutor(), train, test
         )
         for _, grouping, _, sc in runs:
             results.append(lds(retrainer, sc, grouping, n_subsets=n_subsets, seeds=[0], targets=np.arange(T)))
@@ -236,33 +238,37 @@ def run(
             f"data={data}, n={n:,} train, K={grouping.n_groups:,} units, T={T} test-loss targets; {model} "
             f"(p={p:,}) x M independently trained ({epochs} epochs, seeds 0..M-1); proj_dim={proj_dim}; LDS: "
             f"{n_subsets} half-subsets of the units x 1 seed (same subsets for every row); fp32, cpu, 1 thread",
-            ["M", "method", "seconds", "s / model", "time vs M=1", "LDS", "LDS sem"],
+            ["M", "method", "seconds", "cpu s", "cpu s / model", "cpu vs M=1", "LDS", "LDS sem"],
         )
-        base = {"ggda": times[f"ggda M={first} shared P"] / first}
+        base = {"ggda": times[f"ggda M={first} shared P"][1] / first}
         if f"dattri M={first}" in times:
-            base["dattri"] = times[f"dattri M={first}"] / first
-        for label, t in times.items():
+            base["dattri"] = times[f"dattri M={first}"][1] / first
+        for label, (t, c) in times.items():
             M = int(label.split("M=")[1].split()[0])
             method = label.replace(f" M={M}", "")
-            table.add(M, method, t, t / M, t / base[label.split()[0]], res[label].score, res[label].sem)
+            table.add(M, method, t, c, c / M, c / base[label.split()[0]], res[label].score, res[label].sem)
         table.rows.sort(key=lambda r: (r[1], r[0]))
-        g_ratio = times[f"ggda M={last} shared P"] / times[f"ggda M={first} shared P"]
+
+        def ratio(a: str, b: str, times: dict = times) -> str:
+            return f"{times[a][1] / times[b][1]:.2f} cpu ({times[a][0] / times[b][0]:.2f} wall)"
+
         table.notes.append(
-            f"ggda shared P: time(M={last}) / time(M={first}) = {g_ratio:.2f} (linear: {last / first:g})"
+            f"ggda shared P: time(M={last}) / time(M={first}) = "
+            f"{ratio(f'ggda M={last} shared P', f'ggda M={first} shared P')} (linear: {last / first:g})"
         )
         if last > 1:
-            ab = times[f"ggda M={last} member P"] / times[f"ggda M={last} shared P"]
             table.notes.append(
-                f"M={last}: per-member P / shared P time = {ab:.2f} (same process, alternated)"
+                f"M={last}: per-member P / shared P time = "
+                f"{ratio(f'ggda M={last} member P', f'ggda M={last} shared P')} (same process, alternated)"
             )
         if f"dattri M={last}" in times:
-            d_ratio = times[f"dattri M={last}"] / times[f"dattri M={first}"]
             table.notes.append(
-                f"dattri: time(M={last}) / time(M={first}) = {d_ratio:.2f}; dattri / ggda at M={last}: "
-                f"{times[f'dattri M={last}'] / times[f'ggda M={last} shared P']:.1f}x"
+                f"dattri: time(M={last}) / time(M={first}) = {ratio(f'dattri M={last}', f'dattri M={first}')}; "
+                f"dattri / ggda at M={last}: {ratio(f'dattri M={last}', f'ggda M={last} shared P')}"
             )
         table.notes += [
-            "time vs M=1 = seconds / (the library's M=1 seconds): linear cost would give M.",
+            "cpu s = process CPU time (one thread, so the work done; less sensitive to other processes than "
+            "wall seconds); cpu vs M=1 = cpu s / (the library's M=1 cpu s): linear cost would give M.",
             f"training the {len(models)} models took {t_train:.1f} s, all LDS retrains {t_lds:.1f} s (not in the table).",
             f"ggda: cache + attribute, best of {repeat}, split-half seed agreement off, average='scores' (mean of "
             "member scores).",
@@ -294,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="ggda timings: best of this many")
     ap.add_argument("--groups", type=int, default=144, help="also K Grad-K-Means groups (ggda only); 0: skip")
     ap.add_argument("--no-dattri", action="store_true", help="skip dattri")
+    ap.add_argument(
+        "--store", default=None, help="LDS retrain store (reused by later runs); default: a temporary one"
+    )
     ap.add_argument("--name", default="trak_ensemble", help="results file name under benchmarks/results/")
     ap.add_argument("--dattri-worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -314,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         repeat=args.repeat,
         dattri=not args.no_dattri,
         groups=args.groups,
+        store=args.store,
     )
     print(common.save(args.name, tables))
     return 0

@@ -1,8 +1,9 @@
 """TRAK (Park et al., 2023), group-native (GGDA, NOTES A3).
 
 For each model θ_m of an ensemble (the final model, checkpoints, or independently trained models)
-and a random projection P (one seeded matrix shared by all members, as in the ``trak`` and dattri
-libraries; ``member_seeds=True`` draws P_m per model, as in the paper's Algorithm 1):
+and a random projection P (one seeded matrix shared by all members, so their gradients are projected
+in the same passes; ``member_seeds=True`` draws P_m per model, as the paper's Algorithm 1 and the
+``trak`` and dattri libraries do):
 
 * **group features** φ_j = P_mᵀ ∇_θ Σ_{i∈S_j} out(z_i; θ_m) — one batched backward per group of the
   summed *model output* out: the correct-class margin ``z_y − logsumexp_{c≠y} z_c`` for
