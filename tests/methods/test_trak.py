@@ -191,18 +191,25 @@ def test_ensemble_of_identical_models_equals_the_single_model(setup_mlp):
     assert not np.allclose(own.attribute(prop), single.attribute(prop), rtol=1e-3)
 
 
-@pytest.mark.parametrize("member_seeds", [False, True])
-def test_ensemble_equals_mean_of_separate_single_model_runs(setup_mlp, three_models, member_seeds):
-    """The interleaved one-pass features (many stage flushes: tiny memory budget, a group taller
-    than the stage) equal each model's own run with the same projection seed, for groups and
-    both averages."""
+@pytest.mark.parametrize(
+    "member_seeds, units, path",
+    [(False, "groups", None), (True, "groups", None), (True, "points", None), (False, "points", "0.weight")],
+)
+def test_ensemble_equals_mean_of_separate_single_model_runs(
+    setup_mlp, three_models, member_seeds, units, path
+):
+    """The ensemble's features equal each model's own run with the same projection seed, for
+    groups and points and both averages: the interleaved one-pass features (many stage flushes:
+    tiny memory budget, a group taller than the stage) and, per point with a shared P, the shared
+    input-layer projection (x_iᵀP_o once for all members; ``info["shared_input_layer"]``)."""
     task, train, prop = setup_mlp
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 60, len(train))
     labels[:90] = 60  # one large group
-    grouping = Grouping(labels)
+    grouping = Grouping(labels) if units == "groups" else None
     opts = dict(proj_dim=64, memory_mb=0.5, max_batch=64, member_seeds=member_seeds)
     ens = TRAK(task, models=three_models, ensemble="models", **opts).cache(train, grouping)
+    assert ens.info["shared_input_layer"] == path
     singles = [
         TRAK(task, models=[m], ensemble="models", seed=i if member_seeds else 0, **opts).cache(
             train, grouping
@@ -212,7 +219,7 @@ def test_ensemble_equals_mean_of_separate_single_model_runs(setup_mlp, three_mod
     for member, single in zip(ens.members, singles, strict=True):
         ref = single.members[0].features  # float32, summed in other blocks: relative tolerance
         torch.testing.assert_close(member.features, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
-        np.testing.assert_allclose(member.residual, single.members[0].residual, rtol=1e-6)
+        np.testing.assert_allclose(member.residual, single.members[0].residual, rtol=1e-5)
     mean = np.mean([s.attribute(prop) for s in singles], axis=0)
     np.testing.assert_allclose(ens.attribute(prop), mean, rtol=1e-3, atol=1e-4 * np.abs(mean).max())
     ens_trak = TRAK(task, models=three_models, ensemble="models", average="trak", **opts).cache(

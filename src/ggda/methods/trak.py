@@ -66,6 +66,7 @@ from torch import nn
 
 from ggda.buffers import empty_huge, shares_storage
 from ggda.errors import GGDAError
+from ggda.gradients.fast_factors import LayerPlan, fast_plan, layer_factors, per_example_from_factors
 from ggda.gradients.fast_project import iter_projected_group_gradients
 from ggda.gradients.group import iter_group_gradients
 from ggda.gradients.per_example import iter_per_example_gradients
@@ -75,6 +76,7 @@ from ggda.gradients.projection import (
     IdentityProjector,
     KroneckerProjector,
     Projector,
+    RandomProjector,
     make_projector,
     module_slices,
 )
@@ -536,6 +538,10 @@ class TRAK(Attributor):
             for t, pr in zip(tasks, projectors, strict=True)
         ]
         shared = all(pr is projectors[0] for pr in projectors)
+        layer = self._shared_input_layer(tasks, params, projectors) if shared and M > 1 else None
+        self.info["shared_input_layer"] = None if layer is None else layer[0][0].layers[layer[1]].weight
+        if layer is not None:
+            return self._features_sharing_input(tasks, params, projectors[0], layer, values)
         block_mb = min(256.0, self.memory_mb / 4)
 
         def sink(keys: list[tuple[int, np.ndarray]], G: torch.Tensor) -> None:
@@ -583,7 +589,101 @@ class TRAK(Attributor):
             stage.flush()
         return features
 
+    def _shared_input_layer(
+        self, tasks: list[AttributionTask], params: list[Params], projectors: list[Projector]
+    ) -> tuple[list[LayerPlan], int] | None:
+        """The layer whose projection the members can share, when that is cheaper; else None.
+
+        A ``nn.Linear`` layer that reads the model input x (an MLP's first layer) has per-example
+        weight gradient δ_i^(m) xᵢᵀ in every member m: its projection Σ_o δ_io^(m) (xᵢᵀ P_o), with
+        P_o the rows of the shared P for output unit o, needs xᵢᵀP_o — the same for all members —
+        once, then d_out·k per example and member instead of d_in·d_out·k. The rest of the
+        parameters are projected per member as usual, per example, then summed over each group.
+        Used when all members have verified layer-factor plans, P is a dense sketch kept in memory
+        (``cache_mb``), and the estimated multiply-adds, n·k·(d_in·d_out + M·(d_out + p − d_in·d_out)),
+        are below those of projecting the M members' K group gradients, M·K·p·k (so never for
+        M = 1, rarely for few large groups).
+        """
+        proj = projectors[0]
+        if not isinstance(proj, RandomProjector) or not proj._cacheable:
+            return None
+        Xt, yt = tasks[0].to_tensor(self.train.X, self.train.y)
+        if not isinstance(Xt, torch.Tensor) or len(yt) == 0:
+            return None
+        plans = [fast_plan(t, Xt, yt, self.output_fn, pm) for t, pm in zip(tasks, params, strict=True)]
+        if any(plan is None for plan in plans):
+            return None
+        probe = Xt[:4]
+        factors = layer_factors(tasks[0], plans[0], probe, yt[:4], self.output_fn, params[0])
+        flat_x = probe.reshape(len(probe), -1)
+        best, best_w = None, 0
+        for i, (spec, a) in enumerate(zip(plans[0].layers, factors.A, strict=True)):
+            w = spec.d_in * spec.d_out
+            if (
+                spec.kind == "linear"
+                and spec.weight is not None
+                and a.shape[1] == 1
+                and a.shape[2] == flat_x.shape[1]
+                and torch.equal(a[:, 0], flat_x.to(a.dtype))
+                and w > best_w
+            ):
+                best, best_w = i, w
+        if best is None:
+            return None
+        n, K, M, p, d_out = len(yt), self.grouping.n_groups, len(tasks), proj.p, plans[0].layers[best].d_out
+        if n * (best_w + M * (d_out + p - best_w)) >= M * K * p:
+            return None
+        return plans, best
+
+    def _features_sharing_input(
+        self,
+        tasks: list[AttributionTask],
+        params: list[Params],
+        projector: RandomProjector,
+        shared: tuple[list[LayerPlan], int],
+        values: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """Φ_m of every member with the input layer's projection shared (:meth:`_shared_input_layer`)."""
+        plans, layer = shared
+        spec, plan0 = plans[0].layers[layer], plans[0]
+        K, M, k, p = self.grouping.n_groups, len(tasks), projector.k, projector.p
+        w_rows = plan0.slices[spec.weight]
+        # P's rows of the weight, (d_out·d_in, k) in row-major (o, j) order -> (d_in, d_out·k)
+        Pw = projector.rows(w_rows.start, w_rows.stop)
+        Pw = Pw.view(spec.d_out, spec.d_in, k).permute(1, 0, 2).reshape(spec.d_in, spec.d_out * k)
+        rest = [(a, b) for a, b in ((0, w_rows.start), (w_rows.stop, p)) if b > a]
+        P_rest = [projector.rows(a, b) for a, b in rest]
+        task = tasks[0]
+        Xt, yt = task.to_tensor(self.train.X, self.train.y)
+        labels = torch.as_tensor(self.grouping.labels, device=task.device)
+        features = [torch.zeros(K, k, dtype=t.dtype, device=t.device) for t in tasks]
+        itemsize = torch.finfo(task.dtype).bits // 8
+        budget = min(64.0, self.memory_mb / 4) * 2**20
+        chunk = max(1, min(self.max_batch, int(budget // (itemsize * max(spec.d_out * k, p)))))
+        G = torch.empty(chunk, p, dtype=task.dtype, device=task.device)
+        n = len(yt)
+        with Iterations(
+            f"TRAK: projected gradients ({M} models, shared input layer)", n * M, what="point"
+        ) as bar:
+            for start in range(0, n, chunk):
+                rows = slice(start, min(n, start + chunk))
+                B = rows.stop - rows.start
+                XP = None
+                for m in range(M):
+                    f = layer_factors(tasks[m], plans[m], Xt[rows], yt[rows], self.output_fn, params[m])
+                    if XP is None:  # x_iᵀ P_o for every output unit o: once for all members
+                        XP = (f.A[layer][:, 0] @ Pw).view(B, spec.d_out, k)
+                    phi = torch.bmm(f.D[layer], XP)[:, 0]  # Σ_o δ_io x_iᵀP_o, (B, k)
+                    g = per_example_from_factors(plans[m], f, out=G[:B])
+                    for (a, b), Pr in zip(rest, P_rest, strict=True):
+                        phi.addmm_(g[:, a:b], Pr)
+                    features[m].index_add_(0, labels[rows], phi)
+                    values[m][rows] = f.values.to(values[m].dtype)
+                    bar.step(B)
+        return features
+
     def _cache(self) -> None:
+        self.info = {}
         tasks: list[AttributionTask] = []
         kept: list[Params] = []
         skipped = 0
@@ -612,6 +712,7 @@ class TRAK(Attributor):
             residual = self._group_residuals(q)
             self.members.append(_Member(task, projector, features, chol, ridge, dual, residual))
         self.info = {
+            "shared_input_layer": self.info.get("shared_input_layer"),
             "ensemble": self.ensemble_mode,
             "members": len(self.members),
             "duplicates_skipped": skipped,
