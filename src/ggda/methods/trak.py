@@ -660,7 +660,10 @@ class TRAK(Attributor):
         itemsize = torch.finfo(task.dtype).bits // 8
         budget = min(64.0, self.memory_mb / 4) * 2**20
         chunk = max(1, min(self.max_batch, int(budget // (itemsize * max(spec.d_out * k, p)))))
+        # buffers reused by every chunk (fresh pages for each chunk's outputs cost more than the GEMMs)
         G = torch.empty(chunk, p, dtype=task.dtype, device=task.device)
+        XP_buf = torch.empty(chunk, spec.d_out * k, dtype=task.dtype, device=task.device)
+        PHI_buf = torch.empty(chunk, M, k, dtype=task.dtype, device=task.device)
         n = len(yt)
         with Iterations(
             f"TRAK: projected gradients ({M} models, shared input layer)", n * M, what="point"
@@ -668,12 +671,16 @@ class TRAK(Attributor):
             for start in range(0, n, chunk):
                 rows = slice(start, min(n, start + chunk))
                 B = rows.stop - rows.start
-                XP = None
-                for m in range(M):
-                    f = layer_factors(tasks[m], plans[m], Xt[rows], yt[rows], self.output_fn, params[m])
-                    if XP is None:  # x_iᵀ P_o for every output unit o: once for all members
-                        XP = (f.A[layer][:, 0] @ Pw).view(B, spec.d_out, k)
-                    phi = torch.bmm(f.D[layer], XP)[:, 0]  # Σ_o δ_io x_iᵀP_o, (B, k)
+                fs = [
+                    layer_factors(tasks[m], plans[m], Xt[rows], yt[rows], self.output_fn, params[m])
+                    for m in range(M)
+                ]
+                XP = torch.mm(fs[0].A[layer][:, 0], Pw, out=XP_buf[:B])  # x_iᵀP_o, once for all members
+                # Σ_o δ_io^(m) x_iᵀP_o for all members at once: per example an (M × d_out)(d_out × k) GEMM
+                D = torch.cat([f.D[layer] for f in fs], 1)  # (B, M, d_out)
+                PHI = torch.bmm(D, XP.view(B, spec.d_out, k), out=PHI_buf[:B])  # (B, M, k)
+                for m, f in enumerate(fs):
+                    phi = PHI[:, m].contiguous()
                     g = per_example_from_factors(plans[m], f, out=G[:B])
                     for (a, b), Pr in zip(rest, P_rest, strict=True):
                         phi.addmm_(g[:, a:b], Pr)
