@@ -4,7 +4,8 @@ M independently trained models (same architecture and recipe, training seeds 0..
 data set; per-point TRAK over the first M of them for every M in ``--ms``:
 
 * ggda, one shared projection (default: one seeded P, generated once; the members' gradients are
-  traversed together and projected in the same passes over P);
+  traversed together and projected in the same passes over P; per point, the MLP's input layer is
+  projected once for all members, ``info["shared_input_layer"]``);
 * ggda with ``member_seeds=True`` (member m has its own P, seed + m, projected separately), the
   A/B of the shared pass, timed alternately in the same process;
 * dattri 0.3.0's ``TRAKAttributor`` on the same models (``checkpoints`` = their state dicts),
@@ -14,9 +15,11 @@ data set; per-point TRAK over the first M of them for every M in ``--ms``:
 
 LDS (:func:`ggda.evaluate.lds`): the same random half-subsets of the training points for every M
 and method (``--subsets`` × 1 retraining seed, the models' own recipe), Spearman per target over
-the subsets, mean over the first ``--targets`` test points. Times are ``cache`` + ``attribute``
-(one torch thread, warm process, best of ``--repeat``; ggda's split-half seed agreement off, as
-dattri computes none). Results: ``benchmarks/results/trak_ensemble.{txt,json}``.
+the subsets, mean over the first ``--targets`` test points; with ``--groups K`` the same for K
+Grad-K-Means groups (ggda only). Times are ``cache`` + ``attribute`` (one torch thread, warm
+process, best of ``--repeat``; ggda's split-half seed agreement off, as dattri computes none), wall
+and process CPU seconds (the CPU time is the work done, less disturbed by other processes on a
+shared machine). Results: ``benchmarks/results/trak_ensemble.{txt,json}``.
 
     .venv/bin/python benchmarks/bench_trak_ensemble.py                 # digits, mlp-s, M = 1, 5, 20
     .venv/bin/python benchmarks/bench_trak_ensemble.py --proj-dim 2048 --no-dattri --name trak_ensemble_k2048

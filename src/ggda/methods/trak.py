@@ -27,8 +27,10 @@ soft-threshold; ``average="trak"`` is this with the ridge and without S. The def
 so the ensemble of M copies of one model is that model's score. Cost: the members' group
 gradients are computed in one interleaved traversal of the groups and, with the shared P,
 projected together (:meth:`TRAK._dense_features`): P is generated once and each pass over it
-serves all members, so only the gradient and projection flops, the kernels and the target
-gradients grow with M (docs/trak.md, *Ensembles*, has the measured M = 1/5/20 times).
+serves all members; and where it is cheaper (per point, M ≥ 2) an MLP's input layer is projected
+once for all members (:meth:`TRAK._shared_input_layer`). The other layers' projections, the
+kernels and the target gradients grow with M (docs/trak.md, *Ensembles*, has the measured
+M = 1/5/20 times).
 
 Sign: positive = helpful. Why it is on that scale: cross-entropy is exactly ℓ_i = softplus(−m_i),
 so ∇ℓ_i = −(1 − p_i) ∇m_i = −q_i ∇m_i, and for MSE ∇ℓ_i = −(y_i − f_i) ∇f_i. Hence
