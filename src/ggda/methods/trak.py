@@ -632,6 +632,15 @@ class TRAK(Attributor):
                 best, best_w = i, w
         if best is None:
             return None
+
+        def where(plan: LayerPlan) -> tuple:
+            spec = plan.layers[best] if best < len(plan.layers) else None
+            return None if spec is None else (spec.weight, spec.d_in, spec.d_out, spec.kind, plan.slices)
+
+        if any(
+            where(plan) != where(plans[0]) for plan in plans[1:]
+        ):  # same layer, same place in every member
+            return None
         n, K, M, p, d_out = len(yt), self.grouping.n_groups, len(tasks), proj.p, plans[0].layers[best].d_out
         if n * (best_w + M * (d_out + p - best_w)) >= M * K * p:
             return None
