@@ -12,6 +12,8 @@ in the same run):
 2. ``floor``: all K group gradients ÷ one forward + backward of the summed loss.
 3. ``dattri``: ggda vs dattri 0.3.0 on the same per-point work (Grad-Dot, IF-CG, TRAK), dattri
    installed only in ``benchmarks/.venv-dattri``.
+4. ``trak_ensemble``: TRAK over M = 1, 5, 20 models (shared projection vs one per model, dattri's
+   TRAK on the same models): time and LDS vs M (``bench_trak_ensemble.py``).
 
 Everything runs with one torch thread (``torch.set_num_threads(1)``); the machine's load
 average is printed with each table, because other processes share the cores.
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (sets the thread environment before torch is imported)
 
-SECTIONS = ("floor", "methods", "grouping", "dattri")
+SECTIONS = ("floor", "methods", "grouping", "dattri", "trak_ensemble")
 # Sections run as their own process (peak-memory figures must belong to that workload alone);
 # their printed output is the result.
 EXTERNAL = {

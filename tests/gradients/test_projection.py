@@ -141,3 +141,17 @@ def test_rademacher_blocks_are_the_seeded_bits_in_order(k):
         torch.testing.assert_close(proj.block(b, scratch), expected, rtol=0, atol=1e-7)
         torch.testing.assert_close(kept.block(b), expected, rtol=0, atol=1e-7)
         torch.testing.assert_close(kept.block(b), expected, rtol=0, atol=1e-7)  # from the store
+
+
+@pytest.mark.parametrize(
+    "kind, k, cache_mb", [("gaussian", 37, 512.0), ("rademacher", 70, 512.0), ("gaussian", 37, 0)]
+)
+def test_rows_are_the_materialised_matrix_rows(kind, k, cache_mb):
+    """Any row range (inside one block, across blocks, empty, all) equals the same rows of P,
+    kept or regenerated; outside the matrix is refused."""
+    proj = RandomProjector(250, k, kind, seed=4, block_rows=64, dtype=torch.float64, cache_mb=cache_mb)
+    full = RandomProjector(250, k, kind, seed=4, block_rows=64, dtype=torch.float64).matrix()
+    for a, b in ((0, 10), (60, 70), (5, 250), (0, 250), (128, 192), (30, 30)):
+        torch.testing.assert_close(proj.rows(a, b), full[a:b], rtol=0, atol=0)
+    with pytest.raises(GGDAError):
+        proj.rows(10, 251)

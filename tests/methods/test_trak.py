@@ -135,11 +135,15 @@ def test_ensemble_is_mean_of_single_model_scores(setup_mlp, small_digits, tmp_pa
     )
     models = [task.model, other]
     both = TRAK(task, proj_dim=128, models=models).cache(train).attribute(prop)
+    singles = [TRAK(task, proj_dim=128, models=[m]).cache(train).attribute(prop) for m in models]
+    assert np.allclose(both, np.mean(singles, axis=0), rtol=1e-5, atol=1e-7)
+    # member_seeds: member m has its own P (seed + m), as in the TRAK paper's Algorithm 1
+    own = TRAK(task, proj_dim=128, models=models, member_seeds=True).cache(train).attribute(prop)
     singles = [
         TRAK(task, proj_dim=128, models=[m], seed=i).cache(train).attribute(prop)
         for i, m in enumerate(models)
     ]
-    assert np.allclose(both, np.mean(singles, axis=0), rtol=1e-5, atol=1e-7)
+    assert np.allclose(own, np.mean(singles, axis=0), rtol=1e-5, atol=1e-7)
     # TRAK paper's averaging: mean un-weighted scores times mean residual weights
     trak = TRAK(task, proj_dim=128, models=models, average="trak").cache(train)
     U = [trak.unweighted_scores(m, prop).numpy() for m in trak.members]
@@ -154,6 +158,111 @@ def test_ensemble_is_mean_of_single_model_scores(setup_mlp, small_digits, tmp_pa
     assert np.allclose(last.cache(train).attribute(prop), final_other, rtol=1e-5)
     final = TRAK(task, proj_dim=64, checkpoints=res.checkpoints, ensemble="final").cache(train)
     assert len(final.members) == 1 and final.members[0].task is task
+
+
+# -- ensembles: one shared projection, one interleaved pass ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_models(small_digits, trained_mlp):
+    """The trained MLP and two more of the same architecture (other seeds, a few epochs)."""
+    train, _ = small_digits
+    models = [trained_mlp]
+    for seed in (1, 2):
+        m = build_model("mlp-s", train.n_features, train.n_outputs, seed=seed)
+        train_model(m, train, TrainConfig(epochs=3, lr=0.05, seed=seed))
+        models.append(m.eval())
+    return models
+
+
+def test_ensemble_of_identical_models_equals_the_single_model(setup_mlp):
+    """One shared P: M copies of one model give M identical members, so the mean is that model's
+    score (with per-member seeds it would not be: each copy would see another projection)."""
+    task, train, prop = setup_mlp
+    grouping = random_grouping(len(train), 40, seed=3)
+    single = TRAK(task, proj_dim=96, ensemble="final").cache(train, grouping)
+    copies = TRAK(task, proj_dim=96, models=[task.model] * 4, ensemble="models").cache(train, grouping)
+    np.testing.assert_allclose(copies.attribute(prop), single.attribute(prop), rtol=1e-5, atol=1e-9)
+    assert len({id(m.projector) for m in copies.members}) == 1  # one P, generated once
+    assert copies.info["proj_seeds"] == [0, 0, 0, 0]
+    own = TRAK(task, proj_dim=96, models=[task.model] * 4, ensemble="models", member_seeds=True)
+    own.cache(train, grouping)
+    assert own.info["proj_seeds"] == [0, 1, 2, 3]
+    assert not np.allclose(own.attribute(prop), single.attribute(prop), rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "member_seeds, units, path",
+    [(False, "groups", None), (True, "groups", None), (True, "points", None), (False, "points", "0.weight")],
+)
+def test_ensemble_equals_mean_of_separate_single_model_runs(
+    setup_mlp, three_models, member_seeds, units, path
+):
+    """The ensemble's features equal each model's own run with the same projection seed, for
+    groups and points and both averages: the interleaved one-pass features (many stage flushes:
+    tiny memory budget, a group taller than the stage) and, per point with a shared P, the shared
+    input-layer projection (x_iᵀP_o once for all members; ``info["shared_input_layer"]``)."""
+    task, train, prop = setup_mlp
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 60, len(train))
+    labels[:90] = 60  # one large group
+    grouping = Grouping(labels) if units == "groups" else None
+    opts = dict(proj_dim=64, memory_mb=0.5, max_batch=64, member_seeds=member_seeds)
+    ens = TRAK(task, models=three_models, ensemble="models", **opts).cache(train, grouping)
+    assert ens.info["shared_input_layer"] == path
+    singles = [
+        TRAK(task, models=[m], ensemble="models", seed=i if member_seeds else 0, **opts).cache(
+            train, grouping
+        )
+        for i, m in enumerate(three_models)
+    ]
+    for member, single in zip(ens.members, singles, strict=True):
+        ref = single.members[0].features  # float32, summed in other blocks: relative tolerance
+        torch.testing.assert_close(member.features, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+        np.testing.assert_allclose(member.residual, single.members[0].residual, rtol=1e-5)
+    mean = np.mean([s.attribute(prop) for s in singles], axis=0)
+    np.testing.assert_allclose(ens.attribute(prop), mean, rtol=1e-3, atol=1e-4 * np.abs(mean).max())
+    ens_trak = TRAK(task, models=three_models, ensemble="models", average="trak", **opts).cache(
+        train, grouping
+    )
+    U = np.mean([s.unweighted_scores(s.members[0], prop).numpy() for s in singles], axis=0)
+    q = np.mean([s.members[0].residual for s in singles], axis=0)
+    np.testing.assert_allclose(ens_trak.attribute(prop), U * q, rtol=1e-3, atol=1e-4 * np.abs(U * q).max())
+
+
+def test_ensemble_group_features_are_sums_of_member_point_features(setup_mlp, three_models):
+    """Per member, the shared P is linear: φ_S(θ_m) = Σ_{i∈S} φ_i(θ_m), for every member of the
+    one-pass ensemble (features of a grouping vs the per-point features of the same ensemble)."""
+    task, train, _ = setup_mlp
+    grouping = random_grouping(len(train), 25, seed=5)
+    opts = dict(proj_dim=48, models=three_models, ensemble="models", memory_mb=1.0)
+    groups = TRAK(task, **opts).cache(train, grouping)
+    points = TRAK(task, **opts).cache(train)
+    onehot = torch.zeros(grouping.n_groups, len(train), dtype=torch.float64)
+    onehot[torch.as_tensor(grouping.labels), torch.arange(len(train))] = 1.0
+    for g, pt in zip(groups.members, points.members, strict=True):
+        summed = onehot @ pt.features.double()
+        torch.testing.assert_close(
+            g.features.double(), summed, rtol=1e-4, atol=1e-5 * float(summed.abs().max())
+        )
+
+
+def test_shared_projection_needs_members_of_one_size(setup_mlp, small_digits):
+    """A shared P maps one parameter count: members of another size are refused in one line that
+    names member_seeds; with member_seeds each gets its own P and the ensemble runs."""
+    task, train, prop = setup_mlp
+    wider = build_model("mlp-m", train.n_features, train.n_outputs, seed=0)
+    with pytest.raises(GGDAError, match="member_seeds") as err:
+        TRAK(task, proj_dim=32, models=[task.model, wider]).cache(train)
+    assert "\n" not in str(err.value)
+    mixed = TRAK(task, proj_dim=32, models=[task.model, wider], member_seeds=True).cache(train)
+    alone = TRAK(task, proj_dim=32, models=[wider], seed=1).cache(train)
+    np.testing.assert_allclose(
+        mixed.members[1].features.numpy(), alone.members[0].features.numpy(), rtol=1e-5
+    )
+    assert mixed.attribute(prop).shape == (8, len(train))
+    with pytest.raises(GGDAError, match="member_seeds"):
+        make_method("trak", task, member_seeds="maybe")
 
 
 def test_target_modes(setup_mlp):

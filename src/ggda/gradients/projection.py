@@ -218,6 +218,20 @@ class RandomProjector(Projector):
     def matrix(self) -> torch.Tensor:
         return torch.cat([self.block(b) for b in range(self.n_blocks)])
 
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of P, a (stop − start, k) copy assembled from its blocks (kept
+        ones when P is cached). Why: a caller that projects one parameter block by a structured
+        route (TRAK's shared-input ensembles) needs just that block of P."""
+        if not 0 <= start <= stop <= self.p:
+            raise GGDAError(f"Rows {start}:{stop} are outside the projection's {self.p} rows.")
+        parts = []
+        for b in range(start // self.block_rows, -(-stop // self.block_rows)):
+            lo = b * self.block_rows
+            parts.append(self.block(b)[max(start - lo, 0) : stop - lo])
+        if not parts:
+            return torch.zeros(0, self.k, dtype=self.dtype, device=self.device)
+        return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+
 
 def allocate_dims(sizes: Sequence[int], k: int) -> list[int]:
     """Split k output dimensions over layers of the given sizes: equal shares, water-filled.

@@ -1,7 +1,9 @@
 """TRAK (Park et al., 2023), group-native (GGDA, NOTES A3).
 
 For each model θ_m of an ensemble (the final model, checkpoints, or independently trained models)
-and a random projection P_m (its own seed):
+and a random projection P (one seeded matrix shared by all members, so their gradients are projected
+in the same passes; ``member_seeds=True`` draws P_m per model, as the paper's Algorithm 1 and the
+``trak`` and dattri libraries do):
 
 * **group features** φ_j = P_mᵀ ∇_θ Σ_{i∈S_j} out(z_i; θ_m) — one batched backward per group of the
   summed *model output* out: the correct-class margin ``z_y − logsumexp_{c≠y} z_c`` for
@@ -17,6 +19,18 @@ and a random projection P_m (its own seed):
 * **score** τ_j(z) = ψ(z)ᵀ (ΦᵀΦ + λI)⁻¹ φ_j q_j, averaged over the ensemble. With fewer groups than
   projection dimensions (K < k) the same scores come from the K × K Gram matrix,
   ψᵀΦᵀ(ΦΦᵀ + λI)⁻¹ (push-through identity), so the solve also gets the group speedup.
+
+Ensemble (M members). The TRAK paper (Park et al., 2023, Algorithm 1) scores
+τ(z) = S((1/M Σ_m φ_m(z)ᵀ(Φ_mᵀΦ_m)⁻¹Φ_mᵀ) · (1/M Σ_m Q_m)), Q_m = diag(1 − p_i(θ_m)) and S a
+soft-threshold; ``average="trak"`` is this with the ridge and without S. The default
+``average="scores"`` averages the members' complete scores, τ(z) = (1/M) Σ_m ψ_m(z)ᵀ(Φ_mᵀΦ_m + λ_m I)⁻¹Φ_mᵀQ_m,
+so the ensemble of M copies of one model is that model's score. Cost: the members' group
+gradients are computed in one interleaved traversal of the groups and, with the shared P,
+projected together (:meth:`TRAK._dense_features`): P is generated once and each pass over it
+serves all members; and where it is cheaper (per point, M ≥ 2) an MLP's input layer is projected
+once for all members (:meth:`TRAK._shared_input_layer`). The other layers' projections, the
+kernels and the target gradients grow with M (docs/trak.md, *Ensembles*, has the measured
+M = 1/5/20 times).
 
 Sign: positive = helpful. Why it is on that scale: cross-entropy is exactly ℓ_i = softplus(−m_i),
 so ∇ℓ_i = −(1 − p_i) ∇m_i = −q_i ∇m_i, and for MSE ∇ℓ_i = −(y_i − f_i) ∇f_i. Hence
@@ -54,6 +68,7 @@ from torch import nn
 
 from ggda.buffers import empty_huge, shares_storage
 from ggda.errors import GGDAError
+from ggda.gradients.fast_factors import LayerPlan, fast_plan, layer_factors, per_example_from_factors
 from ggda.gradients.fast_project import iter_projected_group_gradients
 from ggda.gradients.group import iter_group_gradients
 from ggda.gradients.per_example import iter_per_example_gradients
@@ -63,6 +78,7 @@ from ggda.gradients.projection import (
     IdentityProjector,
     KroneckerProjector,
     Projector,
+    RandomProjector,
     make_projector,
     module_slices,
 )
@@ -142,45 +158,46 @@ def _row_pearson(A: np.ndarray, B: np.ndarray) -> np.ndarray:
 
 
 class _Stage:
-    """Gathers group-gradient blocks into one tall matrix before projecting it.
+    """Gathers gradient blocks into one tall matrix before projecting it.
 
     Why: each projection pass regenerates (or streams) all of P, and a GEMM with few rows runs
-    below peak, so small blocks (a few large groups per chunk) are projected together. The blocks
+    below peak, so small blocks (a few large groups per chunk) are projected together — and, in
+    an ensemble sharing one P, the blocks of *all* members are projected together, so P is read
+    (or regenerated) once per stage for the whole ensemble instead of once per member. The blocks
     are written straight into slices of one buffer (``allocate``), so gathering copies nothing and
-    touches no fresh memory beyond the rows used.
+    touches no fresh memory beyond the rows used. Each block carries a key (member, group ids);
+    ``sink(keys, G)`` gets the keys of G's rows in order.
     """
 
-    def __init__(self, rows: int, task: AttributionTask, sink) -> None:
-        self.rows, self.task, self.sink = int(rows), task, sink
+    def __init__(self, rows: int, p: int, dtype: torch.dtype, device, sink) -> None:
+        self.rows, self.p, self.dtype, self.device, self.sink = int(rows), int(p), dtype, device, sink
         self.buffer: torch.Tensor | None = None
-        self.used, self.gids = 0, []
+        self.used, self.keys = 0, []
 
     def allocate(self, k: int) -> torch.Tensor:
         if k > self.rows:  # taller than the stage: projected on its own
-            return empty_huge(k, self.task.n_params, dtype=self.task.dtype, device=self.task.device)
+            return empty_huge(k, self.p, dtype=self.dtype, device=self.device)
         if self.used + k > self.rows:
             self.flush()
         if self.buffer is None:
-            self.buffer = empty_huge(
-                self.rows, self.task.n_params, dtype=self.task.dtype, device=self.task.device
-            )
+            self.buffer = empty_huge(self.rows, self.p, dtype=self.dtype, device=self.device)
         view = self.buffer[self.used : self.used + k]
         self.used += k
         return view
 
-    def add(self, gids: np.ndarray, G: torch.Tensor) -> None:
+    def add(self, key: tuple[int, np.ndarray], G: torch.Tensor) -> None:
         in_place = self.buffer is not None and shares_storage(G, self.buffer)
         if not in_place:
             if len(G) > self.rows:
-                self.sink(gids, G)
+                self.sink([key], G)
                 return
             self.allocate(len(G)).copy_(G)  # a block made elsewhere (generic path): gather by copy
-        self.gids.append(gids)
+        self.keys.append(key)
 
     def flush(self) -> None:
         if self.used:
-            self.sink(np.concatenate(self.gids), self.buffer[: self.used])
-        self.used, self.gids = 0, []
+            self.sink(self.keys, self.buffer[: self.used])
+        self.used, self.keys = 0, []
 
 
 @dataclass
@@ -208,7 +225,10 @@ class TRAK(Attributor):
             per random word), ``gaussian``, ``identity`` (exact features, k = p; small models) or
             ``kronecker`` (LoGra-style per-layer P_out ⊗ P_in, computed from layer factors without
             forming gradients; Linear/Conv2d models only; feature dimension ≈ ``proj_dim``).
-        seed: projection seed of the first ensemble member; member m uses ``seed + m``.
+        seed: projection seed (of every member; of member 0 with ``member_seeds``).
+        member_seeds: False (default): all members share one P (seed ``seed``), generated once and
+            applied to every member's gradients in the same passes; True: member m gets its own
+            P_m (seed ``seed + m``, TRAK paper's Algorithm 1), each applied separately.
         per_layer: block-diagonal projection, ``proj_dim`` split over the model's layers.
         ridge: absolute λ added to ΦᵀΦ; default None → ``ridge_rel`` × tr(ΦᵀΦ)/min(K, k).
         ridge_rel: relative λ (multiple of the kernel's mean non-zero eigenvalue; default 2) used
@@ -251,6 +271,7 @@ class TRAK(Attributor):
         ensemble: str | None = None,
         n_checkpoints: int | None = None,
         average: str = "scores",
+        member_seeds: bool = False,
         agreement: bool = True,
         block_rows: int = 2048,
         cache_mb: float = DEFAULT_CACHE_MB,
@@ -276,7 +297,7 @@ class TRAK(Attributor):
         if proj_dim is not None and int(proj_dim) < 1:
             raise GGDAError(f"TRAK's proj_dim must be a positive integer; got {proj_dim}.")
         self.proj_dim, self.projection, self.seed, self.per_layer = proj_dim, projection, int(seed), per_layer
-        self.agreement = bool(agreement)
+        self.agreement, self.member_seeds = bool(agreement), bool(member_seeds)
         self.info: dict = {}
         self.ridge, self.ridge_rel = ridge, float(ridge_rel)
         self.residual_mode, self.target, self.average = residual, target, average
@@ -356,6 +377,10 @@ class TRAK(Attributor):
             f"TRAK ensemble members must be modules, checkpoints, model files or state dicts; got {type(source)}."
         )
 
+    def _member_seed(self, m: int) -> int:
+        """Projection seed of member m: ``seed`` for all (one shared P), or ``seed + m`` (``member_seeds``)."""
+        return self.seed + m if self.member_seeds else self.seed
+
     def _projector(self, task: AttributionTask, m: int) -> Projector:
         p = task.n_params
         k = self.resolved_proj_dim(task, self.grouping.n_groups)
@@ -365,7 +390,7 @@ class TRAK(Attributor):
             "identity" if exact else self.projection,
             p,
             k,
-            seed=self.seed + m,
+            seed=self._member_seed(m),
             device=task.device,
             dtype=task.dtype,
             layer_slices=slices,
@@ -452,7 +477,7 @@ class TRAK(Attributor):
             self.train.y,
             self.grouping,
             self.resolved_proj_dim(task, self.grouping.n_groups),
-            seed=self.seed + m,
+            seed=self._member_seed(m),
             fn=self.output_fn,
             params=params,
             max_batch=self.max_batch,
@@ -478,43 +503,206 @@ class TRAK(Attributor):
         bar.close()
         return projector, features
 
+    def _projectors(self, tasks: list[AttributionTask]) -> list[Projector]:
+        """One projector per member: the *same object* for all (one seeded P, generated once) unless
+        ``member_seeds``, where member m gets its own P (seed + m)."""
+        if self.member_seeds:
+            return [self._projector(t, m) for m, t in enumerate(tasks)]
+        sizes = sorted({t.n_params for t in tasks})
+        if len(sizes) > 1:
+            raise GGDAError(
+                f"TRAK's ensemble members share one projection, so they need the same number of parameters "
+                f"(got {', '.join(map(str, sizes))}); pass member_seeds=true to give each member its own."
+            )
+        shared = self._projector(tasks[0], 0)
+        return [shared] * len(tasks)
+
     def _dense_features(
-        self, task: AttributionTask, m: int, params: Params, values: torch.Tensor | None = None
-    ):
-        projector = self._projector(task, m)
-        K = self.grouping.n_groups
-        self._use_dual(K, projector.k)  # refuse an oversized solve before the gradient pass
-        features = torch.zeros(K, projector.k, dtype=task.dtype, device=task.device)
+        self,
+        tasks: list[AttributionTask],
+        params: list[Params],
+        projectors: list[Projector],
+        values: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """Φ_m of every member in one traversal of the groups.
+
+        The members' group-gradient streams are interleaved chunk by chunk (same groups, same
+        order) into one stage buffer, and a stage is projected with one GEMM when the members share
+        P: the projection matrix is generated once and each pass over it (or regeneration of it,
+        when it does not fit ``cache_mb``) serves all M members. Gradient flops and projection flops
+        stay M × one model's; P's generation, streaming and the per-pass overheads do not grow with M.
+        """
+        K, M = self.grouping.n_groups, len(tasks)
+        for proj in {id(pr): pr for pr in projectors}.values():
+            self._use_dual(K, proj.k)  # refuse an oversized solve before the gradient pass
+        features = [
+            torch.zeros(K, pr.k, dtype=t.dtype, device=t.device)
+            for t, pr in zip(tasks, projectors, strict=True)
+        ]
+        shared = all(pr is projectors[0] for pr in projectors)
+        layer = self._shared_input_layer(tasks, params, projectors) if shared and M > 1 else None
+        self.info["shared_input_layer"] = None if layer is None else layer[0][0].layers[layer[1]].weight
+        if layer is not None:
+            return self._features_sharing_input(tasks, params, projectors[0], layer, values)
         block_mb = min(256.0, self.memory_mb / 4)
-        stage_rows = max(128, int(block_mb * 2**20 // (task.n_params * torch.finfo(task.dtype).bits // 8)))
-        stage = _Stage(
-            stage_rows,
-            task,
-            lambda gids, G: features.index_copy_(
-                0, torch.as_tensor(gids, device=task.device), projector.project(G)
-            ),
-        )
-        with Iterations(f"TRAK model {m + 1}: projected group gradients", K, what="group") as bar:
-            for gids, G in iter_group_gradients(
-                task,
+
+        def sink(keys: list[tuple[int, np.ndarray]], G: torch.Tensor) -> None:
+            out = projectors[keys[0][0]].project(G) if shared else None
+            row = 0
+            for m, gids in keys:
+                rows = slice(row, row + len(gids))
+                phi = out[rows] if shared else projectors[m].project(G[rows])
+                features[m].index_copy_(0, torch.as_tensor(gids, device=phi.device), phi)
+                row += len(gids)
+
+        stages: dict[int, _Stage] = {}  # one per parameter count (members of one architecture share it)
+        for t in tasks:
+            if t.n_params not in stages:
+                rows = max(128, int(block_mb * 2**20 // (t.n_params * torch.finfo(t.dtype).bits // 8)))
+                stages[t.n_params] = _Stage(rows, t.n_params, t.dtype, t.device, sink)
+        iters = [
+            iter_group_gradients(
+                t,
                 self.train.X,
                 self.train.y,
                 self.grouping,
                 fn=self.output_fn,
-                params=params,
+                params=params[m],
                 max_batch=self.max_batch,
                 memory_mb=min(256.0, self.memory_mb),
                 block_mb=block_mb,  # tall blocks: fewer passes over P, faster projection GEMMs
-                values_out=values,
-                allocate=stage.allocate,  # blocks are written straight into the stage buffer
+                values_out=values[m],
+                allocate=stages[t.n_params].allocate,  # blocks are written straight into the stage
+            )
+            for m, t in enumerate(tasks)
+        ]
+        what = "model" if M == 1 else f"{M} models"
+        with Iterations(f"TRAK: projected group gradients ({what})", K * M, what="group") as bar:
+            active = list(range(M))
+            while active:  # round robin: each member's next block is added before the next member's
+                for m in list(active):
+                    block = next(iters[m], None)
+                    if block is None:
+                        active.remove(m)
+                        continue
+                    stages[tasks[m].n_params].add((m, block[0]), block[1])
+                    bar.step(len(block[0]))
+        for stage in stages.values():
+            stage.flush()
+        return features
+
+    def _shared_input_layer(
+        self, tasks: list[AttributionTask], params: list[Params], projectors: list[Projector]
+    ) -> tuple[list[LayerPlan], int] | None:
+        """The layer whose projection the members can share, when that is cheaper; else None.
+
+        A ``nn.Linear`` layer that reads the model input x (an MLP's first layer) has per-example
+        weight gradient δ_i^(m) xᵢᵀ in every member m: its projection Σ_o δ_io^(m) (xᵢᵀ P_o), with
+        P_o the rows of the shared P for output unit o, needs xᵢᵀP_o — the same for all members —
+        once, then d_out·k per example and member instead of d_in·d_out·k. The rest of the
+        parameters are projected per member as usual, per example, then summed over each group.
+        Used when all members have verified layer-factor plans, P is a dense sketch kept in memory
+        (``cache_mb``), and the estimated multiply-adds, n·k·(d_in·d_out + M·(d_out + p − d_in·d_out)),
+        are below those of projecting the M members' K group gradients, M·K·p·k (so never for
+        M = 1, rarely for few large groups).
+        """
+        proj = projectors[0]
+        if not isinstance(proj, RandomProjector) or not proj._cacheable:
+            return None
+        Xt, yt = tasks[0].to_tensor(self.train.X, self.train.y)
+        if not isinstance(Xt, torch.Tensor) or len(yt) == 0:
+            return None
+        plans = [fast_plan(t, Xt, yt, self.output_fn, pm) for t, pm in zip(tasks, params, strict=True)]
+        if any(plan is None for plan in plans):
+            return None
+        probe = Xt[:4]
+        factors = layer_factors(tasks[0], plans[0], probe, yt[:4], self.output_fn, params[0])
+        flat_x = probe.reshape(len(probe), -1)
+        best, best_w = None, 0
+        for i, (spec, a) in enumerate(zip(plans[0].layers, factors.A, strict=True)):
+            w = spec.d_in * spec.d_out
+            if (
+                spec.kind == "linear"
+                and spec.weight is not None
+                and a.shape[1] == 1
+                and a.shape[2] == flat_x.shape[1]
+                and torch.equal(a[:, 0], flat_x.to(a.dtype))
+                and w > best_w
             ):
-                stage.add(gids, G)
-                bar.step(len(gids))
-        stage.flush()
-        return projector, features
+                best, best_w = i, w
+        if best is None:
+            return None
+
+        def where(plan: LayerPlan) -> tuple:
+            spec = plan.layers[best] if best < len(plan.layers) else None
+            return None if spec is None else (spec.weight, spec.d_in, spec.d_out, spec.kind, plan.slices)
+
+        if any(
+            where(plan) != where(plans[0]) for plan in plans[1:]
+        ):  # same layer, same place in every member
+            return None
+        n, K, M, p, d_out = len(yt), self.grouping.n_groups, len(tasks), proj.p, plans[0].layers[best].d_out
+        if n * (best_w + M * (d_out + p - best_w)) >= M * K * p:
+            return None
+        return plans, best
+
+    def _features_sharing_input(
+        self,
+        tasks: list[AttributionTask],
+        params: list[Params],
+        projector: RandomProjector,
+        shared: tuple[list[LayerPlan], int],
+        values: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """Φ_m of every member with the input layer's projection shared (:meth:`_shared_input_layer`)."""
+        plans, layer = shared
+        spec, plan0 = plans[0].layers[layer], plans[0]
+        K, M, k, p = self.grouping.n_groups, len(tasks), projector.k, projector.p
+        w_rows = plan0.slices[spec.weight]
+        # P's rows of the weight, (d_out·d_in, k) in row-major (o, j) order -> (d_in, d_out·k)
+        Pw = projector.rows(w_rows.start, w_rows.stop)
+        Pw = Pw.view(spec.d_out, spec.d_in, k).permute(1, 0, 2).reshape(spec.d_in, spec.d_out * k)
+        rest = [(a, b) for a, b in ((0, w_rows.start), (w_rows.stop, p)) if b > a]
+        P_rest = [projector.rows(a, b) for a, b in rest]
+        task = tasks[0]
+        Xt, yt = task.to_tensor(self.train.X, self.train.y)
+        labels = torch.as_tensor(self.grouping.labels, device=task.device)
+        features = [torch.zeros(K, k, dtype=t.dtype, device=t.device) for t in tasks]
+        itemsize = torch.finfo(task.dtype).bits // 8
+        budget = min(64.0, self.memory_mb / 4) * 2**20
+        chunk = max(1, min(self.max_batch, int(budget // (itemsize * max(spec.d_out * k, p)))))
+        # buffers reused by every chunk (fresh pages for each chunk's outputs cost more than the GEMMs)
+        G = torch.empty(chunk, p, dtype=task.dtype, device=task.device)
+        XP_buf = torch.empty(chunk, spec.d_out * k, dtype=task.dtype, device=task.device)
+        PHI_buf = torch.empty(chunk, M, k, dtype=task.dtype, device=task.device)
+        n = len(yt)
+        with Iterations(
+            f"TRAK: projected gradients ({M} models, shared input layer)", n * M, what="point"
+        ) as bar:
+            for start in range(0, n, chunk):
+                rows = slice(start, min(n, start + chunk))
+                B = rows.stop - rows.start
+                fs = [
+                    layer_factors(tasks[m], plans[m], Xt[rows], yt[rows], self.output_fn, params[m])
+                    for m in range(M)
+                ]
+                XP = torch.mm(fs[0].A[layer][:, 0], Pw, out=XP_buf[:B])  # x_iᵀP_o, once for all members
+                # Σ_o δ_io^(m) x_iᵀP_o for all members at once: per example an (M × d_out)(d_out × k) GEMM
+                D = torch.cat([f.D[layer] for f in fs], 1)  # (B, M, d_out)
+                PHI = torch.bmm(D, XP.view(B, spec.d_out, k), out=PHI_buf[:B])  # (B, M, k)
+                for m, f in enumerate(fs):
+                    phi = PHI[:, m].contiguous()
+                    g = per_example_from_factors(plans[m], f, out=G[:B])
+                    for (a, b), Pr in zip(rest, P_rest, strict=True):
+                        phi.addmm_(g[:, a:b], Pr)
+                    features[m].index_add_(0, labels[rows], phi)
+                    values[m][rows] = f.values.to(values[m].dtype)
+                    bar.step(B)
+        return features
 
     def _cache(self) -> None:
-        self.members = []
+        self.info = {}
+        tasks: list[AttributionTask] = []
         kept: list[Params] = []
         skipped = 0
         for source in self.ensemble:
@@ -523,26 +711,32 @@ class TRAK(Attributor):
             if self.ensemble_mode == "auto" and _same_params(params, kept):
                 skipped += 1  # e.g. the last checkpoint is the final model
                 continue
+            tasks.append(task)
             kept.append(params)
-            m = len(self.members)
-            values = torch.full((len(self.train),), float("nan"), dtype=torch.float64, device=task.device)
-            if self.projection == "kronecker":
-                projector, features = self._kronecker_features(task, m, params)
-            else:  # the gradient pass also records every point's output value (no second forward)
-                projector, features = self._dense_features(task, m, params, values)
+        n = len(self.train)
+        values = [torch.full((n,), float("nan"), dtype=torch.float64, device=t.device) for t in tasks]
+        if self.projection == "kronecker":
+            built = [self._kronecker_features(t, m, kept[m]) for m, t in enumerate(tasks)]
+        else:  # the gradient pass also records every point's output value (no second forward)
+            projectors = self._projectors(tasks)
+            built = list(zip(projectors, self._dense_features(tasks, kept, projectors, values), strict=True))
+        self.members = []
+        for m, (task, (projector, features)) in enumerate(zip(tasks, built, strict=True)):
             chol, ridge, dual = self._factorise(features)
-            if bool(torch.isnan(values).any()):
-                q = self.point_residuals(task, params)
+            if bool(torch.isnan(values[m]).any()):
+                q = self.point_residuals(task, kept[m])
             else:
-                q = self.residuals_from_values(task, values)
+                q = self.residuals_from_values(task, values[m])
             residual = self._group_residuals(q)
             self.members.append(_Member(task, projector, features, chol, ridge, dual, residual))
         self.info = {
+            "shared_input_layer": self.info.get("shared_input_layer"),
             "ensemble": self.ensemble_mode,
             "members": len(self.members),
             "duplicates_skipped": skipped,
             "proj_dim": int(self.members[0].projector.k),
             "proj_dim_rule": "auto" if self.proj_dim is None and self.projection != "identity" else "given",
+            "proj_seeds": [self._member_seed(m) for m in range(len(self.members))],
             "exact_features": isinstance(self.members[0].projector, IdentityProjector),
             "ridge": [m.ridge for m in self.members],
             "ridge_rel": None if self.ridge is not None else self.ridge_rel,
@@ -558,9 +752,20 @@ class TRAK(Attributor):
         return "property"
 
     def target_features(self, member: _Member, prop: Property) -> torch.Tensor:
-        """(T, k) ψ in float64: projected target gradients, oriented so positive = helpful."""
-        task, proj = member.task, member.projector
-        if self.target_mode(prop) == "output":
+        """(T, k) ψ in float64 of one member (:meth:`ensemble_target_features`)."""
+        return self.ensemble_target_features(prop, [member])[0]
+
+    def ensemble_target_features(
+        self, prop: Property, members: list[_Member] | None = None
+    ) -> list[torch.Tensor]:
+        """(T, k) ψ_m in float64 per member: projected target gradients, oriented so positive = helpful.
+
+        The members' target gradients go through one stage, so with a shared P a stage of all
+        members' rows is projected in one pass over P (as on the training side).
+        """
+        members = self.members if members is None else members
+        mode = self.target_mode(prop)
+        if mode == "output":
             if isinstance(prop, MeanLoss):
                 X, y, mean = prop.inner.X, prop.inner.y, True
             elif isinstance(prop, ExampleProperty):
@@ -570,16 +775,43 @@ class TRAK(Attributor):
                     "target=output needs target examples (test-loss, margin or mean-test-loss); "
                     "use target=property for this property."
                 )
+        shared = all(m.projector is members[0].projector for m in members)
+        out: list[torch.Tensor | None] = [None] * len(members)
+
+        def sink(keys: list[tuple[int, np.ndarray]], G: torch.Tensor) -> None:
+            phi = members[keys[0][0]].projector.project(G).double() if shared else None
+            row = 0
+            for m, idx in keys:
+                rows = slice(row, row + len(idx))
+                part = phi[rows] if shared else members[m].projector.project(G[rows]).double()
+                out[m][torch.as_tensor(idx, device=part.device)] = part
+                row += len(idx)
+
+        task0 = members[0].task
+        stage = _Stage(
+            self._chunk_rows(task0.n_params, task0.dtype), task0.n_params, task0.dtype, task0.device, sink
+        )
+        for m, member in enumerate(members):
+            task = member.task
+            if task.n_params != stage.p:  # members of another size (member_seeds): their own stage
+                stage.flush()
+                stage = _Stage(
+                    self._chunk_rows(task.n_params, task.dtype), task.n_params, task.dtype, task.device, sink
+                )
             chunk = self._chunk_rows(task.n_params, task.dtype)
-            parts = [
-                proj.project(G).double()
-                for _, G in iter_per_example_gradients(task, X, y, fn=self.output_fn, chunk_size=chunk)
-            ]
-            psi = torch.cat(parts)
-            return psi.mean(0, keepdim=True) if mean else psi
-        grads = prop.gradients(task)
-        chunk = self._chunk_rows(task.n_params, grads.dtype)
-        return -torch.cat([proj.project(grads[s : s + chunk]).double() for s in range(0, len(grads), chunk)])
+            if mode == "output":
+                out[m] = torch.zeros(len(y), member.projector.k, dtype=torch.float64, device=task.device)
+                for rows, G in iter_per_example_gradients(task, X, y, fn=self.output_fn, chunk_size=chunk):
+                    stage.add((m, np.arange(rows.start, rows.stop)), G)
+            else:
+                grads = prop.gradients(task)
+                out[m] = torch.zeros(len(grads), member.projector.k, dtype=torch.float64, device=task.device)
+                for s in range(0, len(grads), chunk):
+                    stage.add((m, np.arange(s, min(s + chunk, len(grads)))), grads[s : s + chunk])
+        stage.flush()
+        if mode == "output":
+            return [psi.mean(0, keepdim=True) if mean else psi for psi in out]
+        return [-psi for psi in out]
 
     def unweighted_scores(self, member: _Member, prop: Property) -> torch.Tensor:
         """(T, K) ψᵀ(ΦᵀΦ + λI)⁻¹φ_j, before the residual weights."""
@@ -604,7 +836,7 @@ class TRAK(Attributor):
     def _attribute(self, prop: Property) -> np.ndarray:
         if not self.members:
             raise GGDAError("TRAK has no cached features; call cache(train, grouping) first.")
-        psis = [self.target_features(m, prop) for m in self.members]
+        psis = self.ensemble_target_features(prop)
         U = [
             self._solve(psi, m.features, m.chol, m.dual).cpu().numpy()
             for psi, m in zip(psis, self.members, strict=True)
