@@ -3,7 +3,7 @@
 Usage: ``python dattri_worker.py JOB.npz OUT.npz`` — JOB holds the data, the model weights
 (``param::NAME`` arrays), the architecture and the method settings; OUT gets the (n_train,
 n_test) scores, the seconds spent in ``cache`` + ``attribute`` and the peak RSS (and, for IF-CG
-with ``capture_solution`` in JOB, the (n_test, p) inverse-HVPs dattri computed).
+with ``capture_solution`` in JOB, the (n_test, p) test gradients and the inverse-HVPs dattri computed).
 """
 
 from __future__ import annotations
@@ -77,12 +77,14 @@ def main(job_path: str, out_path: str) -> None:
         else:
             attr = IFAttributorExplicit(task, regularization=reg)
         attr.cache(full_loader)
-        if "capture_solution" in job.files:  # keep the inverse-HVP dattri computes (its residual is measured outside)
+        if (
+            "capture_solution" in job.files
+        ):  # keep the inverse-HVP dattri computes (its residual is measured outside)
             solve = attr.transform_test_rep
 
             def keep(ckpt_idx, test_rep, solve=solve):
                 out = solve(ckpt_idx, test_rep)
-                solutions.append(out.detach().clone())
+                solutions.append((test_rep.detach().clone(), out.detach().clone()))
                 return out
 
             attr.transform_test_rep = keep
@@ -103,7 +105,12 @@ def main(job_path: str, out_path: str) -> None:
     from common import peak_rss_mb  # this folder is on sys.path: the worker runs as a script
 
     peak_mb = peak_rss_mb()
-    extra = {"solution": torch.cat(solutions).numpy()} if solutions else {}
+    extra = {}
+    if solutions:  # the right-hand sides dattri solved for (its own test gradients) and its solutions
+        extra = {
+            "rhs": torch.cat([b for b, _ in solutions]).numpy(),
+            "solution": torch.cat([x for _, x in solutions]).numpy(),
+        }
     np.savez(out_path, scores=scores.detach().numpy(), seconds=seconds, peak_mb=peak_mb, **extra)
 
 
