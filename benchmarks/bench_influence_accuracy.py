@@ -4,7 +4,9 @@ the same relative residual ‖b − (H + λI)x‖ / ‖b‖ ≤ tol (issue #20, 
 Workloads are those of ``bench_dattri.py`` (same data, trained models, targets and damping rule):
 n training points of 784-d images, logistic regression 784→10 and the MLP 784-128-10 trained 3
 epochs, H the exact mean training-loss Hessian (what dattri's autograd HVP computes), λ ggda's
-default (1 % of λ_max from 30 power-iteration products, computed once and passed to both).
+default (1 % of λ_max from 30 power-iteration products, computed once and passed to both); the
+MLP's exact Hessian is indefinite, so there λ adds 1.25 |λ_min| (smallest Ritz value of 80
+Lanczos steps) and CG, which needs H + λI positive definite, applies to both libraries.
 
 For every solver: wall time of the whole attribution (training side, target gradients, solve,
 scores), the curvature products it used (one per vector; dattri's CG always runs ``max_iter``
