@@ -73,6 +73,8 @@ def run_dattri(job: dict, timeout: float) -> dict:
             raise RuntimeError(f"dattri worker failed: {r.stderr.strip().splitlines()[-1:]}")
         out = np.load(op)
         return {
+            "solution": out["solution"] if "solution" in out.files else None,
+            "rhs": out["rhs"] if "rhs" in out.files else None,
             "scores": out["scores"],
             "seconds": float(out["seconds"]),
             "peak_mb": float(out["peak_mb"]),

@@ -2,7 +2,8 @@
 
 Usage: ``python dattri_worker.py JOB.npz OUT.npz`` — JOB holds the data, the model weights
 (``param::NAME`` arrays), the architecture and the method settings; OUT gets the (n_train,
-n_test) scores, the seconds spent in ``cache`` + ``attribute`` and the peak RSS.
+n_test) scores, the seconds spent in ``cache`` + ``attribute`` and the peak RSS (and, for IF-CG
+with ``capture_solution`` in JOB, the (n_test, p) test gradients and the inverse-HVPs dattri computed).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main(job_path: str, out_path: str) -> None:
         )
 
     reg = float(job["regularization"])
+    solutions: list[torch.Tensor] = []
     t0 = time.perf_counter()
     if method == "grad-dot":
         task = AttributionTask(loss_func=loss_func, model=model, checkpoints=model.state_dict())
@@ -75,6 +77,17 @@ def main(job_path: str, out_path: str) -> None:
         else:
             attr = IFAttributorExplicit(task, regularization=reg)
         attr.cache(full_loader)
+        if (
+            "capture_solution" in job.files
+        ):  # keep the inverse-HVP dattri computes (its residual is measured outside)
+            solve = attr.transform_test_rep
+
+            def keep(ckpt_idx, test_rep, solve=solve):
+                out = solve(ckpt_idx, test_rep)
+                solutions.append((test_rep.detach().clone(), out.detach().clone()))
+                return out
+
+            attr.transform_test_rep = keep
         scores = attr.attribute(train_loader, test_loader)
     elif method == "trak":
         task = AttributionTask(loss_func=margin_func, model=model, checkpoints=model.state_dict())
@@ -92,7 +105,13 @@ def main(job_path: str, out_path: str) -> None:
     from common import peak_rss_mb  # this folder is on sys.path: the worker runs as a script
 
     peak_mb = peak_rss_mb()
-    np.savez(out_path, scores=scores.detach().numpy(), seconds=seconds, peak_mb=peak_mb)
+    extra = {}
+    if solutions:  # the right-hand sides dattri solved for (its own test gradients) and its solutions
+        extra = {
+            "rhs": torch.cat([b for b, _ in solutions]).numpy(),
+            "solution": torch.cat([x for _, x in solutions]).numpy(),
+        }
+    np.savez(out_path, scores=scores.detach().numpy(), seconds=seconds, peak_mb=peak_mb, **extra)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,12 @@ EXTERNAL = {
         "--out",
         str(common.RESULTS / "scale.json"),
     ],
+    # issue #20 item 1: IF-CG (each preconditioner) vs dattri's CG at the same relative residual
+    "influence_accuracy": lambda quick: [
+        sys.executable,
+        str(Path(__file__).parent / "bench_influence_accuracy.py"),
+        *([] if quick else ["--warm-start"]),
+    ],
     "gold": lambda quick: [
         sys.executable,
         str(Path(__file__).parent / "bench_gold.py"),

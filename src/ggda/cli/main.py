@@ -369,6 +369,7 @@ def attribute_cmd(
         options={**r.method_options(method, {"use_lr": False} if no_lr else None, **options), "grouping": grouping},
         provenance=provenance(run, command_line(ctx)),
         prop=prop, seconds=seconds, top_k=top_k,
+        extra={"solver": getattr(attributor, "info", None) or {}},  # λ, iterations, curvature products
     )  # fmt: skip
     typer.echo(
         f"{method} on {grp.n_groups} groups x {scores.shape[0]} targets in {seconds:.2f}s -> {out}/scores.npy"

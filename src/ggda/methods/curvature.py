@@ -33,6 +33,8 @@ class TrainingCurvature:
 
     Products are accumulated over data chunks of ``chunk_size`` rows and vector blocks of
     ``vector_block`` so memory stays bounded for any n and any number of right-hand sides.
+    ``product_count`` counts the column products made (one vector each, mini-batch ones included):
+    the solvers' cost measure, reported in their records.
 
     Args:
         task: the attribution task (model, loss, attributed parameters, device, dtype).
@@ -79,6 +81,7 @@ class TrainingCurvature:
             self.vector_block = max(self.vector_block, self.products.vector_block(self.chunk_size))
         self._forwards: list | None = None  # per-chunk forwards, built on the first full product
         self._forwards_built = False
+        self.product_count = 0  # column products so far (one vector times the curvature each)
 
     @property
     def chain(self):
@@ -94,6 +97,7 @@ class TrainingCurvature:
         else:
             m = len(rows)
         out = self.sum_product(V, rows) / m
+        self.product_count += 1 if V.ndim == 1 else len(V)
         if self.weight_decay:
             out += self.weight_decay * V
         return out

@@ -21,7 +21,8 @@ Solvers (one registered method each, all taking the options above as keyword arg
 ``--opt key=value`` on the CLI):
 
 - ``if-explicit``: dense H, factorised once (reference; refuses above ``max_params``).
-- ``if-cg``: conjugate gradient with HVPs (``tol``, ``max_iter``).
+- ``if-cg``: (preconditioned) conjugate gradient with HVPs (``tol`` on the relative residual,
+  ``max_iter``, ``preconditioner``: Arnoldi by default, EK-FAC, K-FAC or none).
 - ``if-lissa``: LiSSA (``scale``, ``depth``, ``repeat``, ``batch_size``) with a divergence check.
 - ``if-arnoldi``: Arnoldi low-rank inverse (``rank``, ``iterations``).
 """
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import warnings
 from abc import abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -42,12 +45,16 @@ from ggda.linalg.cg import ihvp_cg
 from ggda.linalg.lissa import ihvp_lissa
 from ggda.methods.base import InnerProductAttributor, register
 from ggda.methods.curvature import TrainingCurvature
+from ggda.methods.kronecker import KroneckerFactors, kronecker_layers
 from ggda.methods.second_order import HessianCurvature, effective_group_vectors, second_order_scores
+from ggda.models.analysis import analyse
+from ggda.options import Spec
 from ggda.properties import Property
 from ggda.task import AttributionTask
 
 HESSIANS = CURVATURE_KINDS
 ARNOLDI_COMPLEMENTS = ("floor", "drop")
+PRECONDITIONERS = ("arnoldi", "ekfac", "kfac", "none")
 DEFAULT_DAMPING_REL = 0.01
 DEFAULT_HESSIAN = "gn"
 
@@ -281,29 +288,178 @@ class ExplicitIF(InfluenceFunction):
 
 @register("if-cg")
 class ConjugateGradientIF(InfluenceFunction):
-    """Conjugate gradient on (H + λI) x = ∇f with exact HVPs over the whole training set.
+    """Conjugate gradient on (H + λI) x = ∇f with exact HVPs over the whole training set,
+    preconditioned by a cheap approximation of the same damped curvature.
+
+    The stopping rule is the relative residual ‖∇f − (H + λI)x‖ / ‖∇f‖ ≤ ``tol`` per target
+    (confirmed at the end with one product per target, since the recurrence drifts in float32), so
+    every preconditioner gives the same answer to that accuracy; the preconditioner only decides
+    how many curvature products (full passes over the data) it takes. The record (``info``) holds
+    the iterations, the largest final residual, the CG products (one per target per iteration) and
+    every other curvature product made (power iteration for λ, Arnoldi).
 
     Args:
         tol: relative residual at which a target's solve stops (default 1e-5).
         max_iter: iteration cap (default 200); a warning is issued if it is reached.
+        preconditioner: M ≈ H + wd·I + λI, damped like the CG system. ``"arnoldi"`` (default): the
+            top ``preconditioner_rank`` Ritz pairs of H from ``preconditioner_iterations``
+            single-vector products, the rest of the spectrum at the smallest kept Ritz value; it
+            works for any model and removes the outlying eigenvalues CG spends its iterations on
+            (benchmarks/results/influence_accuracy.txt, relative residual 1e-4: logistic
+            regression, 100 targets, 5 iterations instead of 22 and 572 products in all instead of
+            2,148; MLP, 10 targets, 11 instead of 19, 175 products instead of 195). Its 64 setup
+            products pay for themselves from about 4 (LR) to 8 (MLP) targets; for one or two
+            targets ``"none"`` is cheaper. ``"ekfac"`` / ``"kfac"``: EK-FAC / K-FAC factors of the
+            Gauss–Newton matrix (two / one passes of per-example output gradients; nn.Linear and
+            nn.Conv2d layers, other parameters scaled by a typical eigenvalue): exact for least
+            squares, but only 1–11 % fewer products on those softmax models. ``"none"``: plain CG.
+        preconditioner_rank: Ritz pairs kept by the Arnoldi preconditioner (default 32).
+        preconditioner_iterations: Arnoldi steps (single-vector products) it takes (default 64).
+        warm_start: targets per block (0, the default: one block, no warm start): the blocks are
+            solved in turn, each started from the Galerkin combination of the solutions already
+            found (exact for a target in their span; one product per target for its starting
+            residual). Off by default: benchmarks/results/influence_accuracy.txt.
     """
 
-    def __init__(self, task: AttributionTask, tol: float = 1e-5, max_iter: int = 200, **options) -> None:
+    option_specs: ClassVar[dict] = {
+        "preconditioner": Spec(str, choices=PRECONDITIONERS),
+        "warm_start": Spec(int, 0),
+    }
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        tol: float = 1e-5,
+        max_iter: int = 200,
+        preconditioner: str = "arnoldi",
+        preconditioner_rank: int = 32,
+        preconditioner_iterations: int = 64,
+        warm_start: int = 0,
+        **options,
+    ) -> None:
         super().__init__(task, **options)
+        if preconditioner not in PRECONDITIONERS:
+            raise GGDAError(
+                f"Unknown preconditioner '{preconditioner}'; choose one of {', '.join(PRECONDITIONERS)} "
+                "(e.g. --opt preconditioner=ekfac)."
+            )
+        if not tol > 0 or max_iter < 1 or preconditioner_rank < 1 or preconditioner_iterations < 1:
+            raise GGDAError(
+                "if-cg needs tol > 0 and max_iter, preconditioner_rank, preconditioner_iterations >= 1; "
+                "e.g. --opt tol=1e-4 --opt max_iter=200."
+            )
         self.tol, self.max_iter = float(tol), int(max_iter)
+        self.preconditioner = preconditioner
+        self.preconditioner_rank, self.preconditioner_iterations = (
+            int(preconditioner_rank),
+            int(preconditioner_iterations),
+        )
+        if warm_start < 0:
+            raise GGDAError(
+                f"warm_start must be >= 0 targets per block (got {warm_start}); e.g. --opt warm_start=32."
+            )
+        self.warm_start = int(warm_start)
+
+    def _prepare(self) -> None:
+        """Fit the preconditioner's curvature (it does not depend on λ)."""
+        kind = self.preconditioner
+        self._factors = self._eigen = None
+        before = self.curvature.product_count
+        if kind in ("ekfac", "kfac"):
+            if not analyse(self.task).factor_layers:
+                raise GGDAError(
+                    f"preconditioner={kind} factors nn.Linear/nn.Conv2d layers and this model attributes none; "
+                    "use --opt preconditioner=arnoldi (or none)."
+                )
+            self._factors = KroneckerFactors(self.task, kronecker_layers(self.task), progress=self.progress)
+            self._factors.fit(
+                self.curvature.Xt, self.curvature.yt, self.chunk_size, corrected=kind == "ekfac"
+            )
+        elif kind == "arnoldi":
+            self._eigen = arnoldi(
+                self.curvature.matvec,
+                self.curvature.p,
+                self.preconditioner_iterations,
+                self.preconditioner_rank,
+                dtype=self.task.dtype,
+                device=self.task.device,
+                seed=self.seed,
+                progress=self.progress,
+            )
+        self.info.update(preconditioner=kind, preconditioner_products=self.curvature.product_count - before)
+
+    def _precondition(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """R ↦ M⁻¹ R with M ≈ H + wd·I + λI (symmetric positive definite), or None for plain CG."""
+        shift = self.lambda_ + self.weight_decay
+        if self._factors is not None:
+            factors = self._factors
+            return lambda R: factors.solve(R, shift)
+        if self._eigen is not None:
+            eig = self._eigen
+            # H + wd·I has eigenvalues μ + wd on the Ritz subspace; below it, at most the smallest
+            # kept |μ|: M is the damped inverse there and a flat floor elsewhere, kept positive
+            floor = max(self.lambda_, 1e-12 * max(float(eig.values.abs().max()), 1.0))
+            vals = (eig.values + shift).clamp_min(floor)
+            rest = max(float(eig.values.abs().min()) + shift, floor)
+            U = eig.vectors
+
+            def apply(R: torch.Tensor) -> torch.Tensor:
+                C = R @ U
+                return (C / vals) @ U.T + (R - C @ U.T) / rest
+
+            return apply
+        return None
 
     def _solve(self, B: torch.Tensor) -> torch.Tensor:
-        result = ihvp_cg(
-            self.curvature.matvec, B, self.lambda_, self.tol, self.max_iter, progress=self.progress
+        pre = self._precondition()
+        block = self.warm_start or len(B)
+        X = torch.empty_like(B)
+        iterations, residual, products = 0, [], 0
+        for start in range(0, len(B), block):
+            Bb = B[start : start + block]
+            x0 = galerkin_start(B[:start], X[:start], Bb) if start else None
+            result = ihvp_cg(
+                self.curvature.matvec,
+                Bb,
+                self.lambda_,
+                self.tol,
+                self.max_iter,
+                x0=x0,
+                progress=self.progress,
+                precondition=pre,
+                verify=True,
+            )
+            X[start : start + block] = result.x
+            iterations = max(iterations, result.iterations)
+            residual.append(result.residual)
+            products += result.products
+        worst = float(torch.cat(residual).max())
+        self.info.update(
+            cg_iterations=iterations,
+            cg_max_residual=worst,
+            cg_products=products,
+            cg_targets=len(B),
+            curvature_products=self.curvature.product_count,
         )
-        self.info.update(cg_iterations=result.iterations, cg_max_residual=float(result.residual.max()))
-        if not result.converged:
+        if worst > self.tol:
             warnings.warn(
-                f"CG stopped at max_iter={self.max_iter} with relative residual {float(result.residual.max()):.2e} "
+                f"CG stopped at max_iter={self.max_iter} with relative residual {worst:.2e} "
                 f"> tol={self.tol:g}; raise --opt max_iter=... or the damping.",
                 stacklevel=2,
             )
-        return result.x
+        return X
+
+
+def galerkin_start(B_prev: torch.Tensor, X_prev: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Starting points for new right-hand sides B from solved pairs (B_prev, X_prev), A X_prev ≈
+    B_prev: x0 = X_prev c with (X_prevᵀ A X_prev) c = X_prevᵀ b, the A-norm-optimal combination of
+    the known solutions (X_prevᵀ A X_prev ≈ X_prevᵀ B_prev, no product needed)."""
+    G = X_prev @ B_prev.T
+    G = 0.5 * (G + G.T)
+    rhs = X_prev @ B.T
+    eye = torch.eye(len(G), dtype=G.dtype, device=G.device)
+    C = torch.linalg.lstsq(G + 1e-10 * G.diagonal().abs().max() * eye, rhs).solution
+    return C.T @ X_prev
 
 
 @register("if-lissa")
