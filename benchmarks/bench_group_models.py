@@ -199,7 +199,7 @@ def method_options(name: str, w: dict, max_batch: int, args) -> dict:
     return opts
 
 
-def run_model(w: dict, args) -> list[Table]:
+def run_model(w: dict, args, earlier: list[Table] = ()) -> list[Table]:
     from ggda.groups import Grouping, make_grouping
     from ggda.methods import make_method
     from ggda.properties import ExampleLoss
@@ -301,6 +301,7 @@ def run_model(w: dict, args) -> list[Table]:
             row.append(f"error: {type(e).__name__}: {str(e)[:100]}")
             row += [""] * (len(cols) - len(row))
         mtab.add(*row)
+        save(args.out, [*earlier, ftab, mtab])  # partial results survive an interrupted run
     mtab.notes.append(
         "per point / floor: per-point time over one forward+backward of the summed loss timed right after "
         "it. Any exact group attribution costs at least the floor, so this bounds every group speedup "
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             w = minilm_workload(args.n_minilm, args.targets, args.max_len)
         print(f"[{model}] workload ready in {time.perf_counter() - t0:.1f} s: {w['describe']}", flush=True)
-        tables += run_model(w, args)
+        tables += run_model(w, args, tables)
         save(args.out, tables)  # partial results survive
         for t in tables[-2:]:
             print(t.render(), flush=True)

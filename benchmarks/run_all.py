@@ -12,6 +12,8 @@ in the same run):
 2. ``floor``: all K group gradients ÷ one forward + backward of the summed loss.
 3. ``dattri``: ggda vs dattri 0.3.0 on the same per-point work (Grad-Dot, IF-CG, TRAK), dattri
    installed only in ``benchmarks/.venv-dattri``.
+4. ``group_models`` (own process): the floor ratio and group vs per point per method on a ResNet
+   CNN and on MiniLM (``bench_group_models.py``).
 
 Everything runs with one torch thread (``torch.set_num_threads(1)``); the machine's load
 average is printed with each table, because other processes share the cores.
@@ -39,6 +41,13 @@ EXTERNAL = {
         *(["--quick"] if quick else []),
         "--out",
         str(common.RESULTS / "scale.json"),
+    ],
+    # issue #20 item 3: group vs per point on a ResNet CNN and on MiniLM (per-example work dominates)
+    "group_models": lambda quick: [
+        sys.executable,
+        str(Path(__file__).parent / "bench_group_models.py"),
+        *(["--n-cnn", "1000", "--n-minilm", "200", "--targets", "5"] if quick else ["--n-minilm", "500"]),
+        *["--cg-iter", "2", "--ekfac-fisher", "empirical"],
     ],
     "gold": lambda quick: [
         sys.executable,
