@@ -3,7 +3,9 @@
 For a Linear/Conv2d layer the group gradient is ``Σ_{i∈S} Σ_l δ_{i,l} a_{i,l}ᵀ``
 (:mod:`ggda.gradients.fast_factors`). Rows are ordered group by group, so a chunk of k groups
 of equal size s is a free reshape to (k, s·L, ·) and one ``bmm`` per layer gives all k weight
-gradients; groups of mixed sizes are padded with a zero row. The matrix products do the same
+gradients (a convolution: one grouped weight-gradient on its raw inputs,
+:func:`~ggda.gradients.fast_factors.conv_weight_sums`, instead of unfolded patches); groups of
+mixed sizes are padded with a zero row. The matrix products do the same
 FLOPs as the weight-gradient step of an ordinary backward over the same rows, which is why the
 whole computation costs about one epoch's forward + backward (the "floor"), whatever K is —
 instead of K separate backwards.
