@@ -14,6 +14,8 @@ in the same run):
    installed only in ``benchmarks/.venv-dattri``.
 4. ``trak_ensemble``: TRAK over M = 1, 5, 20 models (shared projection vs one per model, dattri's
    TRAK on the same models): time and LDS vs M (``bench_trak_ensemble.py``).
+5. ``group_models`` (own process): the floor ratio and group vs per point per method on a ResNet
+   CNN and on MiniLM (``bench_group_models.py``).
 
 Everything runs with one torch thread (``torch.set_num_threads(1)``); the machine's load
 average is printed with each table, because other processes share the cores.
@@ -47,6 +49,13 @@ EXTERNAL = {
         sys.executable,
         str(Path(__file__).parent / "bench_influence_accuracy.py"),
         *([] if quick else ["--warm-start"]),
+    ],
+    # issue #20 item 3: group vs per point on a ResNet CNN and on MiniLM (per-example work dominates)
+    "group_models": lambda quick: [
+        sys.executable,
+        str(Path(__file__).parent / "bench_group_models.py"),
+        *(["--n-cnn", "1000", "--n-minilm", "200", "--targets", "5"] if quick else ["--n-minilm", "500"]),
+        *["--cg-iter", "2", "--ekfac-fisher", "empirical"],
     ],
     "gold": lambda quick: [
         sys.executable,

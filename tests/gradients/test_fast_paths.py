@@ -330,3 +330,62 @@ def test_chunk_blocks_equal_reference(data, trained_mlp, monkeypatch, small_byte
         for gids, G in blocks:
             fast[torch.as_tensor(gids)] = G
         assert close(fast, ref)
+
+
+class ResBlockNet(nn.Module):
+    """ResNet-style: bias-free convs, BatchNorm (eval), a residual sum, a strided 1x1 shortcut,
+    a dilated conv and one conv module called twice per forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)  # called twice
+        self.down = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2)
+        self.short = nn.Conv2d(4, 6, 1, stride=2, bias=False)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x.view(-1, 1, 8, 8))))
+        x = torch.relu(self.conv(torch.relu(self.conv(x))) + x)
+        x = torch.relu(self.down(x) + self.short(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class TinyAttention(nn.Module):
+    """One self-attention layer over 4 tokens of 16 features (Q, K, V, O as nn.Linear) + head."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = x.view(-1, 4, 16)
+        att = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2) / 4.0, dim=-1)
+        h = h + self.o(att @ self.v(h))
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("arch", ["resnet", "attention"])
+def test_group_gradients_equal_per_point_sums(data, arch):
+    """Every way group sums are formed (equal sizes in one chunk, mixed sizes padded, groups
+    larger than a chunk, singletons) equals per-example gradients summed over the members."""
+    X, y, _ = data
+    torch.manual_seed(0)
+    model = ResBlockNet() if arch == "resnet" else TinyAttention()
+    if arch == "resnet":
+        with torch.no_grad():  # non-trivial running statistics, then frozen (eval mode)
+            model.train()(torch.as_tensor(X[:64]).float())
+    model.eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    task = AttributionTask(model, layers=names)
+    assert plan_layers(task) is not None
+    per_point = per_example_gradients(task.generic(), X, y)
+    for grouping in (random_grouping(len(X), 16, seed=2), mixed_grouping(len(X)), Grouping.singleton(len(X))):
+        expected = torch.zeros(grouping.n_groups, task.n_params).index_add_(
+            0, torch.as_tensor(grouping.labels), per_point
+        )
+        for max_batch in (40, 160):  # 40: the largest groups span several chunks
+            fast = group_gradients(task, X, y, grouping, max_batch=max_batch)
+            assert close(fast, expected), (arch, grouping.n_groups, max_batch)

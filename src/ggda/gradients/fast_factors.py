@@ -98,9 +98,67 @@ class Factors:
     (TRAK reads its residual weights from them instead of running another forward).
     """
 
-    A: list[torch.Tensor]
+    A: list[torch.Tensor | None]
     D: list[torch.Tensor]
     values: torch.Tensor | None = None
+    #: per layer, for convolutions captured with ``unfold=False``: the (input, output gradient)
+    #: of every call as 4-D tensors, and ``A[l]`` is None (see :func:`conv_weight_sums`)
+    conv: list[list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None
+
+    def rows(self, r0: int, r1: int) -> Factors:
+        """The factors of rows ``r0:r1`` (views)."""
+        conv = None
+        if self.conv is not None:
+            conv = [None if c is None else [(x[r0:r1], g[r0:r1]) for x, g in c] for c in self.conv]
+        return Factors(
+            [None if a is None else a[r0:r1] for a in self.A], [d[r0:r1] for d in self.D], None, conv
+        )
+
+    def index_rows(self, idx: torch.Tensor) -> Factors:
+        """The factors of rows ``idx``, where index ``B`` (one past the last row) is a zero row."""
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(1, *t.shape[1:])]).index_select(0, idx)
+
+        conv = None
+        if self.conv is not None:
+            conv = [None if c is None else [(pick(x), pick(g)) for x, g in c] for c in self.conv]
+        return Factors(
+            [None if a is None else pick(a) for a in self.A], [pick(d) for d in self.D], None, conv
+        )
+
+
+def conv_weight_sums(
+    module: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]], k: int
+) -> torch.Tensor:
+    """(k, C_out, C_in·kh·kw): the weight gradient summed over each of k groups of consecutive
+    rows (equal sizes), from the layer's raw inputs and output gradients.
+
+    Why not unfold: ``F.unfold`` copies every input kh·kw times and the (k, s·L, ·) products
+    then run as small ``bmm``s; the k groups are instead the ``groups`` of one grouped
+    convolution weight-gradient (the rows of group j become channels block j), which is the
+    backend's own weight-gradient kernel on inputs of the original size (3–10× faster on the
+    ResNet of ``benchmarks/bench_group_models.py``), and exactly Σ_{i∈S} Σ_l δ_{i,l} a_{i,l}ᵀ.
+    """
+    total = None
+    for x, g in calls:
+        s = x.shape[0] // k
+        if s == 1:  # per-example gradients: every row is its own group, no transpose needed
+            xg, gg = x.reshape(1, -1, *x.shape[2:]), g.reshape(1, -1, *g.shape[2:])
+        else:
+            xg = x.reshape(k, s, *x.shape[1:]).transpose(0, 1).reshape(s, -1, *x.shape[2:])
+            gg = g.reshape(k, s, *g.shape[1:]).transpose(0, 1).reshape(s, -1, *g.shape[2:])
+        w = torch.nn.grad.conv2d_weight(
+            xg,
+            (k * module.out_channels, module.in_channels, *module.kernel_size),
+            gg,
+            module.stride,
+            conv_padding(module),
+            module.dilation,
+            groups=k,
+        )
+        total = w if total is None else total.add_(w)
+    return total.reshape(k, module.out_channels, -1)
 
 
 def _unfold(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -118,38 +176,45 @@ def layer_factors(
     fn: ExampleFn,
     params: Params,
     weights: torch.Tensor | None = None,
+    unfold: bool = True,
 ) -> Factors:
     """One forward + one backward of Σ_i w_i fn(z_i) over the batch; returns the layer factors.
 
-    ``weights`` (B,) scale each example's δ (a 0/1 mask drops padding rows).
+    ``weights`` (B,) scale each example's δ (a 0/1 mask drops padding rows). ``unfold=False``
+    keeps convolutions' raw inputs and output gradients (``Factors.conv``) instead of unfolding
+    the inputs into patches, for consumers that only need weight-gradient sums
+    (:func:`conv_weight_sums`).
     """
     with Capture([spec.module for spec in plan.layers], mode="probe") as cap, torch.enable_grad():
         values = fn(task.forward(params, X), y)
         total = values.sum() if weights is None else (values * weights).sum()
         flat = [call.output for calls in cap.calls for call in calls]
         grads = torch.autograd.grad(total, flat, allow_unused=True) if flat else ()
-    A, D, k = [], [], 0
+    A, D, conv, k = [], [], [], 0
     B = len(y)
     for i, spec in enumerate(plan.layers):
-        a_parts, d_parts = [], []
+        a_parts, d_parts, raw = [], [], []
         for call in cap.calls[i]:
             x, probe = call.input, call.output
-            a = _unfold(spec.module, x) if spec.kind == "conv2d" else x.reshape(x.shape[0], -1, x.shape[-1])
             g = grads[k]
             k += 1
             g = torch.zeros_like(probe) if g is None else g.detach()
             if spec.kind == "conv2d":
-                d = g.reshape(B, g.shape[1], -1).transpose(1, 2)  # (B, L, C_out)
+                if unfold:
+                    a_parts.append(_unfold(spec.module, x))
+                else:
+                    raw.append((x.detach(), g))
+                d_parts.append(g.reshape(B, g.shape[1], -1).transpose(1, 2))  # (B, L, C_out)
             else:
-                d = g.reshape(B, -1, g.shape[-1])
-            a_parts.append(a)
-            d_parts.append(d)
-        if not a_parts:  # layer not reached: zero gradient
+                a_parts.append(x.reshape(x.shape[0], -1, x.shape[-1]))
+                d_parts.append(g.reshape(B, -1, g.shape[-1]))
+        if not d_parts:  # layer not reached: zero gradient
             a_parts = [torch.zeros(B, 1, spec.d_in, dtype=task.dtype, device=task.device)]
             d_parts = [torch.zeros(B, 1, spec.d_out, dtype=task.dtype, device=task.device)]
-        A.append(torch.cat(a_parts, 1) if len(a_parts) > 1 else a_parts[0])
+        conv.append(raw or None)
+        A.append(None if raw else torch.cat(a_parts, 1) if len(a_parts) > 1 else a_parts[0])
         D.append(torch.cat(d_parts, 1) if len(d_parts) > 1 else d_parts[0])
-    return Factors(A, D, values.detach())
+    return Factors(A, D, values.detach(), None if unfold else conv)
 
 
 def per_example_from_factors(

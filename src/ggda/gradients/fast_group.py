@@ -3,7 +3,9 @@
 For a Linear/Conv2d layer the group gradient is ``Σ_{i∈S} Σ_l δ_{i,l} a_{i,l}ᵀ``
 (:mod:`ggda.gradients.fast_factors`). Rows are ordered group by group, so a chunk of k groups
 of equal size s is a free reshape to (k, s·L, ·) and one ``bmm`` per layer gives all k weight
-gradients; groups of mixed sizes are padded with a zero row. The matrix products do the same
+gradients (a convolution: one grouped weight-gradient on its raw inputs,
+:func:`~ggda.gradients.fast_factors.conv_weight_sums`, instead of unfolded patches); groups of
+mixed sizes are padded with a zero row. The matrix products do the same
 FLOPs as the weight-gradient step of an ordinary backward over the same rows, which is why the
 whole computation costs about one epoch's forward + backward (the "floor"), whatever K is —
 instead of K separate backwards.
@@ -20,7 +22,14 @@ import torch
 
 from ggda.buffers import BlockRecycler
 from ggda.data.grouping import Grouping
-from ggda.gradients.fast_factors import ExampleFn, Factors, LayerPlan, LayerSpec, layer_factors
+from ggda.gradients.fast_factors import (
+    ExampleFn,
+    Factors,
+    LayerPlan,
+    LayerSpec,
+    conv_weight_sums,
+    layer_factors,
+)
 from ggda.task import AttributionTask, Params
 
 _BLOCK_BYTES = 4 * 2**20  # recycled blocks this small stay in the L3 cache between producer and consumer
@@ -46,38 +55,47 @@ class ChunkGroups:
         self.sizes = sizes
         self.starts = np.concatenate([[0], np.cumsum(sizes)])
         self.equal = bool((sizes == sizes[0]).all())
-        self.layers: list[
-            tuple[LayerSpec, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
-        ] = []
+        self.layers: list[tuple] = []
         if not self.equal:
             return
         k, s = len(sizes), int(sizes[0])
-        for spec, a, d in zip(plan.layers, factors.A, factors.D, strict=True):
-            ap = a.reshape(k, s * a.shape[1], spec.d_in)
+        conv = factors.conv or [None] * len(plan.layers)
+        for spec, a, d, calls in zip(plan.layers, factors.A, factors.D, conv, strict=True):
+            ap = None if a is None else a.reshape(k, s * a.shape[1], spec.d_in)
             dp = d.reshape(k, s * d.shape[1], spec.d_out)
             weight = None
-            if spec.weight is not None and k * spec.d_out * spec.d_in * a.element_size() <= self._SMALL_BYTES:
-                weight = _outer_sums(dp, ap).reshape(k, -1)
+            if spec.weight is not None and k * spec.d_out * spec.d_in * d.element_size() <= self._SMALL_BYTES:
+                weight = _weight_sums(spec, ap, dp, calls, k).reshape(k, -1)
             bias = dp.sum(1) if spec.bias is not None else None
-            self.layers.append((spec, ap, dp, weight, bias))
+            self.layers.append((spec, ap, dp, calls, weight, bias))
 
     def write(self, g0: int, g1: int, out: torch.Tensor) -> None:
         """Write the gradients of the chunk's groups ``g0:g1`` into ``out`` (g1 - g0, p)."""
         if not self.equal:
             r0, r1 = int(self.starts[g0]), int(self.starts[g1])
-            part = Factors([a[r0:r1] for a in self.factors.A], [d[r0:r1] for d in self.factors.D])
-            _scatter_padded(self.plan, part, self.sizes[g0:g1], out)
+            _scatter_padded(self.plan, self.factors.rows(r0, r1), self.sizes[g0:g1], out)
             return
-        k = g1 - g0
-        for spec, ap, dp, weight, bias in self.layers:
+        k, s = g1 - g0, int(self.sizes[0])
+        for spec, ap, dp, calls, weight, bias in self.layers:
             if spec.weight is not None:
                 w = out[:, self.plan.slices[spec.weight]]
                 if weight is not None:
                     w.copy_(weight[g0:g1])
+                elif calls is not None:  # raw convolution: grouped weight-gradient of these rows
+                    part = [(x[g0 * s : g1 * s], g[g0 * s : g1 * s]) for x, g in calls]
+                    w.view(k, spec.d_out, spec.d_in).copy_(conv_weight_sums(spec.module, part, k))
                 else:  # written straight into the block: rows are strided views, no temporary
                     _outer_sums(dp[g0:g1], ap[g0:g1], out=w.view(k, spec.d_out, spec.d_in))
             if bias is not None:
                 out[:, self.plan.slices[spec.bias]] = bias[g0:g1]
+
+
+def _weight_sums(spec: LayerSpec, ap, dp: torch.Tensor, calls, k: int) -> torch.Tensor:
+    """(k, d_out, d_in) weight gradients of k equal-size groups: grouped convolution
+    weight-gradients for raw convolutions, one ``bmm`` of the factors otherwise."""
+    if calls is not None:
+        return conv_weight_sums(spec.module, calls, k)
+    return _outer_sums(dp, ap)
 
 
 def _scatter_padded(plan: LayerPlan, factors: Factors, sizes: np.ndarray, out: torch.Tensor) -> None:
@@ -88,16 +106,18 @@ def _scatter_padded(plan: LayerPlan, factors: Factors, sizes: np.ndarray, out: t
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     offs = np.arange(s_max)[None, :]
     index = np.where(offs < sizes[:, None], starts[:, None] + offs, B)  # B = the zero row
-    idx = torch.as_tensor(index.reshape(-1), device=out.device)
-    for spec, a, d in zip(plan.layers, factors.A, factors.D, strict=True):
-        L = a.shape[1]
-        a = torch.cat([a, a.new_zeros(1, *a.shape[1:])]).index_select(0, idx)
-        d = torch.cat([d, d.new_zeros(1, *d.shape[1:])]).index_select(0, idx)
-        ap = a.reshape(k, s_max * L, spec.d_in)
+    padded = factors.index_rows(torch.as_tensor(index.reshape(-1), device=out.device))
+    conv = padded.conv or [None] * len(plan.layers)
+    for spec, a, d, calls in zip(plan.layers, padded.A, padded.D, conv, strict=True):
+        L = d.shape[1]
+        ap = None if a is None else a.reshape(k, s_max * a.shape[1], spec.d_in)
         dp = d.reshape(k, s_max * L, spec.d_out)
         if spec.weight is not None:
             w = out[:, plan.slices[spec.weight]].view(k, spec.d_out, spec.d_in)
-            _outer_sums(dp, ap, out=w)
+            if calls is not None:
+                w.copy_(conv_weight_sums(spec.module, calls, k))
+            else:
+                _outer_sums(dp, ap, out=w)
         if spec.bias is not None:
             out[:, plan.slices[spec.bias]] = dp.sum(1)
 
@@ -137,11 +157,15 @@ class _RowGather:
 
 def _add_single_group(plan: LayerPlan, factors: Factors, out: torch.Tensor) -> None:
     """Add the summed gradient of all rows of ``factors`` (one group) to ``out`` (p,)."""
-    for spec, a, d in zip(plan.layers, factors.A, factors.D, strict=True):
-        a2 = a.reshape(-1, spec.d_in)
+    conv = factors.conv or [None] * len(plan.layers)
+    for spec, a, d, calls in zip(plan.layers, factors.A, factors.D, conv, strict=True):
         d2 = d.reshape(-1, spec.d_out)
         if spec.weight is not None:
-            out[plan.slices[spec.weight]] += (d2.T @ a2).reshape(-1)
+            if calls is not None:  # the ordinary weight-gradient kernel over all rows
+                w = conv_weight_sums(spec.module, calls, 1)
+                out[plan.slices[spec.weight]] += w.reshape(-1)
+            else:
+                out[plan.slices[spec.weight]] += (d2.T @ a.reshape(-1, spec.d_in)).reshape(-1)
         if spec.bias is not None:
             out[plan.slices[spec.bias]] += d2.sum(0)
 
@@ -188,7 +212,9 @@ def iter_group_gradients_fast(
             g = torch.zeros(p, dtype=task.dtype, device=task.device)
             for start in range(0, len(m), max_batch):
                 rows = m[start : start + max_batch]
-                f = layer_factors(task, plan, Xt.index_select(0, rows), yt.index_select(0, rows), fn, params)
+                f = layer_factors(
+                    task, plan, Xt.index_select(0, rows), yt.index_select(0, rows), fn, params, unfold=False
+                )
                 if values_out is not None:
                     values_out[rows] = f.values.to(values_out.dtype)
                 _add_single_group(plan, f, g)
@@ -202,7 +228,9 @@ def iter_group_gradients_fast(
             j += 1
         chunk = order[i:j]
         rows = perm[int(ends[i] - sorted_sizes[i]) : int(ends[j - 1])]
-        factors = layer_factors(task, plan, gather.rows(Xt, rows), yt.index_select(0, rows), fn, params)
+        factors = layer_factors(
+            task, plan, gather.rows(Xt, rows), yt.index_select(0, rows), fn, params, unfold=False
+        )
         if values_out is not None:  # the forward's per-row values, for callers that need them too
             values_out[rows] = factors.values.to(values_out.dtype)
         # yield in blocks of <= _BLOCK_BYTES: one forward serves several blocks, and blocks this
