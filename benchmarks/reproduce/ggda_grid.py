@@ -430,7 +430,8 @@ def markdown(s: dict) -> str:
         "",
         f"Command: `{s['command']}`",
         "",
-        f"Wall time here: {wall / 60:.1f} min ({s['machine']}).",
+        f"Wall time here: {wall / 60:.1f} min ({s['machine']})."
+        + (f" {s['wall_note']}" if s.get("wall_note") else ""),
         "",
     ]
     return "\n".join(lines)
@@ -483,8 +484,9 @@ def write_section(out: Path) -> Path:
         word, why = verdict(s)
         parts.append(f"| {s['job'].removeprefix('ggda_')} | {word} | {why} |")
     parts += ["", f"Reports (HTML, figures): `{out}/<profile>/<job>/index.html` (not committed).", ""]
-    for s in summaries:
-        parts.append(Path(RESULTS / f"{s['job']}.md").read_text())
+    for s in summaries:  # each table re-rendered from its JSON, so tables and section agree
+        (RESULTS / f"{s['job']}.md").write_text(markdown(s))
+        parts.append(markdown(s))
     path = RESULTS / "ggda_section.md"
     path.write_text("\n".join(parts))
     return path
