@@ -494,7 +494,8 @@ def write_section(out: Path) -> Path:
     for s in summaries:
         word, why = verdict(s)
         parts.append(f"| {s['job'].removeprefix('ggda_')} | {word} | {why} |")
-    parts += ["", f"Reports (HTML, figures): `{out}/<profile>/<job>/index.html` (not committed).", ""]
+    shown = out.resolve().relative_to(ROOT) if out.resolve().is_relative_to(ROOT) else out
+    parts += ["", f"Reports (HTML, figures): `{shown}/<profile>/<job>/index.html` (not committed).", ""]
     for s in summaries:  # each table re-rendered from its JSON, so tables and section agree
         (RESULTS / f"{s['job']}.md").write_text(markdown(s))
         parts.append(markdown(s))
