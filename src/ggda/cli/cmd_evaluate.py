@@ -259,7 +259,7 @@ def _scoped(pairs: list[str], flag: str) -> dict[str, dict]:
 @app.command("experiment")
 def experiment_cmd(
     data: str = typer.Option("digits", help="Bundled data set or file."),
-    model: str = typer.Option("mlp-s", help="logreg, mlp-s, mlp-m or cnn."),
+    model: str = typer.Option("mlp-s", help="logreg, mlp-s, mlp-m, cnn or resnet."),
     methods: str = typer.Option("grad-dot,tracin", help="Comma-separated methods, or 'all'."),
     groupings: str = typer.Option(
         "random,kmeans,repr-kmeans,grad-kmeans", help="Grouping methods (per-point is always included)."

@@ -130,7 +130,7 @@ def train_cmd(
         help="Bundled data set name or a file: .csv/.tsv (also .gz, .bz2, .xz, .zip), .parquet/.pq or .npz.",
     ),
     out: Path = typer.Option(..., help="Run directory to write (model, checkpoints, run.json)."),
-    model: str = typer.Option("mlp-s", help="logreg, mlp-s, mlp-m or cnn."),
+    model: str = typer.Option("mlp-s", help="logreg, mlp-s, mlp-m, cnn or resnet."),
     label: str = typer.Option(None, help="Label column (CSV/Parquet)."),
     categorical: str = typer.Option("", help="Comma-separated columns to one-hot encode."),
     group_column: str = typer.Option(

@@ -197,8 +197,8 @@ class KroneckerFactors:
                 S[i] += torch.einsum("blo,blq->oq", ds, ds)
             bar.step(stage="Kronecker factors")
         for layer, Ai, Si in zip(self.layers, A, S, strict=True):
-            eA, layer.QA = torch.linalg.eigh(0.5 * (Ai + Ai.T))
-            eS, layer.QS = torch.linalg.eigh(0.5 * (Si + Si.T))
+            eA, layer.QA = _symmetric_eigh(Ai)
+            eS, layer.QS = _symmetric_eigh(Si)
             if corrected:
                 layer.eigenvalues = torch.zeros(layer.out_features, layer.in_aug, dtype=dtype, device=device)
             else:  # E[ds dsᵀ ⊗ a aᵀ] ≈ E[ds dsᵀ] ⊗ E[a aᵀ] (exact scale for one position per example)
@@ -251,3 +251,12 @@ class KroneckerFactors:
                 rest = float(shift + mean)
             out[:, ~covered] = B[:, ~covered] / rest
         return out
+
+
+def _symmetric_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and eigenvectors of a symmetrised Kronecker factor, computed in float64 and
+    returned in M's dtype. Why: float32 LAPACK ``eigh`` fails to converge ("ill-conditioned or too
+    many repeated eigenvalues") on factors such as the input patches of a conv layer on images with
+    constant borders (a residual CNN); float64 does not, and costs little at factor sizes."""
+    evals, evecs = torch.linalg.eigh(0.5 * (M + M.T).double())
+    return evals.to(M.dtype), evecs.to(M.dtype)

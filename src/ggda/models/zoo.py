@@ -1,4 +1,5 @@
-"""The model zoo of both papers: logistic regression, ANN-S / ANN-M MLPs and a small CNN.
+"""The model zoo of both papers: logistic regression, ANN-S / ANN-M MLPs, a small CNN and a small
+ResNet (residual blocks with BatchNorm; GGDA's CIFAR-10 model family).
 
 Models take *flattened* inputs (the :class:`~ggda.data.Dataset` layout); the CNN unflattens them
 itself, so one tensor layout serves every model, every gradient routine and every loader.
@@ -15,7 +16,7 @@ from torch import nn
 
 from ggda.errors import GGDAError
 
-MODEL_NAMES = ("logreg", "mlp-s", "mlp-m", "cnn")
+MODEL_NAMES = ("logreg", "mlp-s", "mlp-m", "cnn", "resnet")
 
 
 @dataclass
@@ -65,6 +66,58 @@ class SmallCNN(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class ResidualBlock(nn.Module):
+    """Two 3×3 conv + BatchNorm layers and a shortcut (1×1 conv + BatchNorm when the shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """Stem (conv + BatchNorm, max-pooled) -> residual blocks at width w, 2w, 4w (the last two
+    halve the resolution) -> global average pool -> linear head.
+
+    Why BatchNorm matters to ggda: training (``train_model``, every retrain) runs it in train mode
+    (batch statistics, running averages updated); attribution, groupings and evaluation run the
+    model in eval mode (``AttributionTask`` calls ``.eval()``), so every per-example gradient is a
+    function of that example alone, computed with the stored running statistics. The running
+    statistics are buffers: saved with the model and passed through ``functional_call``, never
+    attributed. The last Linear layer keeps Grad-K-Means' closed-form last-layer gradients.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], n_outputs: int, width: int = 16) -> None:
+        super().__init__()
+        channels, height, w = input_shape
+        if min(height, w) < 4:
+            raise GGDAError(f"The resnet model needs images of at least 4×4 pixels, got {height}×{w}.")
+        self.unflatten = nn.Unflatten(1, tuple(input_shape))
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)
+        )
+        self.layer1 = ResidualBlock(width, width)
+        self.layer2 = ResidualBlock(width, 2 * width, stride=2)
+        self.layer3 = ResidualBlock(2 * width, 4 * width, stride=2)
+        self.fc = nn.Linear(4 * width, n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(self.unflatten(x)))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 def build_model(
     spec: ModelSpec | str,
     in_features: int | None = None,
@@ -96,9 +149,10 @@ def build_model(
         shape = spec.input_shape
         if shape is None or len(shape) != 3:
             raise GGDAError(
-                "The cnn model needs image data with an input shape (C, H, W), e.g. digits or mnist; "
-                "use logreg/mlp-s/mlp-m for tabular data."
+                f"The {spec.name} model needs image data with an input shape (C, H, W), e.g. digits or "
+                "mnist; use logreg/mlp-s/mlp-m for tabular data."
             )
-        model = SmallCNN(shape, out, width=int(spec.extra.get("width", 16)))
+        image_model = SmallResNet if spec.name == "resnet" else SmallCNN
+        model = image_model(shape, out, width=int(spec.extra.get("width", 16)))
     model.ggda_spec = spec  # type: ignore[attr-defined]  # travels with the module for saving
     return model
