@@ -25,6 +25,9 @@ lr 1e-6 (100:1) after final training at SGD lr 1e-2; here the final model is tra
 (momentum 0.9) and further-trained with SGD lr 2e-3 (ggda's Adult setting, docs/gold.md) and
 Adam at the paper's 100:1 ratio, lr 2e-5. The ``full`` profile adds Adam lr 1e-4 (the issue's
 first look) as a sensitivity check.
+
+Text runs further-train (and are scored) through their tail on cached prefix states
+(:mod:`ggda.gold.prefix`, exact): the frozen MiniLM layers never change.
 """
 
 from __future__ import annotations
@@ -183,6 +186,7 @@ def run_data(name: str, setting: Setting, base: Path, args, log) -> dict:
     from ggda.data.grouping import Grouping
     from ggda.gold import GoldResult
     from ggda.gold.compare import compare_methods, mean_sem, method_scores
+    from ggda.gold.prefix import frozen_prefix_view
     from ggda.methods import METHODS
     from ggda.properties import make_property
     from ggda.runs import Run
@@ -196,8 +200,9 @@ def run_data(name: str, setting: Setting, base: Path, args, log) -> dict:
         assert np.array_equal(g.unit_ids, unit_ids) and g.gold.shape[1] == first.gold.shape[1]
     grouping = Grouping.singleton(len(r.train))
     n_targets = first.gold.shape[1]
-    prop = make_property("test-loss", r.test.X[:n_targets], r.test.y[:n_targets])
-    task = r.task()
+    # a text run is scored through its tail on cached prefix states, as `ggda gold` trains it
+    task, (train, test) = frozen_prefix_view(r.task(), r.train, r.test.subset(np.arange(n_targets)))
+    prop = make_property("test-loss", test.X, test.y)
     names = setting.methods or sorted(METHODS)
     cache_file = base / "scores.npz"
     cached = dict(np.load(cache_file)) if cache_file.exists() else {}
@@ -209,7 +214,7 @@ def run_data(name: str, setting: Setting, base: Path, args, log) -> dict:
         log(f"scoring {m}")
         t0 = time.perf_counter()
         try:
-            cached[m] = method_scores(m, task, r.train, grouping, prop, unit_ids, None, run=r)
+            cached[m] = method_scores(m, task, train, grouping, prop, unit_ids, None, run=r)
         except Exception as exc:  # recorded, the grid goes on
             failed[m] = f"{type(exc).__name__}: {exc}"
             log(f"  {m} failed: {failed[m]}")
