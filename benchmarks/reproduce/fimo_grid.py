@@ -260,6 +260,68 @@ def run_data(name: str, setting: Setting, base: Path, args, log) -> dict:
     return record
 
 
+def grid_figure(rec: dict, path: Path) -> Path:
+    """Cosine to gold vs further-training epochs, one panel per optimiser × variant (±SEM bands),
+    one colour per method across panels: the per-run ``compare.png`` plots side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = list(rec["results"])
+    cols = 2
+    rows = (len(keys) + 1) // 2
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 3.8 * rows), sharey=True, squeeze=False)
+    methods = sorted(rec["results"][keys[0]]["cosine"])
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    for ax, key in zip(axes.ravel(), keys, strict=False):
+        res = rec["results"][key]
+        x = np.asarray(res["epochs"])
+        for m in methods:
+            c = res["cosine"][m]
+            mean, sem = np.asarray(c["mean"]), np.asarray(c["sem"])
+            ax.plot(x, mean, marker="o", ms=3, color=colors[m], label=m)
+            ax.fill_between(x, mean - sem, mean + sem, color=colors[m], alpha=0.15)
+        eq = "eq. 17 (raw)" if res["variant"] == "raw" else "eq. 13 (centred)"
+        ax.set_title(f"{res['optimizer']} lr {res['lr']:g}, {eq}", fontsize=10)
+        ax.axhline(0.0, color="grey", lw=0.6)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("further-training epochs")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("cosine to gold (mean ± SEM)")
+    for ax in axes.ravel()[len(keys) :]:
+        ax.axis("off")
+    axes[0, -1].legend(fontsize=7, ncol=2, loc="lower right")
+    fig.suptitle(f"{rec['data']} ({rec['profile']}): methods vs further-training gold standard")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def compact_table(rec: dict) -> list[str]:
+    """One row per method: cosine at the first → last recorded epoch (mean ± SEM) for every
+    optimiser × variant, side by side (the doc section's table)."""
+    keys = list(rec["results"])
+    head = [
+        f"{rec['results'][k]['optimizer']} {rec['results'][k]['lr']:g}, "
+        f"{'eq. 17' if rec['results'][k]['variant'] == 'raw' else 'eq. 13'}"
+        for k in keys
+    ]
+    lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(keys)]
+    methods = sorted(
+        rec["results"][keys[0]]["cosine"], key=lambda m: -rec["results"][keys[0]]["cosine"][m]["mean"][0]
+    )
+    for m in methods:
+        cells = []
+        for k in keys:
+            c = rec["results"][k]["cosine"][m]
+            cells.append(f"{c['mean'][0]:.3f}±{c['sem'][0]:.3f} → {c['mean'][-1]:.3f}±{c['sem'][-1]:.3f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(rec: dict) -> str:
     """The per-data-set tables: cosine mean ± SEM per epoch, one table per optimiser × variant."""
     s = rec["settings"]
@@ -277,6 +339,12 @@ def markdown(rec: dict) -> str:
     ]
     if rec["failed"]:
         lines += ["Failed methods: " + "; ".join(f"{k}: {v}" for k, v in rec["failed"].items()), ""]
+    epochs = next(iter(rec["results"].values()))["epochs"]
+    lines += [
+        f"## Summary: cosine to gold, epoch {epochs[0]:g} → {epochs[-1]:g} (mean ± SEM over targets)",
+        "",
+    ]
+    lines += compact_table(rec) + [""]
     for res in rec["results"].values():
         eq = "eq. 17, raw" if res["variant"] == "raw" else "eq. 13, centred"
         epochs = res["epochs"]
@@ -304,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default=str(RESULTS), help="where fimo_<data>.json/.md go")
     ap.add_argument("--backend", default=None, help="executor of the gold runs: serial, local or ray")
     ap.add_argument("--workers", type=int, default=None, help="worker processes of the gold runs")
+    ap.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite the .md/.png of finished data sets from their .json",
+    )
     args = ap.parse_args(argv)
     wanted = list(PROFILES[args.profile]) if args.data == "all" else args.data.split(",")
     unknown = [d for d in wanted if d not in PROFILES[args.profile]]
@@ -316,15 +389,21 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     for name in wanted:
+        stem = results / (f"fimo_{name}" if args.profile == "quick" else f"fimo_{name}_full")
+        if args.render:
+            rec = json.loads(stem.with_suffix(".json").read_text())
+            stem.with_suffix(".md").write_text(markdown(rec))
+            grid_figure(rec, stem.with_suffix(".png"))
+            continue
         t0 = time.perf_counter()
         rec = run_data(
             name, PROFILES[args.profile][name], Path(args.out) / f"{name}-{args.profile}", args, log
         )
         rec["wall_seconds"]["total_this_invocation"] = time.perf_counter() - t0
         rec["command"] = f"python benchmarks/reproduce/fimo_grid.py --data {name} --profile {args.profile}"
-        stem = results / f"fimo_{name}" if args.profile == "quick" else results / f"fimo_{name}_full"
         stem.with_suffix(".json").write_text(json.dumps(rec, indent=1, default=float))
         stem.with_suffix(".md").write_text(markdown(rec))
+        grid_figure(rec, stem.with_suffix(".png"))
         log(f"{name}: wrote {stem}.json/.md ({rec['wall_seconds']['total_this_invocation']:.0f} s)")
     return 0
 
