@@ -108,10 +108,10 @@ PROFILES: dict[str, dict[str, Setting]] = {
             ADULT_TRAIN,
             units=100,
             targets=100,
-            seeds=100,
+            seeds=20,
             epochs=25,
             optimizers=[SGD, ADAM, ADAM_HI],
-            notes="all 32,561 training points, 100 points, 100 targets, 100 seeds, 25 epochs (FiMODA's Folktables)",
+            notes="all 32,561 training points, 100 points, 100 targets, 20 seeds (FiMODA: 100), 25 epochs",
         ),
         "fashion": Setting(
             FASHION_TRAIN + ["--max-train", "20000", "--epochs", "20"],
@@ -123,13 +123,13 @@ PROFILES: dict[str, dict[str, Setting]] = {
             notes="20,000 training images, cnn; 50 points, 50 targets, 20 seeds",
         ),
         "text": Setting(
-            TEXT_TRAIN + ["--mode", "finetune", "--n", "2000"],
-            units=50,
-            targets=50,
-            seeds=10,
-            epochs=3,
+            TEXT_TRAIN + ["--mode", "finetune", "--n", "1000"],
+            units=30,
+            targets=30,
+            seeds=5,
+            epochs=2,
             optimizers=[SGD, ADAM],
-            notes="2,000 balanced reviews, MiniLM with the last layer fine-tuned; 50 points, 50 targets, 10 seeds",
+            notes="1,000 balanced reviews, MiniLM with the last layer fine-tuned; 30 points, 30 targets, 5 seeds",
         ),
     },
 }
@@ -337,6 +337,8 @@ def markdown(rec: dict) -> str:
         + ", ".join(f"{k} {v:.1f}" for k, v in rec["method_seconds"].items()),
         "",
     ]
+    if rec.get("note"):
+        lines += [f"Note: {rec['note']}", ""]
     if rec["failed"]:
         lines += ["Failed methods: " + "; ".join(f"{k}: {v}" for k, v in rec["failed"].items()), ""]
     epochs = next(iter(rec["results"].values()))["epochs"]
