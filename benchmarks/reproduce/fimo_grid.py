@@ -86,12 +86,12 @@ PROFILES: dict[str, dict[str, Setting]] = {
         ),
         "fashion": Setting(
             FASHION_TRAIN + ["--max-train", "1000", "--epochs", "10"],
-            units=20,
+            units=15,
             targets=20,
-            seeds=3,
-            epochs=3,
+            seeds=2,
+            epochs=2,
             optimizers=[SGD, ADAM],
-            notes="1,000 training images (of 60,000), cnn; 20 left-out points, 20 targets, 3 seeds",
+            notes="1,000 training images (of 60,000), cnn; 15 left-out points, 20 targets, 2 seeds",
         ),
         "text": Setting(
             TEXT_TRAIN + ["--mode", "frozen", "--n", "600", "--head", "mlp"],
