@@ -114,13 +114,13 @@ PROFILES: dict[str, dict[str, Setting]] = {
             notes="all 32,561 training points, 100 points, 100 targets, 20 seeds (FiMODA: 100), 25 epochs",
         ),
         "fashion": Setting(
-            FASHION_TRAIN + ["--max-train", "20000", "--epochs", "20"],
-            units=50,
-            targets=50,
-            seeds=20,
-            epochs=10,
+            FASHION_TRAIN + ["--max-train", "5000", "--epochs", "20"],
+            units=30,
+            targets=30,
+            seeds=5,
+            epochs=5,
             optimizers=[SGD, ADAM, ADAM_HI],
-            notes="20,000 training images, cnn; 50 points, 50 targets, 20 seeds",
+            notes="5,000 training images, cnn; 30 points, 30 targets, 5 seeds, 5 epochs",
         ),
         "text": Setting(
             TEXT_TRAIN + ["--mode", "finetune", "--n", "1000"],
@@ -203,7 +203,7 @@ def run_data(name: str, setting: Setting, base: Path, args, log) -> dict:
     # a text run is scored through its tail on cached prefix states, as `ggda gold` trains it
     task, (train, test) = frozen_prefix_view(r.task(), r.train, r.test.subset(np.arange(n_targets)))
     prop = make_property("test-loss", test.X, test.y)
-    names = setting.methods or sorted(METHODS)
+    names = [m for m in args.methods.split(",") if m] or setting.methods or sorted(METHODS)
     cache_file = base / "scores.npz"
     cached = dict(np.load(cache_file)) if cache_file.exists() else {}
     seconds = json.loads((base / "scores.json").read_text()) if (base / "scores.json").exists() else {}
@@ -374,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default=str(RESULTS), help="where fimo_<data>.json/.md go")
     ap.add_argument("--backend", default=None, help="executor of the gold runs: serial, local or ray")
     ap.add_argument("--workers", type=int, default=None, help="worker processes of the gold runs")
+    ap.add_argument(
+        "--methods", default="", help="comma-separated subset of methods (default: every registered one)"
+    )
     ap.add_argument(
         "--render",
         action="store_true",
