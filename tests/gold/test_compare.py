@@ -12,6 +12,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from ggda.data.grouping import Grouping
+from ggda.errors import GGDAError
 from ggda.gold import GoldConfig, GoldResult, compute_gold, select_units
 from ggda.gold.compare import compare_methods, cosine, mean_sem, seed_window_study, spearman
 from ggda.models.training import TrainConfig, train_model
@@ -86,6 +87,29 @@ def test_group_columns_and_save(logistic_gold, tmp_path):
         assert (tmp_path / f).exists()
     summary = json.loads((tmp_path / "compare.json").read_text())
     assert len(summary["methods"]["grad-dot"]["cosine_mean"]) == len(res.epochs)
+
+
+def test_given_scores_are_reused_not_recomputed(logistic_gold):
+    """One scoring serves every gold variant: given scores are compared as computed scores are,
+    a missing method is scored once and added to the dict, a wrong shape is refused."""
+    res, task, train, prop = logistic_gold
+    grouping = Grouping.singleton(len(train))
+    cache: dict[str, np.ndarray] = {}
+    first = compare_methods(res, task, train, grouping, prop, ["grad-dot"], variant="raw", scores=cache)
+    assert set(cache) == {"grad-dot"} and cache["grad-dot"].shape == (prop.n_targets, len(res.unit_ids))
+    # reuse for the centred variant equals a fresh scoring of it
+    fresh = compare_methods(res, task, train, grouping, prop, ["grad-dot"], variant="centred")
+    reused = compare_methods(res, task, train, grouping, prop, ["grad-dot"], variant="centred", scores=cache)
+    np.testing.assert_allclose(reused.cos["grad-dot"], fresh.cos["grad-dot"], rtol=1e-12)
+    np.testing.assert_allclose(first.cos["grad-dot"], cosine(res.gold_raw, cache["grad-dot"]))
+    assert "grad-dot" not in reused.seconds  # not scored again
+    # given scores are what is compared: negated scores flip every cosine
+    flipped = compare_methods(
+        res, task, train, grouping, prop, ["grad-dot"], variant="raw", scores={"grad-dot": -cache["grad-dot"]}
+    )
+    np.testing.assert_allclose(flipped.cos["grad-dot"], -first.cos["grad-dot"])
+    with pytest.raises(GGDAError, match="shape"):
+        compare_methods(res, task, train, grouping, prop, ["grad-dot"], scores={"grad-dot": np.zeros((2, 2))})
 
 
 def test_group_units_select_group_columns():

@@ -74,6 +74,7 @@ def gold_cmd(
     _threads(threads)
     from ggda.data.grouping import Grouping
     from ggda.gold import GoldConfig, compute_gold, select_units
+    from ggda.gold.prefix import frozen_prefix_view
     from ggda.properties import make_property
     from ggda.runs import Run
 
@@ -99,9 +100,12 @@ def gold_cmd(
         Grouping.singleton(len(r.train)) if units in ("points", "singleton") else resolve_grouping(units, r)
     )
     chosen = select_units(grouping, n_units=n_units, ids=_int_list(unit_ids, "--unit-ids"), seed=unit_seed)
-    task = r.task(device, checkpoint=checkpoint)
     n_targets = min(targets, len(r.test))
-    property_fn = make_property(prop, r.test.X[:n_targets], r.test.y[:n_targets])
+    # a text run further-trains its tail on cached prefix states (exact; ggda.gold.prefix)
+    task, (train_view, test_view) = frozen_prefix_view(
+        r.task(device, checkpoint=checkpoint), r.train, r.test.subset(np.arange(n_targets))
+    )
+    property_fn = make_property(prop, test_view.X, test_view.y)
     label = (
         "points"
         if chosen.kind == "points"
@@ -131,8 +135,8 @@ def gold_cmd(
     t0 = time.perf_counter()
     result = compute_gold(
         task,
-        r.train.X,
-        r.train.y,
+        train_view.X,
+        train_view.y,
         property_fn,
         chosen,
         config,
@@ -215,6 +219,7 @@ def compare_cmd(
     from ggda.data.grouping import Grouping
     from ggda.gold import GoldResult
     from ggda.gold.compare import compare_methods, mean_sem
+    from ggda.gold.prefix import frozen_prefix_view
     from ggda.methods import METHODS
     from ggda.properties import make_property
     from ggda.runs import Run
@@ -249,11 +254,12 @@ def compare_cmd(
     if windows is not None:
         windows = check_each("--seed-windows", windows, COUNT)
     ckpt = Path(meta["checkpoint"]) if meta.get("checkpoint") else None
-    task = r.task(device, checkpoint=ckpt)
     n_targets = int(meta.get("targets", result.gold.shape[1]))
-    property_fn = make_property(
-        meta.get("property_name", "test-loss"), r.test.X[:n_targets], r.test.y[:n_targets]
+    # the methods see a text run through its tail too (the same gradients; ggda.gold.prefix)
+    task, (train_view, test_view) = frozen_prefix_view(
+        r.task(device, checkpoint=ckpt), r.train, r.test.subset(np.arange(n_targets))
     )
+    property_fn = make_property(meta.get("property_name", "test-loss"), test_view.X, test_view.y)
     options = _method_options(opt, names)
     for name in names:  # every method's options, by type and range, before any work
         check_method(name, r.method_options(name, **options[name]))
@@ -264,7 +270,7 @@ def compare_cmd(
     comp = compare_methods(
         result,
         task,
-        r.train,
+        train_view,
         grouping,
         property_fn,
         names,

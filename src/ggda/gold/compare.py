@@ -221,6 +221,7 @@ def compare_methods(
     strict: bool = False,
     variant: str = "config",
     run=None,
+    scores: dict[str, np.ndarray] | None = None,
 ) -> Comparison:
     """Score each method on the gold standard's units and compare (see the module docstring).
 
@@ -235,6 +236,11 @@ def compare_methods(
             compares raw scores to the centred gold).
         strict: raise instead of recording a method's failure.
         variant: ``config`` (the gold as computed), ``centred`` (eq. 13) or ``raw`` (eq. 17).
+        scores: method name -> (T, U) scores already computed for these units and targets (e.g.
+            by :func:`method_scores`); such methods are compared without scoring again. Method
+            scores depend on θ^f only, not on how the gold was further-trained, so one scoring
+            serves every optimiser and variant (FiMODA compares the same scores to its SGD and
+            Adam gold standards). A missing name is scored here and added to the dict.
     """
     from ggda.methods import METHODS
 
@@ -261,21 +267,31 @@ def compare_methods(
         if name not in METHODS:
             comp.failed[name] = "not registered in ggda.methods"
             continue
-        t0 = time.perf_counter()
-        try:
-            scores = method_scores(
-                name, task, train, grouping, prop, gold.unit_ids, (options or {}).get(name), run
-            )
-        except Exception as exc:  # one failing method must not lose the others
-            if strict:
-                raise
-            comp.failed[name] = f"{type(exc).__name__}: {exc}"
-            continue
-        comp.seconds[name] = time.perf_counter() - t0
+        if scores is not None and name in scores:
+            s = np.asarray(scores[name], dtype=np.float64)
+            if s.shape != target.shape[1:]:
+                raise GGDAError(
+                    f"The given scores of '{name}' have shape {s.shape}; the gold standard needs "
+                    f"(targets, units) = {target.shape[1:]}."
+                )
+        else:
+            t0 = time.perf_counter()
+            try:
+                s = method_scores(
+                    name, task, train, grouping, prop, gold.unit_ids, (options or {}).get(name), run
+                )
+            except Exception as exc:  # one failing method must not lose the others
+                if strict:
+                    raise
+                comp.failed[name] = f"{type(exc).__name__}: {exc}"
+                continue
+            comp.seconds[name] = time.perf_counter() - t0
+            if scores is not None:
+                scores[name] = s
         if center_scores:
-            scores = scores - scores.mean(axis=1, keepdims=True)
-        comp.cos[name] = cosine(target, scores)
-        comp.spearman[name] = spearman(target, scores)
+            s = s - s.mean(axis=1, keepdims=True)
+        comp.cos[name] = cosine(target, s)
+        comp.spearman[name] = spearman(target, s)
         if diffs is not None:
-            comp.seed_study[name] = seed_window_study(diffs, scores, seed_windows)
+            comp.seed_study[name] = seed_window_study(diffs, s, seed_windows)
     return comp
