@@ -141,6 +141,17 @@ def plan(profile: str) -> dict[str, list[Job]]:
             Job("adult", "mlp-m", "adult", 4000, methods=("tracin",), **bar),
         ],
         "fashion": [
+            Job(  # every grouping for TracIn, in the directory of the job below (its retrains reused)
+                "fashion",
+                "resnet",
+                "fashion-mnist",
+                1000,
+                methods=("tracin",),
+                epochs=10,
+                tag="groupings",
+                store="ggda_fashion_resnet",
+                **{**bar, "seeds": 2},
+            ),
             Job(
                 "fashion",
                 "resnet",

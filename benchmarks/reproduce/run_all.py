@@ -8,19 +8,61 @@
 Each experiment is its own resumable command (``ggda_grid.py``, ``fimo_grid.py``; ``--help`` on
 either lists its grid); this driver runs them one after the other and passes the profile, data
 sets, output folder and executor through. A killed run continues where it stopped when rerun.
-What each experiment measures, and the verdicts drawn from it, are in ``docs/reproduction.md``.
+What each experiment measures, and the verdicts drawn from it, are in ``docs/reproduction.md``;
+the driver ends by rendering that page, its figures and links to every GGDA job's experiment
+report into ``OUT/index.html`` (``--render-only`` does just that).
 """
 
 from __future__ import annotations
 
 import argparse
+import html
+import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+DOC = ROOT / "docs" / "reproduction.md"
 EXPERIMENTS = {"ggda": HERE / "ggda_grid.py", "fimo": HERE / "fimo_grid.py"}
+
+
+def render(out: Path) -> Path:
+    """``docs/reproduction.md`` as ``OUT/index.html`` in the experiment report's style, with its
+    figures copied next to it and a link to every experiment report found under ``OUT``."""
+    from markdown_it import MarkdownIt
+
+    from ggda.report.html import STYLE
+
+    out.mkdir(parents=True, exist_ok=True)
+    text = DOC.read_text()
+
+    def local(match: re.Match) -> str:  # copy each figure beside the page, link it by name
+        src = (DOC.parent / match.group(2)).resolve()
+        if src.exists():
+            shutil.copy2(src, out / src.name)
+            return f"{match.group(1)}({src.name})"
+        return match.group(0)
+
+    text = re.sub(r"(!\[[^\]]*\])\(([^)]+)\)", local, text)
+    body = MarkdownIt("commonmark").enable("table").render(text)
+    reports = sorted(p for p in out.glob("*/*/*/index.html"))
+    links = "".join(
+        f"<li><a href='{html.escape(str(p.relative_to(out)))}'>{html.escape(p.parent.name)}</a></li>"
+        for p in reports
+    )
+    page = (
+        "<html><head><meta charset='utf-8'><title>ggda: reproducing the papers</title>"
+        f"<style>{STYLE}</style></head><body>{body}"
+        + (f"<h2>Experiment reports</h2><ul>{links}</ul>" if links else "")
+        + "</body></html>"
+    )
+    index = out / "index.html"
+    index.write_text(page)
+    return index
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--backend", default=None, help="executor passed through: serial, local or ray")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--render-only", action="store_true", help="only write OUT/index.html from the docs page")
     args = ap.parse_args(argv)
+    if args.render_only:
+        print(f"[reproduce] wrote {render(Path(args.out))}")
+        return 0
     names = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(names) - set(EXPERIMENTS))
     if unknown:
@@ -52,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[reproduce] {name}: exit {rc} after {time.perf_counter() - start:.0f} s", flush=True)
         if rc:
             failed.append(name)
+    print(f"[reproduce] wrote {render(Path(args.out))}")
     if failed:
         print(f"[reproduce] failed: {', '.join(failed)} (rerun to resume)", file=sys.stderr)
     return 1 if failed else 0
