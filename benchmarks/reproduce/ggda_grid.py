@@ -141,6 +141,18 @@ def plan(profile: str) -> dict[str, list[Job]]:
             Job("adult", "mlp-m", "adult", 4000, methods=("tracin",), **bar),
         ],
         "fashion": [
+            Job(  # K = n/10 = 100 (10 groups per class): at K = n/100 = 10 every per-class grouping
+                # is one group per class, so K-Means, Repr-K-Means and Grad-K-Means coincide
+                "fashion",
+                "resnet",
+                "fashion-mnist",
+                1000,
+                methods=("tracin",),
+                epochs=10,
+                tag="k",
+                store="ggda_fashion_resnet",
+                **{**bar, "ks": ("n/10",), "seeds": 2},
+            ),
             Job(  # every grouping for TracIn, in the directory of the job below (its retrains reused)
                 "fashion",
                 "resnet",
