@@ -173,7 +173,7 @@ def plan(profile: str) -> dict[str, list[Job]]:
                 groupings=("random", "grad-kmeans"),
                 epochs=10,  # 1,000 images / batch 64: 160 SGD steps (2 epochs left it at 49 % test accuracy)
                 **{**bar, "seeds": 2},  # a retrain took 170 s here (10,000 test images evaluated each time)
-            )
+            ),
         ],
         "text": [
             Job(
