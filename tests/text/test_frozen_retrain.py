@@ -36,7 +36,10 @@ def test_frozen_recipe_matches_full_model_training(data) -> None:
     weights = np.ones(len(data), np.float32)
     weights[:5] = 0.0
     fast = recipe.build(1)
+    text_models._FROZEN_FEATURES.clear()
     recipe.fit(fast, data, 1, sample_weight=weights)
+    (memo,) = text_models._FROZEN_FEATURES.values()  # the head trained on cached features
+    assert len(memo) == len({row.tobytes() for row in data.X})
     slow = build_model(spec, seed=1)  # the whole classifier, encoder run every step
     train_model(slow, data, TrainConfig(**{**config.to_dict(), "seed": 1}), sample_weight=weights)
     for a, b in zip(fast.head.parameters(), slow.head.parameters(), strict=True):

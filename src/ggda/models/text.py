@@ -10,6 +10,8 @@ Two modes (issue #9):
 (a) **frozen encoder + head** — :func:`embedding_dataset` encodes the corpus once (masked mean
     pooling, like sentence-transformers) and caches the (n, 384) embeddings on disk in ggda's
     cache; any zoo model (``logreg``, ``mlp-s``) is then trained and attributed as tabular data.
+    A frozen :class:`TextClassifier` run is retrained (leave-out evaluation) the same way: its
+    head on :func:`frozen_features`, each review encoded once per process.
 (b) **fine-tuning the last encoder layer(s) + head** — :class:`TextClassifier` freezes the
     embeddings and the first layers and trains the last ``train_layers`` layers and the head;
     attribution takes gradients through those layers (token inputs, attention masks, padding).
