@@ -112,6 +112,14 @@ class TrainingRecipe(ABC):
             ) from exc
 
 
+def _frozen_text(model: nn.Module) -> bool:
+    """Whether ``model`` is a text classifier whose encoder is frozen (``ggda text-train --mode
+    frozen``): its retrains then train the head on cached encoder features (exact, see
+    :func:`ggda.models.text.fit_frozen`) instead of re-encoding every review every epoch."""
+    spec = getattr(model, "ggda_spec", None)
+    return getattr(spec, "name", None) == "minilm" and getattr(model, "train_layers", None) == 0
+
+
 @dataclass
 class ZooRecipe(TrainingRecipe):
     """A zoo model trained by :func:`~ggda.models.training.train_model` (what ``ggda train`` does)."""
@@ -125,7 +133,21 @@ class ZooRecipe(TrainingRecipe):
 
     def fit(self, model, data, seed, device="cpu", epochs=None, on_epoch=None, sample_weight=None) -> None:
         config = replace(self.config, seed=int(seed), epochs=epochs or self.config.epochs)
+        if _frozen_text(model):  # same updates, on head inputs encoded once per process
+            from ggda.models.text import fit_frozen
+
+            fit_frozen(model, data, config, device=device, sample_weight=sample_weight, on_epoch=on_epoch)
+            return
         train_model(model, data, config, device=device, sample_weight=sample_weight, on_epoch=on_epoch)
+
+    def evaluate(self, model: nn.Module, test: Dataset, device: str = "cpu", batch_size: int = 1024) -> dict:
+        if _frozen_text(model):  # the head on cached frozen-encoder features: the same logits
+            from ggda.models.text import frozen_features
+
+            E = frozen_features(model, test.X, device=device)
+            features = Dataset(X=E, y=test.y, ids=test.ids, n_classes=test.n_classes, kind=test.kind)
+            return super().evaluate(model.head, features, device, batch_size)
+        return super().evaluate(model, test, device, batch_size)
 
     def loss(self, kind: str) -> PerExampleLoss:
         return loss_for(kind)

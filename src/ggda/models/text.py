@@ -10,6 +10,8 @@ Two modes (issue #9):
 (a) **frozen encoder + head** — :func:`embedding_dataset` encodes the corpus once (masked mean
     pooling, like sentence-transformers) and caches the (n, 384) embeddings on disk in ggda's
     cache; any zoo model (``logreg``, ``mlp-s``) is then trained and attributed as tabular data.
+    A frozen :class:`TextClassifier` run is retrained (leave-out evaluation) the same way: its
+    head on :func:`frozen_features`, each review encoded once per process.
 (b) **fine-tuning the last encoder layer(s) + head** — :class:`TextClassifier` freezes the
     embeddings and the first layers and trains the last ``train_layers`` layers and the head;
     attribution takes gradients through those layers (token inputs, attention masks, padding).
@@ -435,6 +437,61 @@ def encode(
     if normalize:
         E = E / np.linalg.norm(E, axis=1, keepdims=True).clip(1e-12)
     return E.astype(np.float32)
+
+
+# Frozen-encoder head inputs per process: encoder fingerprint -> {sha1 of a token row: (H,) row}.
+_FROZEN_FEATURES: dict[str, dict[bytes, np.ndarray]] = {}
+
+
+def frozen_features(
+    classifier: TextClassifier, X: np.ndarray, batch_size: int = 64, device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """(n, H) head inputs of a frozen-encoder classifier (``train_layers=0``) for packed token rows.
+
+    With the encoder frozen the head's input is a fixed function of the tokens, and every retrain
+    of a leave-out evaluation rebuilds the classifier and trains its head on a subset of the same
+    reviews: each distinct row is encoded once per process and encoder weights, then looked up,
+    so a retrain costs the head's training instead of 30 epochs of MiniLM forward passes.
+    """
+    from ggda.models.training import resolve_device
+
+    if classifier.train_layers != 0:
+        raise GGDAError("frozen_features needs a frozen encoder (train_layers=0); fine-tuned layers change.")
+    X = np.ascontiguousarray(X)
+    memo = _FROZEN_FEATURES.setdefault(_fingerprint(classifier.encoder), {})
+    keys = [hashlib.sha1(row.tobytes()).digest() for row in X]
+    first: dict[bytes, int] = {}
+    for i, k in enumerate(keys):
+        if k not in memo:
+            first.setdefault(k, i)
+    if first:
+        dev = resolve_device(device)
+        classifier.to(dev).eval()
+        rows = np.fromiter(first.values(), dtype=np.int64)
+        E = _batched(classifier.embed, X[rows], batch_size, dev)
+        memo.update(zip(first, E, strict=True))
+    hidden = classifier.hidden_size
+    return np.stack([memo[k] for k in keys]).astype(np.float32) if keys else np.zeros((0, hidden), np.float32)
+
+
+def fit_frozen(
+    classifier: TextClassifier,
+    data: Dataset,
+    config: TrainConfig,
+    device: str | torch.device = "cpu",
+    sample_weight: np.ndarray | None = None,
+    on_epoch=None,
+) -> None:
+    """Train a frozen-encoder classifier's head with ``config`` on :func:`frozen_features`: the
+    same updates as :func:`~ggda.models.training.train_model` on the whole classifier (the encoder
+    gets no gradient and has no dropout; shuffling depends on the seed and n only)."""
+    from ggda.models.training import train_model
+
+    E = frozen_features(classifier, data.X, device=device)
+    emb = Dataset(X=E, y=data.y, ids=data.ids, n_classes=data.n_classes, kind=data.kind)
+    hook = None if on_epoch is None else (lambda epoch, _head: on_epoch(epoch, classifier))
+    train_model(classifier.head, emb, config, device=device, sample_weight=sample_weight, on_epoch=hook)
+    classifier.eval()
 
 
 def embedding_dataset(classifier: TextClassifier, data: Dataset, **options) -> Dataset:
