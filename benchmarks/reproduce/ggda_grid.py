@@ -184,7 +184,7 @@ def plan(profile: str) -> dict[str, list[Job]]:
                 "reviews",
                 None,
                 methods=("tracin", "trak"),
-                groupings=("random", "grad-kmeans"),
+                groupings=("random", "repr-kmeans", "grad-kmeans"),  # kmeans on token ids is refused
                 epochs=30,  # the head's recipe (text-train's probe: Adam lr 1e-2, batch 64)
                 text={"n": 2000, "balanced": True, "max_len": 64, "mode": "frozen", "head": "mlp"},
                 **{**bar, "seeds": 5},  # a retrain is 1-2.5 s on cached features
