@@ -414,7 +414,7 @@ def summarize(job_name: str, results: dict, wall: float | None) -> dict:
         "command": results["provenance"]["command"],
         "experiment_seconds": results.get("seconds"),
         "wall_seconds": wall,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared by five sessions), load {os.getloadavg()[0]:.1f}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
     }
 
 
@@ -475,8 +475,16 @@ def markdown(s: dict) -> str:
 
 
 def write_outputs(job: Job, results: dict, wall: float | None) -> dict:
+    """Write the job's table. A resumed run that retrained nothing keeps the wall time (and its
+    note) of the run that computed the numbers: its own seconds only measure loading the store."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     s = summarize(job.name, results, wall)
+    previous = RESULTS / f"{job.name}.json"
+    if previous.exists() and not results.get("retrains", {}).get("ran"):
+        old = json.loads(previous.read_text())
+        for key in ("wall_seconds", "wall_note", "machine"):
+            if old.get(key) is not None:
+                s[key] = old[key]
     (RESULTS / f"{job.name}.json").write_text(json.dumps(s, indent=1, default=float) + "\n")
     (RESULTS / f"{job.name}.md").write_text(markdown(s))
     return s
