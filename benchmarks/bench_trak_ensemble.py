@@ -65,16 +65,9 @@ def dattri_worker(job_path: str, out_path: str) -> None:
     Xtr, ytr = torch.as_tensor(job["Xtr"]), torch.as_tensor(job["ytr"]).long()
     Xte, yte = torch.as_tensor(job["Xte"]), torch.as_tensor(job["yte"]).long()
 
-    def margin_func(params, data):  # TRAK's output function log(p / (1 - p))
-        x, y = data
-        logp = -nn.functional.cross_entropy(torch.func.functional_call(model, params, x), y)
-        return logp - torch.log(1 - torch.exp(logp))
+    from dattri_worker import trak_functions  # this folder; the worker runs in the dattri venv
 
-    def correct_prob(params, data):
-        x, y = data
-        return torch.exp(
-            -nn.functional.cross_entropy(torch.func.functional_call(model, params, x[None]), y[None])
-        )
+    margin_func, correct_prob = trak_functions(model)
 
     t0, c0 = time.perf_counter(), time.process_time()
     task = AttributionTask(loss_func=margin_func, model=model, checkpoints=states)

@@ -27,6 +27,24 @@ def build(arch: str) -> nn.Module:
     return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
+def trak_functions(model: nn.Module):
+    """dattri's TRAK output function log(p / (1 - p)) and its correct-class probability for
+    ``model``, shared by every dattri worker (this file and ``bench_trak_ensemble.py``)."""
+
+    def margin_func(params, data):
+        x, y = data
+        logp = -nn.functional.cross_entropy(torch.func.functional_call(model, params, x), y)
+        return logp - torch.log(1 - torch.exp(logp))
+
+    def correct_prob(params, data):
+        x, y = data
+        return torch.exp(
+            -nn.functional.cross_entropy(torch.func.functional_call(model, params, x[None]), y[None])
+        )
+
+    return margin_func, correct_prob
+
+
 def main(job_path: str, out_path: str) -> None:
     from dattri.algorithm import IFAttributorCG, IFAttributorExplicit, TracInAttributor, TRAKAttributor
     from dattri.task import AttributionTask
@@ -48,16 +66,7 @@ def main(job_path: str, out_path: str) -> None:
         x, y = data
         return nn.functional.cross_entropy(torch.func.functional_call(model, params, x), y)
 
-    def margin_func(params, data):  # TRAK's output function log(p / (1 - p))
-        x, y = data
-        logp = -nn.functional.cross_entropy(torch.func.functional_call(model, params, x), y)
-        return logp - torch.log(1 - torch.exp(logp))
-
-    def correct_prob(params, data):
-        x, y = data
-        return torch.exp(
-            -nn.functional.cross_entropy(torch.func.functional_call(model, params, x[None]), y[None])
-        )
+    margin_func, correct_prob = trak_functions(model)
 
     reg = float(job["regularization"])
     solutions: list[torch.Tensor] = []
