@@ -16,3 +16,43 @@ def test_buffers_behave_like_torch_allocations():
     assert small.shape == (10,) and small.dtype == torch.float64
     assert advise_huge_pages(small) is False  # too small to be worth advising
     assert advise_huge_pages(torch.empty(4 * 2**20)) is sys.platform.startswith("linux")
+
+
+def _fake_cache(root, entries):
+    for i, (level, kind, size, cpus) in enumerate(entries):
+        d = root / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+        (d / "shared_cpu_list").write_text(f"{cpus}\n")
+
+
+def test_last_level_cache_share_reads_the_highest_level_per_sharing_cpu(tmp_path):
+    from ggda.buffers import last_level_cache_share
+
+    _fake_cache(
+        tmp_path,
+        [
+            (1, "Data", "32K", "0"),
+            (1, "Instruction", "32K", "0"),
+            (2, "Unified", "512K", "0"),
+            (3, "Unified", "32768K", "0-1"),
+        ],
+    )
+    assert last_level_cache_share(tmp_path) == 16 * 2**20  # 32 MB shared by CPUs 0 and 1
+    other = tmp_path / "other"
+    other.mkdir()
+    _fake_cache(other, [(2, "Unified", "1M", "0"), (3, "Unified", "96M", "0-3,8-11")])
+    assert last_level_cache_share(other) == 12 * 2**20  # 96 MB over 8 CPUs
+    assert last_level_cache_share(tmp_path / "missing") is None
+
+
+def test_cache_block_bytes_is_a_clamped_quarter_of_the_share():
+    from ggda.buffers import cache_block_bytes, last_level_cache_share
+
+    size = cache_block_bytes("cpu")
+    assert 2**20 <= size <= 16 * 2**20
+    share = last_level_cache_share()
+    if share:
+        assert size == min(16 * 2**20, max(2**20, share // 4))

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from ggda.buffers import BlockRecycler
+from ggda.buffers import BlockRecycler, cache_block_bytes
 from ggda.data.grouping import Grouping
 from ggda.gradients.fast_factors import (
     ExampleFn,
@@ -31,8 +31,6 @@ from ggda.gradients.fast_factors import (
     layer_factors,
 )
 from ggda.task import AttributionTask, Params
-
-_BLOCK_BYTES = 4 * 2**20  # recycled blocks this small stay in the L3 cache between producer and consumer
 
 
 class ChunkGroups:
@@ -233,9 +231,9 @@ def iter_group_gradients_fast(
         )
         if values_out is not None:  # the forward's per-row values, for callers that need them too
             values_out[rows] = factors.values.to(values_out.dtype)
-        # yield in blocks of <= _BLOCK_BYTES: one forward serves several blocks, and blocks this
-        # small are recycled by the allocator instead of page-faulting fresh memory every time
-        block_bytes = _BLOCK_BYTES if block_mb is None else int(block_mb * 2**20)
+        # yield in blocks sized from the machine's cache: one forward serves several blocks, and
+        # recycled blocks this small stay in cache between the producer and the consumer
+        block_bytes = cache_block_bytes(task.device.type) if block_mb is None else int(block_mb * 2**20)
         per_block = max(1, block_bytes // (p * (torch.finfo(task.dtype).bits // 8)))
         groups = ChunkGroups(plan, factors, sizes[chunk])
         del factors
