@@ -270,8 +270,10 @@ class RandomProjector(Projector):
         out = torch.zeros(G.shape[0], self.k, dtype=self.dtype, device=G.device)
         sub = self._sub_rows(G.shape[0])
         unpack = self.kind == "rademacher" and not self._cacheable
+        # slices are under 2·sub rows (below); one buffer for all, huge pages when it is large
+        rows_max = min(self.block_rows, 2 * sub)
         buf = (
-            torch.empty(2 * sub * self._width(), dtype=self.dtype, device=self.device)
+            empty_huge(rows_max * self._width(), dtype=self.dtype, device=self.device)
             if unpack
             else self._scratch()
         )
