@@ -195,6 +195,9 @@ def test_kept_words_give_the_same_projection():
     assert torch.equal(fresh.project(G), first)
     torch.testing.assert_close(whole.project(G), first, rtol=1e-5, atol=1e-6)
     assert torch.equal(words.matrix(), whole.matrix())
+    for b in range(words.n_blocks):  # drawn into the store = drawn into a fresh tensor
+        assert words.words(b).data_ptr() == words._word_cache[b].data_ptr()
+        assert torch.equal(words.words(b), fresh.words(b))
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher"])

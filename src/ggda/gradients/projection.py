@@ -218,10 +218,11 @@ class RandomProjector(Projector):
             out = self._word_store[b * self.block_rows : b * self.block_rows + rows]
         gen = torch.Generator(device=self.device).manual_seed(block_seed(self.seed, self.stream, b))
         shape = (rows, self._n_words())
-        words = torch.randint(-(2**31), 2**31, shape, generator=gen, device=self.device, dtype=torch.int32)
+        words = torch.randint(
+            -(2**31), 2**31, shape, generator=gen, device=self.device, dtype=torch.int32, out=out
+        )  # drawn straight into the store when kept (same numbers as a fresh tensor: tested)
         if out is not None:
-            self._word_cache[b] = out.copy_(words)
-            return out
+            self._word_cache[b] = words
         return words
 
     def block(self, b: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
