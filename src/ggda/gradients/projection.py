@@ -260,8 +260,8 @@ class RandomProjector(Projector):
 
     def _sub_rows(self, m: int) -> int:
         """Rows of P per GEMM in :meth:`project` for m rows of G: about :data:`SUB_BLOCK_BYTES` of
-        P, and at least m, since every GEMM also reads and writes the (m, k) output — with many
-        rows that traffic, not P, would dominate a thin slice."""
+        P, and at least 4·m, since every GEMM also reads and writes the (m, k) output — with many
+        rows that traffic, not P, would dominate a thin slice (851 rows: whole blocks, as before)."""
         row_bytes = self._width() * torch.finfo(self.dtype).bits // 8
         return max(1, min(self.block_rows, max(4 * int(m), SUB_BLOCK_BYTES // row_bytes)))
 
