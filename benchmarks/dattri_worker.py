@@ -1,7 +1,9 @@
 """Runs one dattri 0.3.0 attribution inside ``benchmarks/.venv-dattri`` (torch + dattri only).
 
 Usage: ``python dattri_worker.py JOB.npz OUT.npz`` — JOB holds the data, the model weights
-(``param::NAME`` arrays), the architecture and the method settings; OUT gets the (n_train,
+(``param::NAME`` arrays), the architecture (``logreg``, ``mlp-s`` or ``resnet``: the ResNet of
+``examples/fashion_mnist_cnn.py``), optionally the ``attributed`` parameter names (the others are
+frozen) and TRAK's ``proj_type``, and the method settings; OUT gets the (n_train,
 n_test) scores, the seconds spent in ``cache`` + ``attribute`` and the peak RSS (and, for IF-CG
 with ``capture_solution`` in JOB, the (n_test, p) test gradients and the inverse-HVPs dattri computed).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
@@ -19,12 +22,40 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 torch.set_num_threads(1)
+HERE = Path(__file__).resolve().parent
+
+
+def example_classes(path: Path, names: tuple[str, ...]) -> dict:
+    """The classes ``names`` of an example script, executed without the rest of the script.
+
+    Why: this venv has torch and dattri but not ggda, which the examples import; taking the
+    class definitions out of the example's source keeps one definition of the architecture
+    (a copy here could drift from it unnoticed)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    body = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in names]
+    if {n.name for n in body} != set(names):
+        raise SystemExit(f"{path} lacks one of {names}")
+    namespace = {"torch": torch, "nn": nn, "F": nn.functional, "__name__": "example"}
+    exec(compile(ast.Module(body=body, type_ignores=[]), str(path), "exec"), namespace)  # noqa: S102
+    return namespace
 
 
 def build(arch: str) -> nn.Module:
     if arch == "logreg":
         return nn.Sequential(nn.Linear(784, 10))
+    if arch == "resnet":  # examples/fashion_mnist_cnn.py's ResNet on flattened 28 x 28 rows
+        classes = example_classes(HERE.parent / "examples" / "fashion_mnist_cnn.py", ("Block", "ResNet"))
+        return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), classes["ResNet"]())
     return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def batch_of(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) with a batch dimension: dattri calls the loss and target functions on one example at
+    a time under ``vmap`` (y a scalar), and a convolution needs a batch; batches pass through.
+    The loss of a batch of one is the example's loss, so the MLP numbers are unchanged."""
+    return (x[None], y[None]) if y.ndim == 0 else (x, y)
 
 
 def trak_functions(model: nn.Module):
@@ -32,7 +63,7 @@ def trak_functions(model: nn.Module):
     ``model``, shared by every dattri worker (this file and ``bench_trak_ensemble.py``)."""
 
     def margin_func(params, data):
-        x, y = data
+        x, y = batch_of(*data)
         logp = -nn.functional.cross_entropy(torch.func.functional_call(model, params, x), y)
         return logp - torch.log(1 - torch.exp(logp))
 
@@ -55,6 +86,10 @@ def main(job_path: str, out_path: str) -> None:
     state = {k[len("param::") :]: torch.as_tensor(job[k]) for k in job.files if k.startswith("param::")}
     model.load_state_dict(state)
     model.eval()
+    if "attributed" in job.files:  # only these parameters get gradients (dattri skips the others)
+        attributed = {str(name) for name in job["attributed"]}
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in attributed)
     Xtr, ytr = torch.as_tensor(job["Xtr"]), torch.as_tensor(job["ytr"]).long()
     Xte, yte = torch.as_tensor(job["Xte"]), torch.as_tensor(job["yte"]).long()
     train_bs, test_bs = int(job["train_bs"]), int(job["test_bs"])
@@ -63,7 +98,7 @@ def main(job_path: str, out_path: str) -> None:
     full_loader = DataLoader(TensorDataset(Xtr, ytr), batch_size=len(Xtr), shuffle=False)
 
     def loss_func(params, data):
-        x, y = data
+        x, y = batch_of(*data)
         return nn.functional.cross_entropy(torch.func.functional_call(model, params, x), y)
 
     margin_func, correct_prob = trak_functions(model)
@@ -103,7 +138,11 @@ def main(job_path: str, out_path: str) -> None:
         attr = TRAKAttributor(
             task,
             correct_probability_func=correct_prob,
-            projector_kwargs={"proj_dim": int(job["proj_dim"]), "device": "cpu"},
+            projector_kwargs={
+                "proj_dim": int(job["proj_dim"]),
+                "device": "cpu",
+                **({"proj_type": str(job["proj_type"])} if "proj_type" in job.files else {}),
+            },
             regularization=reg,
         )
         attr.cache(DataLoader(TensorDataset(Xtr, ytr), batch_size=train_bs, shuffle=False))

@@ -15,7 +15,8 @@ in the same run):
 4. ``trak_ensemble``: TRAK over M = 1, 5, 20 models (shared projection vs one per model, dattri's
    TRAK on the same models): time and LDS vs M (``bench_trak_ensemble.py``).
 5. ``group_models`` (own process): the floor ratio and group vs per point per method on a ResNet
-   CNN and on MiniLM (``bench_group_models.py``).
+   CNN and on MiniLM (``bench_group_models.py``); ``dattri_cnn`` (own process): per point on the
+   same ResNet, ggda vs dattri 0.3.0 for Grad-Dot and TRAK (``bench_dattri_cnn.py``).
 
 Everything runs with one torch thread (``torch.set_num_threads(1)``); the machine's load
 average is printed with each table, because other processes share the cores.
@@ -57,6 +58,14 @@ EXTERNAL = {
         *(["--n-cnn", "1000", "--n-minilm", "200", "--targets", "5"] if quick else ["--n-minilm", "500"]),
         *["--cg-iter", "2", "--ekfac-fisher", "empirical"],
     ],
+    # issue #20 item 3: per point on the same ResNet, ggda vs dattri 0.3.0 (Grad-Dot, TRAK k = 2,048)
+    "dattri_cnn": lambda quick: [
+        sys.executable,
+        str(Path(__file__).parent / "bench_dattri_cnn.py"),
+        *(
+            ["--n", "1000", "--targets", "5"] if quick else ["--n", "2000", "--targets", "10"]
+        ),  # = group_models
+    ],
     "gold": lambda quick: [
         sys.executable,
         str(Path(__file__).parent / "bench_gold.py"),
@@ -84,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(chosen) - set(SECTIONS) - set(EXTERNAL))
     if unknown:
         ap.error(f"unknown section(s) {unknown}; choose from {SECTIONS + tuple(EXTERNAL)}")
-    if args.no_dattri and "dattri" in chosen:
-        chosen.remove("dattri")
+    if args.no_dattri:
+        chosen = [name for name in chosen if name not in ("dattri", "dattri_cnn")]
 
     all_tables = []
     timings = {}

@@ -155,3 +155,65 @@ def test_rows_are_the_materialised_matrix_rows(kind, k, cache_mb):
         torch.testing.assert_close(proj.rows(a, b), full[a:b], rtol=0, atol=0)
     with pytest.raises(GGDAError):
         proj.rows(10, 251)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_rademacher_entries_are_exact_in_every_dtype(dtype):
+    """The sign-bit unpacking gives exactly ±(1/√k rounded to dtype), bit j of word w at column
+    32w + j, in every floating dtype (each has its own integer width for the sign trick)."""
+    import math
+
+    from ggda.gradients.projection import block_seed
+
+    k = 77
+    proj = RandomProjector(300, k, "rademacher", seed=7, block_rows=128, dtype=dtype, cache_mb=0)
+    scale = torch.tensor(1 / math.sqrt(k), dtype=dtype)
+    for b in range(proj.n_blocks):
+        rows = min(128, 300 - b * 128)
+        gen = torch.Generator().manual_seed(block_seed(7, 0, b))
+        words = torch.randint(-(2**31), 2**31, (rows, 3), generator=gen, dtype=torch.int32)
+        bits = ((words[..., None] >> torch.arange(32, dtype=torch.int32)) & 1).reshape(rows, -1)[:, :k]
+        expected = torch.where(bits.bool(), scale, -scale)
+        assert proj.block(b).dtype == dtype
+        assert torch.equal(proj.block(b), expected)
+        assert torch.equal(proj.words(b), words)
+
+
+def test_kept_words_give_the_same_projection():
+    """A Rademacher P over cache_mb whose words fit keeps the words (1/32 of P) and gives exactly
+    the numbers of a P regenerated on every pass and of a P kept whole."""
+    p, k = 5000, 64  # P: 1.22 MiB fp32, words: 39 KiB
+    whole = RandomProjector(p, k, "rademacher", seed=3, block_rows=512)
+    words = RandomProjector(p, k, "rademacher", seed=3, block_rows=512, cache_mb=0.1)
+    fresh = RandomProjector(p, k, "rademacher", seed=3, block_rows=512, cache_mb=0)
+    assert whole._cacheable and not words._cacheable and words._words_cacheable
+    assert not fresh._cacheable and not fresh._words_cacheable
+    G = torch.randn(9, p, generator=torch.Generator().manual_seed(0))
+    first = words.project(G)
+    assert len(words._word_cache) == words.n_blocks  # kept from the first pass
+    assert torch.equal(words.project(G), first)  # second pass from the kept words
+    assert torch.equal(fresh.project(G), first)
+    torch.testing.assert_close(whole.project(G), first, rtol=1e-5, atol=1e-6)
+    assert torch.equal(words.matrix(), whole.matrix())
+    for b in range(words.n_blocks):  # drawn into the store = drawn into a fresh tensor
+        assert words.words(b).data_ptr() == words._word_cache[b].data_ptr()
+        assert torch.equal(words.words(b), fresh.words(b))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("cache_mb", [0, 512.0])
+@pytest.mark.parametrize("m", [1, 3, 40, 300])
+def test_projection_in_sub_blocks_equals_the_matrix_product(kind, cache_mb, m, monkeypatch):
+    """project multiplies in slices of each block, sized from the rows of G (few rows: thin
+    slices; many: whole blocks); any m gives G @ P to float64 rounding, also for a k that is not
+    a multiple of 32 and a last block shorter than the others. Slices of 100 rows here (a
+    100-row SUB_BLOCK_BYTES) so that small blocks are sliced."""
+    import ggda.gradients.projection as projection
+
+    p, k = 2500, 77  # rows of 96 unpacked entries
+    monkeypatch.setattr(projection, "SUB_BLOCK_BYTES", 100 * 96 * 8)
+    proj = RandomProjector(p, k, kind, seed=2, block_rows=1024, dtype=torch.float64, cache_mb=cache_mb)
+    P = RandomProjector(p, k, kind, seed=2, block_rows=1024, dtype=torch.float64).matrix()
+    G = torch.randn(m, p, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
+    assert proj._sub_rows(m) == min(1024, max(4 * m, 100))
+    torch.testing.assert_close(proj.project(G), G @ P, rtol=1e-12, atol=1e-12)

@@ -127,6 +127,25 @@ def test_scores_do_not_depend_on_batch_or_chunk_sizes(setup_mlp):
     assert np.allclose(out, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
+def test_scores_do_not_depend_on_how_the_rademacher_projection_is_kept(setup_mlp):
+    """The dense Rademacher P kept whole, kept as its random words only (cache_mb between p·k/8
+    and p·k·4 bytes) or regenerated on every pass: the same P, so the same scores (float32
+    summation order aside), per point and for groups."""
+    task, train, prop = setup_mlp
+    p, k = task.n_params, 256
+    words_mb = 2 * p * k / 8 / 2**20  # twice the words, far below P itself
+    for grouping in (Grouping.singleton(len(train)), random_grouping(len(train), 20, seed=0)):
+        runs = {}
+        for name, cache_mb in (("whole", 512.0), ("words", words_mb), ("none", 0.0)):
+            trak = TRAK(task, proj_dim=k, projection="rademacher", cache_mb=cache_mb, agreement=False)
+            runs[name] = trak.cache(train, grouping).attribute(prop)
+            proj = trak.members[0].projector
+            assert proj._cacheable == (name == "whole") and proj._words_cacheable == (name == "words")
+        ref = runs["whole"]
+        for name in ("words", "none"):
+            assert np.allclose(runs[name], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max()), name
+
+
 def test_ensemble_is_mean_of_single_model_scores(setup_mlp, small_digits, tmp_path):
     task, train, prop = setup_mlp
     other = build_model("mlp-s", train.n_features, train.n_outputs, seed=1)
