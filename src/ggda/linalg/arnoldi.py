@@ -1,8 +1,8 @@
 """Arnoldi low-rank eigendecomposition of H and the damped inverse on that subspace
 (Schioppa et al. 2022, "Scaling Up Influence Functions").
 
-``iterations`` Arnoldi steps (one HVP each, full re-orthogonalisation for stability) build an
-orthonormal Krylov basis Q and the projected matrix Qᵀ H Q; its eigenpairs give Ritz pairs
+``iterations`` Arnoldi steps (one HVP each, or ``block`` HVPs at a time in one pass; full
+re-orthogonalisation for stability) build an orthonormal Krylov basis Q and the projected matrix Qᵀ H Q; its eigenpairs give Ritz pairs
 (μ_k, u_k) of H, of which the ``rank`` largest in magnitude are kept (the outliers of the
 spectrum that dominate influence). The inverse is then applied on that subspace only:
 
@@ -58,9 +58,10 @@ def arnoldi(
 
     ``block`` = b > 1 runs block Arnoldi (block Lanczos with full re-orthogonalisation): each step
     multiplies b basis vectors at once, so the ``iterations`` products (rounded down to whole
-    blocks) come in iterations / b passes over the data, each a GEMM over b vectors instead of b sequential matrix–vector
-    passes; the Krylov space per product is smaller than with b = 1 (depth iterations / b), which
-    costs little when only a few eigenvalues are outliers. The projected matrix Qᵀ H Q is formed
+    blocks) come in iterations / b passes over the data, each a GEMM over b vectors instead of b
+    sequential matrix–vector passes; the Krylov space per product is smaller than with b = 1
+    (depth iterations / b), which costs little when only a few eigenvalues are outliers (the
+    if-cg preconditioner). The projected matrix Qᵀ H Q is formed
     from each step's products as they are made (Rayleigh–Ritz, no extra product, none kept).
 
     The iteration stops early when the Krylov space becomes invariant (exact for p ≤ iterations).
