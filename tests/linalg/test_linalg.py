@@ -151,3 +151,57 @@ def test_arnoldi_complement_floor_is_exact_for_a_flat_complement():
     assert torch.allclose(ihvp_arnoldi(low, B, 0.1, complement=floor), ref, atol=1e-10)
     with pytest.raises(GGDAError, match="complement"):
         ihvp_arnoldi(low, B, 0.0, complement=0.0)
+
+
+@pytest.mark.parametrize("block", [1, 3, 5])
+def test_block_arnoldi_is_exact_at_full_size_and_finds_outliers_in_few_block_steps(block):
+    """Block Arnoldi (``block`` vectors per product): the same Ritz pairs as a dense eigensolve
+    when its products span the space, the outliers of an indefinite spectrum (both ends) from
+    a few block steps, and exactly ``iterations`` products made ``block`` at a time."""
+    p = 30
+    gen = torch.Generator().manual_seed(5)
+    Q = torch.linalg.qr(torch.randn(p, p, generator=gen, dtype=torch.float64))[0]
+    mu = torch.cat(
+        [
+            torch.tensor([40.0, 25.0, -12.0], dtype=torch.float64),
+            torch.linspace(-0.5, 0.5, p - 3, dtype=torch.float64),
+        ]
+    )
+    A = Q @ torch.diag(mu) @ Q.T
+    calls = []
+
+    def matvec(V):
+        calls.append(V.shape[0])
+        return V @ A.T
+
+    full = arnoldi(matvec, p, iterations=p, rank=p, dtype=torch.float64, block=block)
+    assert sum(calls) == p and set(calls) == {block}
+    ref = torch.linalg.eigvalsh(A)
+    assert torch.allclose(full.values.sort().values, ref, atol=1e-10)
+    # Ritz vectors are eigenvectors: A u = μ u, orthonormal
+    U = full.vectors
+    assert torch.allclose(A @ U, U * full.values, atol=1e-9)
+    assert torch.allclose(U.T @ U, torch.eye(p, dtype=torch.float64), atol=1e-10)
+    calls.clear()
+    low = arnoldi(matvec, p, iterations=18, rank=3, dtype=torch.float64, block=block)
+    assert sum(calls) == 18 // block * block and set(calls) == {block}  # whole blocks only
+    assert torch.allclose(low.values, torch.tensor([40.0, 25.0, -12.0], dtype=torch.float64), atol=1e-6)
+
+
+def test_block_arnoldi_stops_on_an_invariant_subspace():
+    """A rank-2 operator: the block Krylov space is invariant after two blocks of 4 products (the
+    start block, then A's two directions padded with two fresh ones); the iteration stops there
+    (no division by a vanishing direction) with the exact nonzero pairs."""
+    gen = torch.Generator().manual_seed(6)
+    u = torch.linalg.qr(torch.randn(20, 2, generator=gen, dtype=torch.float64))[0]
+    A = u @ torch.diag(torch.tensor([3.0, -2.0], dtype=torch.float64)) @ u.T
+    calls = []
+
+    def matvec(V):
+        calls.append(V.shape[0])
+        return V @ A.T
+
+    eig = arnoldi(matvec, 20, iterations=16, rank=2, dtype=torch.float64, block=4)
+    assert calls == [4, 4]
+    assert torch.allclose(eig.values, torch.tensor([3.0, -2.0], dtype=torch.float64), atol=1e-12)
+    assert bool(torch.isfinite(eig.vectors).all())

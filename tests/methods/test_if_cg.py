@@ -134,6 +134,49 @@ def test_ekfac_preconditioner_is_exact_for_least_squares():
     assert exact.info["cg_iterations"] == 1 < plain.info["cg_iterations"]
 
 
+@pytest.mark.parametrize("which", ["logreg", "mlp"])
+@pytest.mark.parametrize("block", [1, 10])
+def test_full_rank_arnoldi_preconditioner_is_the_exact_damped_inverse(request, which, block):
+    """With all p Ritz pairs (products spanning the space, one or ``block`` vectors at a time) the
+    Arnoldi preconditioner is (H + wd·I + λI)⁻¹ itself, weight decay counted once: PCG converges
+    in one iteration to the dense solve. The fit makes at most p products: it stops once the
+    Krylov space is invariant (softmax's null space is one eigenvalue, wd, of multiplicity ≥ 65,
+    which the rest-of-spectrum floor then covers exactly)."""
+    task, train, prop = request.getfixturevalue(which)
+    p, wd = task.n_params, 0.05
+    m = make_method(
+        "if-cg",
+        task,
+        damping=LAM,
+        weight_decay=wd,
+        hessian="gn",
+        tol=1e-10,
+        max_iter=50,
+        preconditioner="arnoldi",
+        preconditioner_iterations=p,
+        preconditioner_rank=p,
+        preconditioner_block=block,
+    ).cache(train)
+    B = prop.gradients(task)
+    X = m.precondition(B) * len(train)
+    A = m.curvature.dense() + LAM * torch.eye(p, dtype=B.dtype)  # dense() includes wd·I
+    assert torch.allclose(X, torch.linalg.solve(A, B.T).T, rtol=1e-7, atol=1e-9 * float(X.abs().max()))
+    assert m.info["cg_iterations"] == 1
+    assert 0 < m.info["preconditioner_products"] <= p
+
+
+def test_block_arnoldi_preconditioner_counts_its_products(mlp):
+    """The default fit: ``preconditioner_iterations`` products in blocks of ``preconditioner_block``,
+    all counted; the CG products are one per target per iteration plus the final check."""
+    task, train, prop = mlp
+    m = make_method("if-cg", task, damping=LAM, tol=1e-6, max_iter=500).cache(train)
+    assert (m.preconditioner_iterations, m.preconditioner_block) == (48, 8)
+    assert m.info["preconditioner_products"] == 48 == m.curvature.product_count
+    m.precondition(prop.gradients(task))
+    assert m.info["curvature_products"] == 48 + m.info["cg_products"]
+    assert m.info["cg_products"] >= len(prop.gradients(task)) * (m.info["cg_iterations"] + 1) - 5 * 6
+
+
 def test_group_score_is_the_sum_of_member_scores_with_pcg(mlp):
     task, train, prop = mlp
     grouping = random_grouping(len(train), 12, seed=0)
