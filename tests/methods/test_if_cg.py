@@ -169,12 +169,38 @@ def test_block_arnoldi_preconditioner_counts_its_products(mlp):
     """The default fit: ``preconditioner_iterations`` products in blocks of ``preconditioner_block``,
     all counted; the CG products are one per target per iteration plus the final check."""
     task, train, prop = mlp
-    m = make_method("if-cg", task, damping=LAM, tol=1e-6, max_iter=500).cache(train)
+    m = make_method("if-cg", task, damping=LAM, tol=1e-6, max_iter=500, preconditioner="arnoldi").cache(train)
     assert (m.preconditioner_iterations, m.preconditioner_block) == (48, 8)
     assert m.info["preconditioner_products"] == 48 == m.curvature.product_count
     m.precondition(prop.gradients(task))
     assert m.info["curvature_products"] == 48 + m.info["cg_products"]
     assert m.info["cg_products"] >= len(prop.gradients(task)) * (m.info["cg_iterations"] + 1) - 5 * 6
+
+
+def test_auto_preconditioner_fits_arnoldi_only_for_enough_targets(mlp):
+    """The default ``auto``: a one-target solve runs plain CG (no setup products, the same products
+    as ``none``); the first solve with AUTO_MIN_TARGETS targets fits the Arnoldi preconditioner
+    once (same products and answer as ``arnoldi``), and later solves reuse it."""
+    from ggda.methods.influence import AUTO_MIN_TARGETS
+
+    task, train, prop = mlp
+    B = prop.gradients(task)
+    assert len(B) >= AUTO_MIN_TARGETS > 1
+    opts = {"damping": LAM, "tol": 1e-9, "max_iter": 2000}
+    auto = make_method("if-cg", task, **opts).cache(train)
+    assert auto.preconditioner == "auto" and auto.curvature.product_count == 0
+    plain = make_method("if-cg", task, preconditioner="none", **opts).cache(train)
+    one = auto.precondition(B[:1])
+    assert auto.info["preconditioner_used"] == "none" and auto.info["preconditioner_products"] == 0
+    assert torch.equal(one, plain.precondition(B[:1]))
+    assert auto.info["cg_products"] == plain.info["cg_products"]
+    arnoldi = make_method("if-cg", task, preconditioner="arnoldi", **opts).cache(train)
+    many = auto.precondition(B)
+    assert auto.info["preconditioner_used"] == "arnoldi" and auto.info["preconditioner_products"] == 48
+    assert torch.allclose(many, arnoldi.precondition(B), rtol=1e-6, atol=1e-9 * float(many.abs().max()))
+    assert auto.info["cg_products"] == arnoldi.info["cg_products"]
+    auto.precondition(B[:1])  # kept: no second fit, and a one-target solve now uses it too
+    assert auto.info["preconditioner_used"] == "arnoldi" and auto.info["preconditioner_products"] == 48
 
 
 def test_group_score_is_the_sum_of_member_scores_with_pcg(mlp):
