@@ -234,6 +234,22 @@ class InfluenceFunction(InnerProductAttributor):
     def _top_eigenvalue(self) -> float:
         return self.curvature.top_eigenvalue(seed=self.seed, progress=self.progress)
 
+    def _ritz_pairs(self, iterations: int, rank: int, block: int = 1) -> LowRankEigen:
+        """Top-``rank`` (by |μ|) Ritz pairs of the curvature H + wd·I from ``iterations`` Arnoldi
+        products over all rows, ``block`` vectors per pass (if-arnoldi's inverse and if-cg's
+        preconditioner use the same fit)."""
+        return arnoldi(
+            self.curvature.matvec,
+            self.curvature.p,
+            iterations,
+            rank,
+            dtype=self.task.dtype,
+            device=self.task.device,
+            seed=self.seed,
+            progress=self.progress,
+            block=block,
+        )
+
     def _prepare(self) -> None:  # noqa: B027  (optional hook)
         """Solver work that does not depend on λ (run before the damping is chosen)."""
 
@@ -400,16 +416,8 @@ class ConjugateGradientIF(InfluenceFunction):
     def _fit_arnoldi(self) -> None:
         """The Arnoldi preconditioner's Ritz pairs (``auto``: at the first solve with enough targets)."""
         before = self.curvature.product_count
-        self._eigen = arnoldi(
-            self.curvature.matvec,
-            self.curvature.p,
-            self.preconditioner_iterations,
-            self.preconditioner_rank,
-            dtype=self.task.dtype,
-            device=self.task.device,
-            seed=self.seed,
-            progress=self.progress,
-            block=self.preconditioner_block,
+        self._eigen = self._ritz_pairs(
+            self.preconditioner_iterations, self.preconditioner_rank, self.preconditioner_block
         )
         fitted = self.curvature.product_count - before
         self.info["preconditioner_products"] = self.info.get("preconditioner_products", 0) + fitted
@@ -558,16 +566,7 @@ class ArnoldiIF(InfluenceFunction):
         self.rank, self.iterations, self.complement = int(rank), int(iterations), complement
 
     def _prepare(self) -> None:
-        self.eigen: LowRankEigen = arnoldi(
-            self.curvature.matvec,
-            self.curvature.p,
-            self.iterations,
-            self.rank,
-            dtype=self.task.dtype,
-            device=self.task.device,
-            seed=self.seed,
-            progress=self.progress,
-        )
+        self.eigen: LowRankEigen = self._ritz_pairs(self.iterations, self.rank)
         self.info.update(rank=self.eigen.rank, top_eigenvalue=float(self.eigen.values.abs().max()))
 
     def _top_eigenvalue(self) -> float:
