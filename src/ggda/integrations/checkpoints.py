@@ -24,8 +24,11 @@ not to attribute through.
 
 The learning rate recorded is the one of the optimizer step that produced the checkpoint (for an
 epoch checkpoint, the epoch's last step), read from the optimizer before the scheduler moves it:
-what ggda's own loop records. With several parameter groups the first group's rate is recorded
-and all of them are kept in the index (``group_lrs``).
+what ggda's own loop records. With several parameter groups of different rates (a lower rate for
+a pretrained body than for a new head) each parameter's rate is recorded too (``param_lrs``,
+parameter name -> rate): TracIn's step is then ``Σ_j η_j ∂f/∂θ_j ∂ℓ/∂θ_j``, one rate per
+parameter, not the first group's rate for all. ``lr`` stays the first group's rate and
+``group_lrs`` keeps every group's.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from torch import nn
 
 from ggda.errors import GGDAError
 from ggda.io import read_json, save_json, save_torch
-from ggda.models.checkpoint import load_state
+from ggda.models.checkpoint import learning_rate, load_state
 from ggda.options import COUNT, Spec, check
 
 __all__ = ["INDEX_FILE", "CheckpointRecorder", "SavedCheckpoint", "load_checkpoints", "read_index"]
@@ -52,10 +55,11 @@ UNITS = ("epoch", "step")
 class SavedCheckpoint(NamedTuple):
     """One recorded state: ``state`` is a checkpoint file (a complete state dict, loaded when a
     method needs it) or an in-memory state dict (a partial one, completed from your model), and
-    ``lr`` its learning rate. A pair, so TracIn and TRAK take it as it is."""
+    ``lr`` its learning rate — or ``{parameter name: rate}`` when the optimizer's parameter groups
+    had different rates. A pair, so TracIn and TRAK take it as it is."""
 
     state: Path | dict[str, torch.Tensor]
-    lr: float
+    lr: float | dict[str, float]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -117,6 +121,8 @@ class CheckpointRecorder:
         self.entries: list[dict[str, Any]] = []
         self.lr: float | None = None
         self.group_lrs: list[float] = []
+        # rate of each parameter (by id) at the last noted step, when the groups' rates differ
+        self.rates_by_id: dict[int, float] | None = None
 
     # -- what the callbacks call --------------------------------------------------------------
     def begin(self, resume_step: int = 0) -> None:
@@ -136,6 +142,9 @@ class CheckpointRecorder:
             return
         self.group_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self.lr = self.group_lrs[0]
+        self.rates_by_id = None
+        if len(set(self.group_lrs)) > 1:  # read now: the scheduler moves the rates after the step
+            self.rates_by_id = {id(q): float(g["lr"]) for g in optimizer.param_groups for q in g["params"]}
 
     def due(self, count: int, unit: str) -> bool:
         """Whether the ``count``-th epoch or step (by ``unit``) is on the schedule."""
@@ -164,6 +173,10 @@ class CheckpointRecorder:
         complete = len(saved) == len(state)
         rel = Path("checkpoints") / f"step_{int(step):08d}.pt"
         meta = {"epoch": float(epoch), "step": int(step), "lr": self.lr, "complete": complete}
+        if self.rates_by_id is not None:  # parameters in no group are left out: nothing moves them
+            meta["param_lrs"] = {
+                n: self.rates_by_id[id(q)] for n, q in model.named_parameters() if id(q) in self.rates_by_id
+            }
         (self.run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         save_torch(self.run_dir / rel, {"spec": None, "state_dict": saved, "meta": meta})
         self.entries = [e for e in self.entries if e["step"] != int(step)]
@@ -225,7 +238,7 @@ def load_checkpoints(run_dir: str | Path, model: nn.Module | None = None) -> lis
     out = []
     for entry in sorted(index["checkpoints"], key=lambda e: e["step"]):
         path = run_dir / entry["file"]
-        lr = float(entry["lr"])
+        lr = learning_rate(entry.get("param_lrs", entry["lr"]), str(path))
         if entry.get("complete", False):
             out.append(SavedCheckpoint(path, lr))
             continue

@@ -99,16 +99,21 @@ class Attributor(ABC):
         self.train: Dataset | None = None
         self.grouping: Grouping | None = None
 
-    def cache(self, train: Dataset, grouping: Grouping | None = None) -> Attributor:
+    def cache(self, train: Dataset, grouping: Grouping | np.ndarray | None = None) -> Attributor:
         """Remember the training set and grouping and do the training-side precomputation.
 
         ``train``: a ggda :class:`~ggda.data.Dataset`, ``(X, y)`` arrays, a map-style torch
         ``Dataset``, an unshuffled ``DataLoader`` or a Hugging Face ``datasets.Dataset``.
+        ``grouping``: a :class:`~ggda.data.Grouping`, one group id per training point (any
+        hashable values: a data-source column), or ``None`` for per-point attribution.
         """
         from ggda.data.sources import as_dataset
 
         train = as_dataset(train)
-        grouping = grouping or Grouping.singleton(len(train))
+        if grouping is None:
+            grouping = Grouping.singleton(len(train))
+        elif not isinstance(grouping, Grouping):
+            grouping = Grouping.from_ids(np.asarray(grouping))
         grouping.check_matches(len(train), f"training set '{train.name}'")
         self.train, self.grouping = train, grouping
         self._cache()

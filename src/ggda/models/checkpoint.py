@@ -33,6 +33,20 @@ class Checkpoint:
     lr: float
 
 
+def learning_rate(lr: object, where: str = "A checkpoint") -> float | dict[str, float]:
+    """A checkpoint's learning rate, checked: a number, or ``{parameter name: rate}`` when the
+    optimizer's parameter groups had different rates (TracIn then weighs each parameter by its own)."""
+    if isinstance(lr, dict):
+        if lr and all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in lr.items()):
+            return {k: float(v) for k, v in lr.items()}
+    elif isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        return float(lr)
+    raise GGDAError(
+        f"{where}'s learning rate must be a number or a non-empty {{parameter name: rate}} map, not {lr!r}; "
+        "pass (state, lr) pairs or record the training run again."
+    )
+
+
 def save_model(path: str | Path, model: nn.Module, **meta) -> Path:
     """Write ``{"spec": dict | None, "state_dict": ..., "meta": meta}`` atomically (tensors and
     plain values only, so it loads with ``weights_only=True``)."""
