@@ -39,7 +39,7 @@ class ChunkGroups:
 
     Why per chunk: when the chunk's groups have equal sizes, the bias sums and the weight
     gradients of small layers (an MLP's last layer) cost one call for the whole chunk instead of
-    one per block (a 4 MB block holds only ~10 groups of a 100k-parameter model, and a tiny ``bmm``
+    one per block (a 2 MB block holds only 5 groups of a 100k-parameter model, and a tiny ``bmm``
     costs its call overhead, not its FLOPs). Those small parts are laid out per chunk in runs of
     adjacent parameter columns, so each block receives them in one copy per run (an MLP's
     ``b1, W2, b2`` are one run) instead of one small copy per tensor. Large layers are multiplied
