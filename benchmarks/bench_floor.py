@@ -129,7 +129,7 @@ def run(quick: bool = True) -> list[Table]:
         table.notes.append(
             "x floor = median over back-to-back (floor, method) pairs, so both see the same machine load. "
             "bar: ggda fast <= 1.5x floor for K <= n/10. Blocks are (k, p) tensors of at most "
-            f"{cache_block_bytes(task.device.type) / 2**20:g} MB (a quarter of the core's share of the last-level "
+            f"{cache_block_bytes(task.device.type) / 2**20:g} MB (an eighth of the core's share of the last-level "
             "cache), touched as a consumer (scoring, projection) would; the plain ggda fast row keeps each block "
             "until the loop rebinds it (a natural for loop). K = n is per-example gradients."
         )

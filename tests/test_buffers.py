@@ -48,11 +48,37 @@ def test_last_level_cache_share_reads_the_highest_level_per_sharing_cpu(tmp_path
     assert last_level_cache_share(tmp_path / "missing") is None
 
 
-def test_cache_block_bytes_is_a_clamped_quarter_of_the_share():
+def test_cache_block_bytes_is_a_clamped_eighth_of_the_share():
     from ggda.buffers import cache_block_bytes, last_level_cache_share
 
     size = cache_block_bytes("cpu")
     assert 2**20 <= size <= 16 * 2**20
     share = last_level_cache_share()
     if share:
-        assert size == min(16 * 2**20, max(2**20, share // 4))
+        assert size == min(16 * 2**20, max(2**20, share // 8))
+
+
+def test_block_recycler_serves_fewer_rows_from_a_free_block_only():
+    """A chunk's last, shorter block reuses a free pooled block's leading rows, never a block (or
+    a view of one) that the consumer still holds."""
+    import pytest
+
+    from ggda.buffers import BlockRecycler
+
+    if not hasattr(torch.Tensor, "_use_count"):
+        pytest.skip("no reference counts: the recycler hands out fresh blocks only")
+    cpu = torch.device("cpu")
+    r = BlockRecycler()
+    a = r.empty((4, 3), torch.float32, cpu)
+    ptr = a.data_ptr()
+    del a
+    short = r.empty((2, 3), torch.float32, cpu)  # the free (4, 3) block's first two rows
+    assert short.shape == (2, 3) and short.data_ptr() == ptr
+    short.fill_(1.0)
+    other = r.empty((2, 3), torch.float32, cpu)  # the short view is still held: fresh memory
+    assert other.data_ptr() != ptr
+    other.fill_(2.0)
+    assert bool((short == 1.0).all())
+    del short, other
+    assert r.empty((5, 3), torch.float32, cpu).data_ptr() != ptr  # too few rows to serve 5
+    assert r.empty((4, 2), torch.float32, cpu).data_ptr() != ptr  # another row width

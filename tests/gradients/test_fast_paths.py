@@ -389,3 +389,22 @@ def test_group_gradients_equal_per_point_sums(data, arch):
         for max_batch in (40, 160):  # 40: the largest groups span several chunks
             fast = group_gradients(task, X, y, grouping, max_batch=max_batch)
             assert close(fast, expected), (arch, grouping.n_groups, max_batch)
+
+
+def test_groups_in_data_order_read_their_rows_in_place(data, trained_mlp):
+    """Groups of consecutive rows (the data's own order) take chunks that are slices of X, not
+    gathers, and still equal the generic path; only an exact ascending run counts as a slice."""
+    from ggda.gradients.fast_group import _as_range
+
+    assert _as_range(torch.arange(5, 12)) == slice(5, 12)
+    assert _as_range(torch.tensor([3])) == slice(3, 4)
+    for rows in ([5, 7, 6], [5, 6, 8], [6, 5, 7], []):
+        assert _as_range(torch.tensor(rows, dtype=torch.long)) is None
+    X, y, _ = data
+    task = AttributionTask(trained_mlp)
+    grouping = Grouping(np.arange(len(X)) // 6)  # equal groups of 6 and one of 4, in data order
+    ref = reference(task, X, y, grouping)
+    fast = torch.zeros_like(ref)
+    for gids, G in iter_group_gradients(task, X, y, grouping, max_batch=48):
+        fast[torch.as_tensor(gids)] = G
+    assert close(fast, ref)

@@ -51,7 +51,7 @@ def iter_group_gradients(
 
     Every group is yielded exactly once. Default ``fn`` is the training loss; default grouping is
     singletons (per-example gradients). ``block_mb`` sets the size of the blocks the factor path
-    yields (default: a quarter of the core's share of the last-level cache, 1–16 MB,
+    yields (default: an eighth of the core's share of the last-level cache, 1–16 MB,
     :func:`ggda.buffers.cache_block_bytes`): a consumer that multiplies each block by a large matrix (a projection)
     runs its GEMMs more efficiently on taller blocks. ``values_out`` (n,): the factor path writes
     every row's ``fn`` value there (from the forward it runs anyway); the generic path leaves it as
