@@ -16,6 +16,13 @@ step. Products are counted per column (one HVP of one vector) in :class:`CGResul
 CG requires H + λI positive definite. A direction with non-positive curvature means the damping
 is too small for a non-convex model; that is reported as an error rather than silently producing
 a meaningless solution.
+
+:func:`ihvp_block_cg` solves the T systems together in one shared block Krylov space (O'Leary 1980;
+breakdown-free variant of Ji & Li 2017): each iteration multiplies one block of search directions
+drawn from all T residuals, and every column takes its Galerkin-optimal step in it, so an outlying
+eigendirection that CG would have to find once per target is found once for all of them — the
+residuals of related targets (test gradients of one model) share their outliers at both ends of
+the spectrum.
 """
 
 from __future__ import annotations
@@ -29,6 +36,11 @@ from ggda.errors import GGDAError
 from ggda.progress import Iterations
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
+#: block CG keeps a new direction only if the residuals carry at least this much along it, in
+#: units of each column's tolerance tol·‖b‖: weaker directions cannot hold any column above tol
+#: by themselves, so the last iterations multiply fewer vectors than there are active columns
+#: (MLP, 50 targets to 1e-4: 309 products instead of 348; influence_accuracy.txt)
+BLOCK_DROP = 1.0
 MAX_CHECKS = 3  # true-residual confirmations per solve (``verify``)
 
 
@@ -154,3 +166,125 @@ def ihvp_cg(
                 )
     residual = rs.sqrt() / bnorm
     return CGResult(X[0] if single else X, it, residual, not bool(active.any()), products, col_iters)
+
+
+def ihvp_block_cg(
+    matvec: Matvec,
+    B: torch.Tensor,
+    damping: float = 0.0,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    x0: torch.Tensor | None = None,
+    progress: bool | None = None,
+    precondition: Matvec | None = None,
+    history: int | None = None,
+    drop: float = BLOCK_DROP,
+) -> CGResult:
+    """Solve (H + λI) X = B by block (preconditioned) conjugate gradient over all columns at once.
+
+    Iteration k multiplies one block P_k of search directions (one product each) and updates every
+    column still above ``tol`` by its Galerkin step X += α P_k, R −= α (H+λI)P_k, α = R P_kᵀ with
+    P_k made (H+λI)-orthonormal. The next block spans the active columns' (preconditioned)
+    residuals, each scaled to ‖r‖ / (tol·‖b‖) — its distance from done —, made (H+λI)-orthogonal
+    to the blocks kept (``history``) and reduced by a rank-revealing SVD: directions that carry
+    less than ``drop`` (in those units) or that are numerically dependent (e.g. two identical
+    targets) are left out. The block therefore never has more vectors than active columns and
+    shrinks as they converge; a column stops updating once ‖b − (H+λI)x‖ ≤ tol·‖b‖.
+
+    Why all blocks are kept by default: the directions are chosen adaptively (dropped ones, a
+    preconditioner), so conjugacy to the previous block alone (O'Leary's short recurrence) would
+    not make them conjugate to the older ones; orthogonalising against every kept block costs
+    no product (2·p floats per direction of memory). The residual is the recurrence b − Σ_k
+    (H+λI)P_k α_k of the products as made (it differs from a recomputed b − (H+λI)x only by the
+    rounding of those products), so no product is spent on a final check.
+
+    Args:
+        matvec: V (k, p) -> H V (k, p).
+        B: (p,) or (T, p) right-hand sides.
+        damping: λ added to the diagonal.
+        tol: stop a column when ‖r‖ ≤ tol · ‖b‖.
+        max_iter: iteration (block product) cap.
+        x0: optional warm start (p,) or (T, p); costs one product per column for its residual.
+        progress: report each iteration with the largest relative residual and the block size.
+        precondition: R (k, p) -> M⁻¹ R for a symmetric positive definite M ≈ H + λI (``None``:
+            none); a nonlinear or changing M is allowed (the blocks are orthogonalised explicitly).
+        history: most direction vectors kept for orthogonalisation (``None``: all); the oldest
+            blocks are forgotten first, the previous block always kept. Memory: 2·history·p.
+        drop: the smallest residual content, in units of tol·‖b‖, for which a direction is kept.
+
+    Raises:
+        GGDAError: when H + λI shows non-positive curvature on a block of search directions.
+    """
+    single = B.ndim == 1
+    B = B[None] if single else B
+    op = (lambda V: matvec(V) + damping * V) if damping else matvec
+    products = 0
+    if x0 is None:
+        X, R = torch.zeros_like(B), B.clone()
+    else:
+        X = (x0[None] if single else x0).to(B.dtype).clone()
+        R = B - op(X)
+        products += len(B)
+    bnorm = B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
+    rel = R.norm(dim=1) / bnorm
+    active = rel > tol
+    col_iters = torch.zeros(len(B), dtype=torch.long)
+    # numerical rank: singular values below this fraction of the largest are rounding
+    rank_tol = 1e3 * torch.finfo(B.dtype).eps
+    # kept blocks of directions P, (H+λI)-orthonormal, with their products Q = (H+λI)P (a list:
+    # concatenating them would copy every kept vector at each iteration)
+    blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
+    kept, it = 0, 0
+    what = "block PCG" if precondition is not None else "block CG"
+    with Iterations(f"{what} solve ({len(B)} right-hand sides, tol {tol:g})", max_iter, progress) as bar:
+        while it < max_iter and bool(active.any()):
+            idx = active.nonzero()[:, 0]
+            every = len(idx) == len(B)  # no gather/scatter copies while every column runs
+            Ra = R if every else R[idx]
+            Z = Ra if precondition is None else precondition(Ra)
+            scale = rel[idx] / tol / Z.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
+            Z = Z * scale[:, None]
+            # (H+λI)-orthogonal to the kept directions: one pass against all of them (for a plain
+            # residual only the last block's coefficients are far from rounding), a second
+            # against the last block ("twice is enough" where it matters)
+            for P_old, Q_old in blocks + blocks[-1:]:
+                Z = Z - (Z @ Q_old.T) @ P_old
+            basis, tri = torch.linalg.qr(Z.T)
+            U, S, _ = torch.linalg.svd(tri)
+            keep = int(((S > drop) & (S > rank_tol * S[0])).sum())
+            if keep == 0 and float(S[0]) > 0:
+                keep = 1  # nothing above drop: the strongest direction still moves the columns
+            if keep == 0:
+                break  # the residuals lie in the space already searched (rounding): stalled
+            P = (basis @ U[:, :keep]).T.contiguous()
+            Q = op(P)
+            products += keep
+            it += 1
+            col_iters[idx.cpu()] += 1
+            C = (P @ Q.T).double()
+            L, info = torch.linalg.cholesky_ex(0.5 * (C + C.T))
+            if int(info) != 0:
+                raise GGDAError(
+                    f"block CG met non-positive curvature at iteration {it}: H + λI (λ={damping:.3g}) is not "
+                    "positive definite; raise the damping (--opt damping_scale=...) or use --opt hessian=gn."
+                )
+            eye = torch.eye(keep, dtype=L.dtype, device=L.device)
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False).to(B.dtype)
+            P, Q = Linv @ P, Linv @ Q  # (H+λI)-orthonormal: P Qᵀ = I
+            alpha = Ra @ P.T
+            if every:
+                X += alpha @ P
+                R -= alpha @ Q
+                rel = R.norm(dim=1) / bnorm
+            else:
+                X[idx] += alpha @ P
+                R[idx] = Ra - alpha @ Q
+                rel[idx] = R[idx].norm(dim=1) / bnorm[idx]
+            active[idx] = rel[idx] > tol
+            blocks.append((P, Q))
+            kept += keep
+            while history is not None and len(blocks) > 1 and kept > history:
+                kept -= len(blocks.pop(0)[0])
+            if bar.on:
+                bar.step(residual=float(rel.max()), block=keep, active=f"{int(active.sum())}/{len(active)}")
+    return CGResult(X[0] if single else X, it, rel, not bool(active.any()), products, col_iters)
