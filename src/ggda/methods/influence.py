@@ -41,7 +41,7 @@ from ggda.errors import GGDAError
 from ggda.gradients.curvature import CURVATURE_KINDS
 from ggda.gradients.per_example import per_example_sq_norms
 from ggda.linalg.arnoldi import LowRankEigen, arnoldi, ihvp_arnoldi
-from ggda.linalg.cg import ihvp_block_cg, ihvp_cg
+from ggda.linalg.cg import BLOCK_HISTORY, ihvp_block_cg, ihvp_cg
 from ggda.linalg.lissa import ihvp_lissa
 from ggda.methods.base import InnerProductAttributor, register
 from ggda.methods.curvature import TrainingCurvature
@@ -338,8 +338,8 @@ class ConjugateGradientIF(InfluenceFunction):
             is then found once for all targets instead of once per target (MLP with an indefinite
             exact Hessian, 50 targets to 1e-4: 7 iterations, 309 products, against 11 iterations,
             556 + 48 products with Arnoldi-preconditioned CG; influence_accuracy.txt). Memory:
-            the kept directions and their products, 2·p floats per product, within ``memory_mb``
-            (the oldest blocks are forgotten first). ``"cg"``: one CG per target, in lock-step,
+            the last two blocks of directions and their products (2·T·p floats each), one if
+            ``memory_mb`` is smaller. ``"cg"``: one CG per target, in lock-step,
             ending with a true-residual check (one product per target). ``"auto"`` (default):
             ``"block"`` from :data:`AUTO_BLOCK_TARGETS` targets, ``"cg"`` for one.
         preconditioner: M ≈ H + wd·I + λI, damped like the CG system. ``"auto"`` (default): none
@@ -493,9 +493,9 @@ class ConjugateGradientIF(InfluenceFunction):
         self.info["preconditioner_used"] = (
             "none" if pre is None else ("arnoldi" if self._eigen is not None else self.preconditioner)
         )
-        # block CG's kept directions and their products (2·p floats each) within memory_mb
-        p, itemsize = B.shape[1], B.element_size()
-        history = max(1, int(self.memory_mb * 2**20 / (2 * p * itemsize)))
+        # block CG's kept blocks: directions and their products, 2·T·p floats a block, within memory_mb
+        per_block = 2 * min(block, len(B)) * B.shape[1] * B.element_size()
+        history = max(1, min(BLOCK_HISTORY, int(self.memory_mb * 2**20 / per_block)))
         X = torch.empty_like(B)
         iterations, residual, products = 0, [], 0
         for start in range(0, len(B), block):
