@@ -153,7 +153,9 @@ def run_arch(arch: str, args: argparse.Namespace, train, test, use_dattri: bool)
             except GGDAError:
                 lam *= 1.5
                 damping_rule += ", x1.5 after CG met negative curvature"
-        ref_what = f"float64 EK-FAC PCG to 1e-10 ({ref.info['cg_iterations']} iterations)"
+        ref_what = (
+            f"float64 EK-FAC {ref.info['solver_used']} PCG to 1e-10 ({ref.info['cg_iterations']} iterations)"
+        )
     t_ref = time.perf_counter() - t0
 
     B32 = prop.gradients(task)

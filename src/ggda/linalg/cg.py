@@ -39,13 +39,13 @@ Matvec = Callable[[torch.Tensor], torch.Tensor]
 #: block CG keeps a new direction only if the residuals carry at least this much along it, in
 #: units of each column's tolerance tol·‖b‖: weaker directions cannot hold any column above tol
 #: by themselves, so the last iterations multiply fewer vectors than there are active columns
-#: (MLP, 50 targets to 1e-4: 309 products instead of 348; influence_accuracy.txt)
+#: (MLP, 50 targets to 1e-4: 313 products instead of 346 with every direction kept)
 BLOCK_DROP = 1.0
 #: previous blocks block CG conjugates each new block against: with the shrinking, adaptive
 #: blocks the short recurrence (the last block only) loses conjugacy to older ones (their share
-#: of a new block grows to ~2e-3 in float32), but two suffice in practice — MLP, 50 targets: 312
+#: of a new block grows to ~2e-3 in float32), but two suffice in practice — MLP, 50 targets: 313
 #: products against 309 with every block kept, at 0.9 s instead of 1.5–2.1 s of orthogonalisation
-#: (memory-bound: every kept vector is read twice per iteration); LR, 100 targets: 331 against 330
+#: (memory-bound: every kept vector is read twice per iteration); LR, 100 targets: 330 either way
 BLOCK_HISTORY = 2
 MAX_CHECKS = 3  # true-residual confirmations per solve (``verify``)
 

@@ -62,7 +62,7 @@ SOLVERS = ("auto", "block", "cg")
 #: below, plain CG is cheaper.
 AUTO_MIN_TARGETS = 4
 #: ``solver="auto"`` runs block CG from this many targets: they share one Krylov space
-#: (influence_accuracy.txt, relative residual 1e-4: MLP, 50 targets, 309 products instead of
+#: (influence_accuracy.txt, relative residual 1e-4: MLP, 50 targets, 313 products instead of
 #: 556 + 48 with Arnoldi-preconditioned CG; LR, 100 targets, 330 instead of 599 + 48); one target
 #: is the same method as CG, which keeps no history.
 AUTO_BLOCK_TARGETS = 2
@@ -336,7 +336,7 @@ class ConjugateGradientIF(InfluenceFunction):
             residuals are dependent, e.g. repeated targets) and gives every target its best step
             in all blocks so far. An outlying eigendirection at either end of the damped spectrum
             is then found once for all targets instead of once per target (MLP with an indefinite
-            exact Hessian, 50 targets to 1e-4: 7 iterations, 309 products, against 11 iterations,
+            exact Hessian, 50 targets to 1e-4: 8 iterations, 313 products, against 11 iterations,
             556 + 48 products with Arnoldi-preconditioned CG; influence_accuracy.txt). Memory:
             the last two blocks of directions and their products (2·T·p floats each), one if
             ``memory_mb`` is smaller. ``"cg"``: one CG per target, in lock-step,
@@ -344,7 +344,7 @@ class ConjugateGradientIF(InfluenceFunction):
             ``"block"`` from :data:`AUTO_BLOCK_TARGETS` targets, ``"cg"`` for one.
         preconditioner: M ≈ H + wd·I + λI, damped like the CG system. ``"auto"`` (default): none
             for block CG (its shared space already holds the outliers that a 48-product Arnoldi
-            fit would remove: MLP 289 + 48 products with it, 309 without); for per-target CG
+            fit would remove: MLP 300 + 48 products with it, 313 without); for per-target CG
             ``"arnoldi"`` for solves of at least :data:`AUTO_MIN_TARGETS` targets (fitted at the
             first such solve and kept for later ones), plain CG below — a one-target property (a
             mean loss) would pay 48 setup products to save a handful. ``"arnoldi"``: the
