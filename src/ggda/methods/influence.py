@@ -320,8 +320,9 @@ class ConjugateGradientIF(InfluenceFunction):
     the same damped curvature.
 
     The stopping rule is the relative residual ‖∇f − (H + λI)x‖ / ‖∇f‖ ≤ ``tol`` per target
-    (confirmed at the end with one product per target, since the recurrence drifts in float32), so
-    every solver and preconditioner gives the same answer to that accuracy; they only decide how
+    (per-target CG confirms it at the end with one product per target, since its recurrence
+    drifts in float32; block CG's residual is the recurrence of its products as made), so every
+    solver and preconditioner gives the same answer to that accuracy; they only decide how
     many curvature products (full passes over the data) it takes. The record (``info``) holds the
     solver and preconditioner used, the iterations, the largest final residual, the CG products
     (one per vector multiplied) and every other curvature product made (power iteration for λ,
@@ -333,8 +334,8 @@ class ConjugateGradientIF(InfluenceFunction):
         solver: ``"block"``: block CG (:func:`~ggda.linalg.cg.ihvp_block_cg`): the T targets
             share one block Krylov space; each iteration multiplies a block of at most T search
             directions drawn from the active targets' residuals (fewer as targets converge or where
-            residuals are dependent, e.g. repeated targets) and gives every target its best step
-            in all blocks so far. An outlying eigendirection at either end of the damped spectrum
+            residuals are dependent, e.g. repeated targets), kept conjugate to the previous two,
+            and gives every active target its Galerkin step in it. An outlying eigendirection at either end of the damped spectrum
             is then found once for all targets instead of once per target (MLP with an indefinite
             exact Hessian, 50 targets to 1e-4: 8 iterations, 313 products, against 11 iterations,
             556 + 48 products with Arnoldi-preconditioned CG; influence_accuracy.txt). Memory:
