@@ -102,7 +102,9 @@ def test_a_warm_start_at_the_solution_costs_one_product_per_column_and_no_iterat
     assert res.iterations == 0 and res.products == len(B) and res.converged
 
 
-def test_indefinite_damped_operator_is_an_error():
+def test_indefinite_damped_operator_and_non_finite_products_are_errors():
     A, B = two_sided(10), rhs(3, 11)
     with pytest.raises(GGDAError, match="non-positive curvature"):
         ihvp_block_cg(lambda V: V @ A.T, B, 0.5, 1e-8, max_iter=500)
+    with pytest.raises(GGDAError, match="not finite"):
+        ihvp_block_cg(lambda V: V @ A.T * float("nan"), B, LAM, 1e-8)

@@ -196,10 +196,11 @@ def ihvp_block_cg(
     """Solve (H + λI) X = B by block (preconditioned) conjugate gradient over all columns at once.
 
     Iteration k multiplies one block P_k of search directions (one product each) and updates every
-    column still above ``tol`` by its Galerkin step X += α P_k, R −= α (H+λI)P_k, α = R P_kᵀ with
-    P_k made (H+λI)-orthonormal. The next block spans the active columns' (preconditioned)
+    column still above ``tol`` by its Galerkin step X += α P_k, R −= α (H+λI)P_k with
+    α = (R P_kᵀ)(P_k (H+λI) P_kᵀ)⁻¹. The next block spans the active columns' (preconditioned)
     residuals, each scaled to ‖r‖ / (tol·‖b‖) — its distance from done —, made (H+λI)-orthogonal
-    to the blocks kept (``history``) and reduced by a rank-revealing SVD: directions that carry
+    to the blocks kept (``history``) and reduced by a rank-revealing eigendecomposition of its
+    Gram matrix: directions that carry
     less than ``drop`` (in those units) or that are numerically dependent (e.g. two identical
     targets) are left out. The block therefore never has more vectors than active columns and
     shrinks as they converge; a column stops updating once ‖b − (H+λI)x‖ ≤ tol·‖b‖.
@@ -261,9 +262,9 @@ def ihvp_block_cg(
             Z = Ra if precondition is None else precondition(Ra)
             scale = rel[idx] / tol / Z.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
             Z = Z * scale[:, None]
-            # (H+λI)-orthogonal to the kept directions, one pass (MLP, 50 targets: a second pass
-            # removes ~3e-7 of the block; the older blocks' share grows to ~2e-3 of it as the
-            # residuals shrink in float32, which is why all of them are kept)
+            # (H+λI)-orthogonal to the kept blocks, one pass (MLP, 50 targets: a second pass
+            # removes ~3e-7 of the block; blocks older than the last hold up to ~2e-3 of it as
+            # the residuals shrink in float32, hence BLOCK_HISTORY = 2 rather than 1)
             for P_old, Q_old, W_old in blocks:
                 Z = Z - ((Z @ Q_old.T) @ W_old) @ P_old
             # rank-revealing basis of the block from its Gram matrix (a third of a QR's time); the
@@ -283,6 +284,8 @@ def ihvp_block_cg(
             it += 1
             col_iters[idx.cpu()] += 1
             C = (P @ Q.T).double()
+            if not bool(torch.isfinite(C).all()):
+                raise GGDAError("block CG: the curvature product is not finite; check the model and loss.")
             L, info = torch.linalg.cholesky_ex(0.5 * (C + C.T))
             if int(info) != 0:
                 raise GGDAError(
