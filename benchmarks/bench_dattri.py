@@ -122,12 +122,12 @@ def run(quick: bool = True, only: list[str] | None = None, train_batch: int | No
             ggda_opts: dict = {}
         elif method.startswith("if-"):
             ggda_opts = {"hessian": "exact"}
-            if method == "if-cg":  # same algorithm and iteration budget (plain CG, like dattri's);
+            if method == "if-cg":  # same algorithm and iteration budget (plain per-target CG, like dattri's);
                 # ggda may stop earlier at its tolerance. With ggda's default preconditioner the 10
                 # iterations reach a different, better answer than dattri's 10 (residual 4.8), so the
                 # agreement column would compare two accuracies; equal accuracy is
                 # bench_influence_accuracy.py's comparison.
-                ggda_opts.update(max_iter=opts["max_iter"], tol=1e-6, preconditioner="none")
+                ggda_opts.update(max_iter=opts["max_iter"], tol=1e-6, preconditioner="none", solver="cg")
         else:
             ggda_opts = {"proj_dim": opts["proj_dim"], "output": "margin", "residual": "sum"}
 

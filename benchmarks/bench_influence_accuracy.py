@@ -24,9 +24,12 @@ rerun if it misses). The fixed-10-iteration rows of ``bench_dattri.py`` are kept
     python benchmarks/bench_influence_accuracy.py --models mlp-s --out influence_accuracy_mlp10
     python benchmarks/bench_influence_accuracy.py --models logreg --warm-start --no-dattri --out influence_accuracy_warm
 
-The ``arnoldi`` row is ggda's default (block Arnoldi: 48 products in blocks of 8); the row after it
-is the previous default (64 sequential single-vector Arnoldi steps). The notes give each library's
-cost per vector product and its fixed cost, fitted from its two runs (fixed iterations, to tol).
+The ``block`` row is ggda's default (``solver="auto"``: block CG over all targets, no
+preconditioner); ``block + arnoldi`` adds the Arnoldi preconditioner to it. The per-target CG rows
+(``solver="cg"``) follow: each preconditioner; ``arnoldi`` (block Arnoldi: 48 products in blocks of
+8) was the default before block CG, the row after it the default before that (64 sequential
+single-vector Arnoldi steps). The notes give each library's cost per vector product and its fixed
+cost, fitted from its two runs (fixed iterations, to tol).
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--warm-start", action="store_true", help="add an EK-FAC row with warm starts (blocks of T/4)"
     )
     ap.add_argument("--no-dattri", action="store_true", help="ggda rows only")
+    ap.add_argument(
+        "--no-block", action="store_true", help="leave out the block CG rows (ggda's default solver)"
+    )
     ap.add_argument("--out", default="influence_accuracy", help="results/NAME.{txt,json}")
     return ap
 
@@ -147,7 +153,9 @@ def run_arch(arch: str, args: argparse.Namespace, train, test, use_dattri: bool)
             except GGDAError:
                 lam *= 1.5
                 damping_rule += ", x1.5 after CG met negative curvature"
-        ref_what = f"float64 EK-FAC PCG to 1e-10 ({ref.info['cg_iterations']} iterations)"
+        ref_what = (
+            f"float64 EK-FAC {ref.info['solver_used']} PCG to 1e-10 ({ref.info['cg_iterations']} iterations)"
+        )
     t_ref = time.perf_counter() - t0
 
     B32 = prop.gradients(task)
@@ -179,6 +187,7 @@ def run_arch(arch: str, args: argparse.Namespace, train, test, use_dattri: bool)
             "iters",
             "CG products",
             "other products",
+            "products/target",
             "seconds",
             "residual (fp64)",
             "score err",
@@ -201,6 +210,7 @@ def run_arch(arch: str, args: argparse.Namespace, train, test, use_dattri: bool)
             info["cg_iterations"],
             info["cg_products"],
             info["curvature_products"] - info["cg_products"],
+            info["curvature_products"] / Tm,
             dt,
             residual(Xn * n, B),
             score_err(s),
@@ -208,7 +218,7 @@ def run_arch(arch: str, args: argparse.Namespace, train, test, use_dattri: bool)
         )
         rows[label] = dt
         print(" ", table.rows[-1], file=sys.stderr, flush=True)
-        return table.rows[-1][6]
+        return table.rows[-1][7]
 
     def ggda_at_tol(label, **opts):
         """Solve to ``args.tol``; if the float64 residual misses it (float32 rounding of the
@@ -244,6 +254,7 @@ def run_arch(arch: str, args: argparse.Namespace, train, test, use_dattri: bool)
             max_iter,
             Tm * (max_iter + 1),
             0,
+            max_iter + 1,
             d["seconds"],
             res,
             score_err(d["scores"].T / n),
@@ -255,25 +266,31 @@ def run_arch(arch: str, args: argparse.Namespace, train, test, use_dattri: bool)
 
     print(f"{arch}: λ={lam:.4g}, reference in {t_ref:.1f} s", file=sys.stderr, flush=True)
     # fixed 10 iterations (bench_dattri's setting), ggda and dattri alternated
-    ggda_row("ggda if-cg, none", "10 iterations", max_iter=10, tol=1e-12, preconditioner="none")
+    cg = {"solver": "cg"}
+    ggda_row("ggda if-cg, none", "10 iterations", max_iter=10, tol=1e-12, preconditioner="none", **cg)
     if use_dattri:
         dattri_row("dattri IFAttributorCG", "10 iterations", 10)
-    ggda_row("ggda if-cg, ekfac", "10 iterations", max_iter=10, tol=1e-12, preconditioner="ekfac")
+    ggda_row("ggda if-cg, ekfac", "10 iterations", max_iter=10, tol=1e-12, preconditioner="ekfac", **cg)
     # equal accuracy
+    if not args.no_block:
+        ggda_at_tol("ggda if-cg, block (default)")
+        ggda_at_tol("ggda if-cg, block + arnoldi", solver="block", preconditioner="arnoldi")
     for pc in pcs:
-        ggda_at_tol(f"ggda if-cg, {pc}", preconditioner=pc)
+        ggda_at_tol(f"ggda if-cg, {pc}", preconditioner=pc, **cg)
         if pc == "arnoldi":  # the previous default: 64 sequential single-vector Arnoldi steps
             ggda_at_tol(
                 "ggda if-cg, arnoldi 64x1 (old default)",
                 preconditioner="arnoldi",
                 preconditioner_iterations=64,
                 preconditioner_block=1,
+                **cg,
             )
         if pc == "ekfac" and args.warm_start:
             ggda_at_tol(
                 f"ggda if-cg, ekfac, warm start {max(1, Tm // 4)}",
                 preconditioner="ekfac",
                 warm_start=max(1, Tm // 4),
+                **cg,
             )
     if use_dattri:
         k = dattri_iterations(curv.matvec, B32, lam, args.tol, 5000)
@@ -283,17 +300,17 @@ def run_arch(arch: str, args: argparse.Namespace, train, test, use_dattri: bool)
                 break
             k = int(np.ceil(1.3 * k))
     # dattri's seconds at the same stopping rule (its last row of each kind) over each row's
-    dattri_at = {row[1].startswith("tol"): row[5] for row in table.rows if row[0].startswith("dattri")}
+    dattri_at = {row[1].startswith("tol"): row[6] for row in table.rows if row[0].startswith("dattri")}
     for row in table.rows:
         base = dattri_at.get(row[1].startswith("tol"))
         if base is not None:
-            row[-1] = base / row[5]
+            row[-1] = base / row[6]
     # where each library's seconds go: per-vector product cost and fixed cost from its two runs
     # (fixed iterations and to tol), fitted over the products of the solve
     for who in ("ggda if-cg, none", "dattri IFAttributorCG"):
         pair = [r for r in table.rows if r[0] == who]
         if len(pair) >= 2 and pair[-1][3] != pair[0][3]:
-            (_, _, _, p0, _, t0, *_), (_, _, _, p1, _, t1, *_) = pair[0], pair[-1]
+            (_, _, _, p0, _, _, t0, *_), (_, _, _, p1, _, _, t1, *_) = pair[0], pair[-1]
             per = (t1 - t0) / (p1 - p0)
             table.notes.append(
                 f"{who}: {1e3 * per:.1f} ms per vector product, {t0 - per * p0:.1f} s fixed (training side, "
@@ -304,9 +321,11 @@ def run_arch(arch: str, args: argparse.Namespace, train, test, use_dattri: bool)
         "seconds: whole attribution (training side, target gradients, solve, all n scores); dattri: its "
         "cache + attribute inside the worker (imports and data transfer excluded). Wall times under "
         "contention (2 shared cores); ratios come from the same run.",
-        "CG products: curvature-vector products of the solve, one per target per iteration (dattri: "
-        "max_iter + 1 per target, x0 = b); other products: those of the preconditioner's fit (Arnoldi); "
-        "EK-FAC/K-FAC fits are 2/1 passes of per-example output gradients, not curvature products.",
+        "CG products: curvature-vector products of the solve, one per vector multiplied (per-target CG: one "
+        "per target per iteration plus the final check; block CG: the vectors of each block, at most one "
+        "per active target; dattri: max_iter + 1 per target, x0 = b); other products: those of the "
+        "preconditioner's fit (Arnoldi); products/target: all curvature products over T; EK-FAC/K-FAC "
+        "fits are 2/1 passes of per-example output gradients, not curvature products.",
         "residual (fp64): max over targets of ‖b − (H+λI)x‖/‖b‖ of the returned solution, H in float64, b the "
         "solver's own float32 target gradients (ggda's, or those dattri captured); "
         "score err: max |score − reference| / max |reference| over all n × T scores.",

@@ -169,7 +169,9 @@ def test_block_arnoldi_preconditioner_counts_its_products(mlp):
     """The default fit: ``preconditioner_iterations`` products in blocks of ``preconditioner_block``,
     all counted; the CG products are one per target per iteration plus the final check."""
     task, train, prop = mlp
-    m = make_method("if-cg", task, damping=LAM, tol=1e-6, max_iter=500, preconditioner="arnoldi").cache(train)
+    m = make_method(
+        "if-cg", task, damping=LAM, tol=1e-6, max_iter=500, solver="cg", preconditioner="arnoldi"
+    ).cache(train)
     assert (m.preconditioner_iterations, m.preconditioner_block) == (48, 8)
     assert m.info["preconditioner_products"] == 48 == m.curvature.product_count
     m.precondition(prop.gradients(task))
@@ -178,15 +180,15 @@ def test_block_arnoldi_preconditioner_counts_its_products(mlp):
 
 
 def test_auto_preconditioner_fits_arnoldi_only_for_enough_targets(mlp):
-    """The default ``auto``: a one-target solve runs plain CG (no setup products, the same products
-    as ``none``); the first solve with AUTO_MIN_TARGETS targets fits the Arnoldi preconditioner
-    once (same products and answer as ``arnoldi``), and later solves reuse it."""
+    """``auto`` with per-target CG: a one-target solve runs plain CG (no setup products, the same
+    products as ``none``); the first solve with AUTO_MIN_TARGETS targets fits the Arnoldi
+    preconditioner once (same products and answer as ``arnoldi``), and later solves reuse it."""
     from ggda.methods.influence import AUTO_MIN_TARGETS
 
     task, train, prop = mlp
     B = prop.gradients(task)
     assert len(B) >= AUTO_MIN_TARGETS > 1
-    opts = {"damping": LAM, "tol": 1e-9, "max_iter": 2000}
+    opts = {"damping": LAM, "tol": 1e-9, "max_iter": 2000, "solver": "cg"}
     auto = make_method("if-cg", task, **opts).cache(train)
     assert auto.preconditioner == "auto" and auto.curvature.product_count == 0
     plain = make_method("if-cg", task, preconditioner="none", **opts).cache(train)
@@ -201,6 +203,54 @@ def test_auto_preconditioner_fits_arnoldi_only_for_enough_targets(mlp):
     assert auto.info["cg_products"] == arnoldi.info["cg_products"]
     auto.precondition(B[:1])  # kept: no second fit, and a one-target solve now uses it too
     assert auto.info["preconditioner_used"] == "arnoldi" and auto.info["preconditioner_products"] == 48
+
+
+@pytest.mark.parametrize("which", ["logreg", "mlp"])
+def test_block_solver_matches_the_dense_solve_with_repeated_targets(request, which):
+    """Block CG (the default for several targets) on the exact Hessian — indefinite for the MLP,
+    shifted positive definite by λ — matches the dense damped inverse to ``tol`` for every target,
+    also when targets repeat (a rank-deficient right-hand side block), with fewer products than
+    one plain CG per target; its products are all counted and it records the solver it ran."""
+    task, train, prop = request.getfixturevalue(which)
+    B = prop.gradients(task)
+    B = torch.cat([B, B[:2]])  # two repeated targets
+    X_ref, A, lam = dense_solution(task, train, prop)
+    X_ref = torch.cat([X_ref, X_ref[:2]])
+    tol = 1e-8
+    opts = {"damping": lam, "hessian": "exact", "tol": tol, "max_iter": 2000}
+    block = make_method("if-cg", task, **opts).cache(train)
+    before = block.curvature.product_count
+    X = block.precondition(B) * len(train)
+    assert block.info["solver_used"] == "block" and block.info["preconditioner_used"] == "none"
+    residual = (B - X @ A.T).norm(dim=1) / B.norm(dim=1)  # by hand, from the dense matrix
+    assert bool((residual <= 1.01 * tol).all()), residual
+    cond = float(torch.linalg.cond(A))
+    assert float((X - X_ref).norm() / X_ref.norm()) <= cond * tol
+    assert torch.allclose(X[-2:], X[:2], rtol=1e-6, atol=1e-9 * float(X.abs().max()))
+    assert block.info["cg_products"] == block.curvature.product_count - before
+    # the repeated targets add no direction: at most the distinct targets per iteration
+    assert block.info["cg_products"] <= (len(B) - 2) * block.info["cg_iterations"]
+    cg = make_method("if-cg", task, solver="cg", preconditioner="none", **opts).cache(train)
+    cg.precondition(B)
+    assert block.info["cg_products"] < cg.info["cg_products"]
+
+
+def test_auto_solver_is_block_from_two_targets(mlp):
+    """``solver="auto"``: one target runs per-target CG (the same products as ``solver="cg"``), two
+    or more run block CG (the same products and answer as ``solver="block"``)."""
+    from ggda.methods.influence import AUTO_BLOCK_TARGETS
+
+    task, train, prop = mlp
+    B = prop.gradients(task)
+    assert AUTO_BLOCK_TARGETS == 2 <= len(B)
+    opts = {"damping": LAM, "tol": 1e-9, "max_iter": 2000, "preconditioner": "none"}
+    auto = make_method("if-cg", task, **opts).cache(train)
+    cg = make_method("if-cg", task, solver="cg", **opts).cache(train)
+    assert torch.equal(auto.precondition(B[:1]), cg.precondition(B[:1]))
+    assert auto.info["solver_used"] == "cg" and auto.info["cg_products"] == cg.info["cg_products"]
+    block = make_method("if-cg", task, solver="block", **opts).cache(train)
+    assert torch.equal(auto.precondition(B), block.precondition(B))
+    assert auto.info["solver_used"] == "block" and auto.info["cg_products"] == block.info["cg_products"]
 
 
 def test_group_score_is_the_sum_of_member_scores_with_pcg(mlp):
@@ -226,6 +276,7 @@ def test_warm_start_gives_the_same_answer(mlp):
     "options, words",
     [
         ({"preconditioner": "jacobi"}, ["preconditioner", "ekfac", "arnoldi"]),
+        ({"solver": "gmres"}, ["solver", "block", "cg"]),
         ({"warm_start": -1}, ["warm_start", ">= 0"]),
         ({"tol": 0}, ["tol"]),
         ({"preconditioner_rank": 0}, ["preconditioner_rank"]),
