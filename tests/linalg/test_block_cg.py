@@ -108,3 +108,13 @@ def test_indefinite_damped_operator_and_non_finite_products_are_errors():
         ihvp_block_cg(lambda V: V @ A.T, B, 0.5, 1e-8, max_iter=500)
     with pytest.raises(GGDAError, match="not finite"):
         ihvp_block_cg(lambda V: V @ A.T * float("nan"), B, LAM, 1e-8)
+
+
+def test_plain_cg_refuses_a_non_finite_product_instead_of_reporting_convergence():
+    H = two_sided()
+
+    def broken(V: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(V @ H, float("nan"))
+
+    with pytest.raises(GGDAError, match="not finite"):
+        ihvp_cg(broken, rhs(3), LAM, tol=1e-6, max_iter=20)

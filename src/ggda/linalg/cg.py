@@ -157,6 +157,8 @@ def ihvp_cg(
             products += len(idx)
             col_iters[idx.cpu()] += 1
             curv = (Pa * AP).sum(1)
+            if not bool(torch.isfinite(curv).all()):  # a NaN residual would otherwise read as converged
+                raise GGDAError("CG: the curvature product is not finite; check the model and loss.")
             if bool((curv <= 0).any()):
                 raise GGDAError(
                     f"CG met non-positive curvature at iteration {it}: H + λI (λ={damping:.3g}) is not "
