@@ -79,6 +79,23 @@ class CGResult:
     column_iterations: torch.Tensor | None = None
 
 
+def _start(
+    matvec: Matvec, B: torch.Tensor, damping: float, x0: torch.Tensor | None
+) -> tuple[torch.Tensor, Matvec, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """What both CG solvers start from: (T, p) right-hand sides, the damped operator, X₀ and its
+    residual (one product per column for a warm start, counted), and the columns' norms ‖b‖."""
+    B = B[None] if B.ndim == 1 else B
+    op = damped(matvec, damping)
+    products = 0
+    if x0 is None:
+        X, R = torch.zeros_like(B), B.clone()
+    else:
+        X = (x0[None] if x0.ndim == 1 else x0).to(B.dtype).clone()
+        R = B - op(X)
+        products += len(B)
+    return B, op, X, R, products, B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
+
+
 def ihvp_cg(
     matvec: Matvec,
     B: torch.Tensor,
@@ -112,17 +129,8 @@ def ihvp_cg(
         GGDAError: when H + λI shows non-positive curvature along a search direction.
     """
     single = B.ndim == 1
-    B = B[None] if single else B
-    op = damped(matvec, damping)
+    B, op, X, R, products, bnorm = _start(matvec, B, damping, x0)
     pre = precondition if precondition is not None else (lambda R: R)
-    products = 0
-    if x0 is None:
-        X, R = torch.zeros_like(B), B.clone()
-    else:
-        X = (x0[None] if single else x0).to(B.dtype).clone()
-        R = B - op(X)
-        products += len(B)
-    bnorm = B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
     rs = (R * R).sum(1)
     active = rs.sqrt() > tol * bnorm
     Z = torch.zeros_like(B)
@@ -233,16 +241,7 @@ def ihvp_block_cg(
         GGDAError: when H + λI shows non-positive curvature on a block of search directions.
     """
     single = B.ndim == 1
-    B = B[None] if single else B
-    op = damped(matvec, damping)
-    products = 0
-    if x0 is None:
-        X, R = torch.zeros_like(B), B.clone()
-    else:
-        X = (x0[None] if single else x0).to(B.dtype).clone()
-        R = B - op(X)
-        products += len(B)
-    bnorm = B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
+    B, op, X, R, products, bnorm = _start(matvec, B, damping, x0)
     rel = R.norm(dim=1) / bnorm
     active = rel > tol
     col_iters = torch.zeros(len(B), dtype=torch.long)
